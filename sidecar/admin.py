@@ -1,0 +1,190 @@
+"""The admin HTTP API on its own listener (SPEC 3.3): see, act on, and scrape the sessions.
+
+It acts only through the `SessionManager`, so an admin close is exactly a sweep's close
+(streams aborted, upstream DELETE owed). When `admin.token` is set, every endpoint needs
+`Authorization: Bearer <token>` (compared in constant time), except the probes: `/readyz`
+always answers, and `/healthz` answers an unauthenticated caller with its status alone, so a
+container HEALTHCHECK or a load balancer needs no secret and learns nothing about clients.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .app import SERVICE, Service
+from .clients import client_label
+from .sessions import CloseReason, Session, State
+from .views import session_view
+
+log = logging.getLogger("sidecar.admin")
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+AUTHORIZED: web.RequestKey[bool] = web.RequestKey("authorized", bool)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_admin_app(service: Service) -> web.Application:
+    app = web.Application(middlewares=[_auth_middleware])
+    app[SERVICE] = service
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/sessions", list_sessions)
+    app.router.add_get("/sessions/{id}", show_session)
+    app.router.add_delete("/sessions/{id}", close_session)
+    app.router.add_put("/sessions/{id}/persistent", set_persistent)
+    app.router.add_get("/clients/stuck", stuck_clients)
+    return app
+
+
+def _error(status: int, message: str, **extra: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=extra or None)
+
+
+@web.middleware
+async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[SERVICE].settings.admin.token
+    authorized = not token or _bearer_matches(request.headers.get("Authorization", ""), token)
+    request[AUTHORIZED] = authorized
+    if not authorized and request.path not in PUBLIC_PATHS:
+        log.info(
+            "admin request %s %s refused: missing or wrong bearer token",
+            request.method,
+            request.path,
+        )
+        return _error(
+            401,
+            "missing or wrong bearer token (admin.token)",
+            **{"WWW-Authenticate": 'Bearer realm="mcp-sidecar"'},
+        )
+    return await handler(request)
+
+
+def _bearer_matches(header: str, token: str) -> bool:
+    scheme, _, presented = header.partition(" ")
+    # compare_digest on equal-length inputs is constant time; the scheme check leaks nothing.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode(), token.encode()
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    if not request[AUTHORIZED]:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "sessions": service.manager.health_counts()})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = request.app[SERVICE].ready
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    query = request.query
+    state = query.get("state", "live")
+    if state not in ("live", "closed"):
+        return _error(400, f"state={state!r} is not allowed; use 'live' or 'closed'")
+    try:
+        limit = _int_param(query.get("limit"), DEFAULT_PAGE, 1, MAX_PAGE, "limit")
+        offset = _int_param(query.get("offset"), 0, 0, None, "offset")
+    except ValueError as exc:
+        return _error(400, str(exc))
+    client = query.get("client", "")
+    if state == "live":
+        sessions = sorted(service.manager.live.values(), key=lambda s: s.created_at)
+    else:
+        sessions = await service.store.load(State.CLOSED)
+        sessions.sort(key=lambda s: s.closed_at or 0.0, reverse=True)
+    matching = [s for s in sessions if _client_matches(s, client)]
+    page = matching[offset : offset + limit]
+    return web.json_response(
+        {
+            "total": len(matching),
+            "limit": limit,
+            "offset": offset,
+            "sessions": [view(service, s) for s in page],
+        }
+    )
+
+
+def _int_param(raw: str | None, default: int, low: int, high: int | None, name: str) -> int:
+    if raw is None:
+        return default
+    allowed = f"an integer from {low} to {high}" if high else f"an integer >= {low}"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not allowed; use {allowed}") from None
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={raw!r} is not allowed; use {allowed}")
+    return value
+
+
+def _client_matches(session: Session, client: str) -> bool:
+    if not client:
+        return True
+    label = client_label(session.user_agent, session.client_info)
+    return client == session.client or client.lower() in label.lower()
+
+
+async def _find(service: Service, session_id: str) -> Session | None:
+    return service.manager.live.get(session_id) or await service.store.get(session_id)
+
+
+async def show_session(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    session = await _find(service, request.match_info["id"])
+    if session is None:
+        return _error(404, "no such session")
+    return web.json_response(view(service, session))
+
+
+async def close_session(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    session = service.manager.live.get(request.match_info["id"])
+    if session is None:
+        known = await service.store.get(request.match_info["id"])
+        return _error(
+            409 if known else 404, "session is already closed" if known else "no such session"
+        )
+    await service.manager.close(session, CloseReason.ADMIN)
+    return web.json_response(view(service, session))
+
+
+async def set_persistent(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("persistent"), bool):
+        return _error(400, 'body must be JSON {"persistent": true} or {"persistent": false}')
+    session = service.manager.live.get(request.match_info["id"])
+    if session is None:
+        return _error(404, "no such live session")
+    await service.manager.set_persistent(session, body["persistent"])
+    return web.json_response(view(service, session))
+
+
+async def stuck_clients(request: web.Request) -> web.Response:
+    return web.json_response({"clients": request.app[SERVICE].manager.stuck.snapshot()})
+
+
+def view(service: Service, session: Session) -> dict[str, Any]:
+    return session_view(session, service.manager.policy, service.manager.clock())

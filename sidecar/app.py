@@ -1,0 +1,212 @@
+"""Wiring only: build the parts from the settings and hand them to aiohttp's lifecycle.
+
+Start-up order (aiohttp `cleanup_ctx`, torn down in reverse): store -> upstream client ->
+session table restored, then the closer and the background loops. Every task started here is
+owned by `Service`, cancelled and awaited on shutdown; the last act is one final activity
+flush, so a graceful stop loses nothing (SPEC 3.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from . import jsonrpc
+from . import log as sidecar_log
+from .closer import UpstreamCloser
+from .config import Settings
+from .manager import Clock, Limits, SessionManager
+from .metrics import Metrics
+from .proxy import Proxy, ProxyOptions
+from .sessions import Policy
+from .store import Store
+from .sweeper import Sweeper
+from .upstream import Upstream
+
+log = logging.getLogger("sidecar.app")
+
+SERVICE: web.AppKey[Service] = web.AppKey("service")
+
+
+def policy_from(settings: Settings) -> Policy:
+    s = settings.sessions
+    return Policy(
+        idle_timeout=s.idle_timeout,
+        max_lifetime=s.max_lifetime,
+        open_stream_keeps_alive=s.open_stream_keeps_alive,
+        ignore_methods=frozenset(s.ignore_methods),
+    )
+
+
+def limits_from(settings: Settings) -> Limits:
+    s = settings.sessions
+    return Limits(
+        max_sessions=s.max_sessions,
+        max_sessions_per_client=s.max_sessions_per_client,
+        on_limit=s.on_limit,
+        bind_to=s.bind_to,
+        persistent_default=s.persistent,
+    )
+
+
+def options_from(settings: Settings) -> ProxyOptions:
+    return ProxyOptions(
+        allowed_origins=frozenset(settings.server.allowed_origins),
+        max_body_bytes=settings.server.max_body_bytes,
+        unknown=settings.sessions.unknown,
+    )
+
+
+class Service:
+    """Everything one running sidecar owns, shared by the proxy and admin listeners."""
+
+    def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = Store(settings.store.path)
+        up = settings.upstream
+        self.upstream = Upstream(up.url, up.connect_timeout, up.read_timeout, up.headers)
+        self.closer = UpstreamCloser(self.upstream, self.store, self.metrics, clock)
+        self.manager = SessionManager(
+            self.store,
+            self.closer,
+            self.metrics,
+            policy=policy_from(settings),
+            limits=limits_from(settings),
+            tombstone_ttl=settings.sessions.tombstone_ttl,
+            clock=clock,
+        )
+        self.proxy = Proxy(self.manager, self.upstream, self.metrics, options_from(settings))
+        self.sweeper = Sweeper(
+            self.manager, settings.sessions.effective_sweep_interval, settings.store.flush_interval
+        )
+        self.ready = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Open the store, restore sessions and start the background loops."""
+        await self.store.open()
+        try:
+            await self.upstream.start()
+            self._tasks.append(asyncio.create_task(self.closer.run(), name="sidecar-closer"))
+            await self.manager.restore()
+            self._tasks += self.sweeper.tasks()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.manager.flush()
+        await self.upstream.close()
+        await self.store.close()
+
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        return tuple(self._tasks)
+
+    def apply(self, new: Settings) -> list[str]:
+        """Apply a reloaded config; returns the keys that need a restart (and were ignored)."""
+        old = self.settings
+        ignored = [
+            key
+            for key, before, after in (
+                ("server.listen", old.server.listen, new.server.listen),
+                ("admin.listen", old.admin.listen, new.admin.listen),
+                ("store.path", old.store.path, new.store.path),
+                ("upstream.url", old.upstream.url, new.upstream.url),
+            )
+            if before != after
+        ]
+        self.manager.policy = policy_from(new)
+        self.manager.limits = limits_from(new)
+        self.manager.tombstone_ttl = new.sessions.tombstone_ttl
+        self.proxy.options = options_from(new)
+        self.sweeper.sweep_interval = new.sessions.effective_sweep_interval
+        self.sweeper.flush_interval = new.store.flush_interval
+        self.upstream.connect_timeout = new.upstream.connect_timeout
+        self.upstream.read_timeout = new.upstream.read_timeout
+        self.upstream.static_headers = dict(new.upstream.headers)
+        sidecar_log.set_level(new.log.level)
+        self.settings = new.model_copy(
+            update={
+                "server": new.server.model_copy(update={"listen": old.server.listen}),
+                "admin": new.admin.model_copy(update={"listen": old.admin.listen}),
+                "store": new.store.model_copy(update={"path": old.store.path}),
+                "upstream": new.upstream.model_copy(update={"url": old.upstream.url}),
+            }
+        )
+        return ignored
+
+    def abort_open_streams(self) -> int:
+        """On shutdown: end GET streams (sessions stay live) so draining can finish.
+
+        In-flight POST answers are left to finish within `server.drain_timeout`.
+        """
+        relays = [r for s in self.manager.live.values() for r in s.relays if r.long_lived]
+        for relay in relays:
+            relay.abort()
+        return len(relays)
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Nothing a client sends may crash the sidecar: unexpected errors become a JSON 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return web.Response(
+            status=500,
+            content_type="application/json",
+            body=jsonrpc.error_body(jsonrpc.SERVER_ERROR, "Internal error in mcp-sidecar"),
+        )
+
+
+def build_proxy_app(service: Service) -> web.Application:
+    """The client-facing application: the MCP endpoint and pass-through for everything else."""
+    app = web.Application(
+        middlewares=[errors_middleware], client_max_size=service.settings.server.max_body_bytes
+    )
+    app[SERVICE] = service
+    app.cleanup_ctx.append(_service_lifecycle)
+    app.on_shutdown.append(_end_streams)
+    proxy = service.proxy
+    path = service.settings.upstream.path
+    app.router.add_route("*", path, proxy.handle_mcp)
+    if path != "/" and path.endswith("/"):
+        app.router.add_route("*", path.rstrip("/"), proxy.handle_mcp)
+    elif path != "/":
+        app.router.add_route("*", path + "/", proxy.handle_mcp)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle_passthrough)
+    return app
+
+
+async def _service_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    service = app[SERVICE]
+    await service.start()
+    service.ready = True
+    yield
+    await service.stop()
+
+
+async def _end_streams(app: web.Application) -> None:
+    service = app[SERVICE]
+    service.ready = False
+    count = service.abort_open_streams()
+    if count:
+        log.info("shutting down: ended %d relayed streams (their sessions stay live)", count)

@@ -1,0 +1,152 @@
+"""Closing sessions upstream: the `DELETE` the server never got from a vanished client.
+
+Every owed close is in the store (`pending_closes`) before it is attempted, so a failure
+(connection refused, 5xx) is retried with exponential backoff across restarts (SPEC 2.4).
+404 and 405 are final: the session is already gone, or the server does not support DELETE.
+Other 4xx answers are final too: retrying cannot fix a request the server rejects (usually
+missing credentials after a restart, which are never persisted).
+
+Credentials the client last used ride along in memory only; after a restart the DELETE goes
+out with the static `upstream.headers` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from .errors import StoreError, UpstreamError
+from .metrics import Metrics
+from .sessions import short
+from .store import PendingClose, Store
+from .upstream import Upstream
+
+log = logging.getLogger("sidecar.closer")
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 300.0
+# 1+2+4+...+300 s: about two days of attempts before giving up, logged as abandoned.
+MAX_ATTEMPTS = 600
+PARALLEL_CLOSES = 8
+
+
+class UpstreamCloser:
+    def __init__(
+        self,
+        upstream: Upstream,
+        store: Store,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.upstream = upstream
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self._queue: list[tuple[float, int, PendingClose]] = []
+        self._credentials: dict[str, Mapping[str, str]] = {}
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(PARALLEL_CLOSES)
+        self._attempts: set[asyncio.Task[None]] = set()
+
+    def schedule(self, pending: PendingClose, credentials: Mapping[str, str]) -> None:
+        if credentials:
+            self._credentials[pending.session_id] = dict(credentials)
+        heapq.heappush(self._queue, (pending.next_attempt_at, next(self._seq), pending))
+        self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue) + len(self._attempts)
+
+    async def run(self) -> None:
+        """Owned by the app: attempt each close when it is due, until cancelled."""
+        try:
+            while True:
+                await self._wait_for_due()
+                while self._queue and self._queue[0][0] <= self.clock():
+                    _, _, pending = heapq.heappop(self._queue)
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._attempt(pending))
+                    self._attempts.add(task)
+                    task.add_done_callback(self._attempts.discard)
+        finally:
+            for task in list(self._attempts):
+                task.cancel()
+            await asyncio.gather(*self._attempts, return_exceptions=True)
+
+    async def _wait_for_due(self) -> None:
+        self._wake.clear()
+        delay = self._queue[0][0] - self.clock() if self._queue else None
+        if delay is not None and delay <= 0:
+            return
+        try:
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _attempt(self, pending: PendingClose) -> None:
+        try:
+            result, error = await self._delete(pending)
+            self.metrics.upstream_close.labels(result).inc()
+            if result == "retry" and pending.attempts + 1 < MAX_ATTEMPTS:
+                await self._retry_later(pending, error)
+                return
+            if result == "retry":
+                self.metrics.upstream_close.labels("abandoned").inc()
+                log.warning(
+                    "gave up closing session %s upstream after %d attempts: %s",
+                    short(pending.session_id),
+                    pending.attempts + 1,
+                    error,
+                )
+            self._credentials.pop(pending.session_id, None)
+            await self.store.drop_pending(pending.session_id)
+        except StoreError as exc:
+            log.error(
+                "could not record the upstream close of %s: %s", short(pending.session_id), exc
+            )
+        finally:
+            self._slots.release()
+
+    async def _delete(self, pending: PendingClose) -> tuple[str, str]:
+        credentials = self._credentials.get(pending.session_id, {})
+        try:
+            status = await self.upstream.delete_session(
+                pending.session_id, pending.protocol_version, credentials
+            )
+        except UpstreamError as exc:
+            return "retry", str(exc)
+        if 200 <= status < 300:
+            return "ok", ""
+        if status in (404, 405):
+            return ("gone" if status == 404 else "unsupported"), ""
+        if status >= 500 or status in (408, 425, 429):
+            return "retry", f"HTTP {status}"
+        log.warning(
+            "upstream refused to close session %s: HTTP %d (not retried)",
+            short(pending.session_id),
+            status,
+        )
+        return "refused", f"HTTP {status}"
+
+    async def _retry_later(self, pending: PendingClose, error: str) -> None:
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**pending.attempts)
+        retry = replace(
+            pending, attempts=pending.attempts + 1, next_attempt_at=self.clock() + delay
+        )
+        log.warning(
+            "closing session %s upstream failed (%s); retry %d in %ds",
+            short(pending.session_id),
+            error,
+            retry.attempts,
+            delay,
+        )
+        await self.store.save_pending(retry, error)
+        self.schedule(retry, {})

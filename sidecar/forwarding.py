@@ -1,0 +1,161 @@
+"""HTTP mechanics of relaying one exchange: header rules and body streaming.
+
+Nothing here knows about sessions' rules; `proxy.py` decides, this module moves bytes.
+Header rules (SPEC 2.1): hop-by-hop headers (RFC 9110 §7.6.1, plus any named in
+`Connection`) are dropped both ways; `Host` becomes the upstream's authority because the SDK
+servers' DNS-rebinding guard answers 421 to any other, with the client's own in
+`X-Forwarded-Host`; `X-Forwarded-For` / `X-Forwarded-Proto` are appended to.
+Everything else, `Accept`, `Content-Type`, `MCP-Protocol-Version`, `Origin`, `Last-Event-ID`
+and unknown headers included, passes exactly as sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .sse import Event, EventSplitter
+
+log = logging.getLogger("sidecar.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Headers aiohttp computes itself for the message it writes.
+RECOMPUTED = frozenset({"content-length", "host"})
+
+EventHook = Callable[[Event], None]
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    return {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+        if token.strip()
+    }
+
+
+def _end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | RECOMPUTED | _connection_tokens(headers)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def upstream_request_headers(request: web.Request, authority: str) -> CIMultiDict[str]:
+    headers = _end_to_end(request.headers)
+    headers["Host"] = authority
+    if request.host:
+        headers["X-Forwarded-Host"] = request.host
+    _append(headers, "X-Forwarded-For", request.remote or "unknown")
+    _append(headers, "X-Forwarded-Proto", request.scheme)
+    return headers
+
+
+def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
+    existing = ", ".join(headers.getall(name, []))
+    headers[name] = f"{existing}, {value}" if existing else value
+
+
+def client_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    return _end_to_end(upstream.headers)
+
+
+def is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
+    content_type = upstream.headers.get("Content-Type", "")
+    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+def is_identity_encoded(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.headers.get("Content-Encoding", "identity").lower() == "identity"
+
+
+class StreamRelay:
+    """Handle on one relayed stream so closing its session can cut it on both sides."""
+
+    __slots__ = ("aborted", "long_lived", "upstream")
+
+    def __init__(self, upstream: aiohttp.ClientResponse, long_lived: bool = False) -> None:
+        self.upstream = upstream
+        self.long_lived = long_lived  # a GET stream, not the answer to a call
+        self.aborted = False
+
+    def abort(self) -> None:
+        # Closing the upstream response drops its connection, so the server sees the
+        # stream end and frees what it holds; the relay loop then ends the client's side.
+        self.aborted = True
+        self.upstream.close()
+
+
+async def relay_buffered(
+    request: web.Request, upstream: aiohttp.ClientResponse, body: bytes
+) -> web.Response:
+    """Relay a response whose body was already read (JSON-RPC answers, errors)."""
+    response = web.Response(
+        status=upstream.status,
+        reason=upstream.reason,
+        body=body,
+        headers=client_response_headers(upstream),
+    )
+    await response.prepare(request)
+    return response
+
+
+async def relay_stream(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    relay: StreamRelay,
+    on_event: EventHook | None,
+    on_prepared: Callable[[], None] | None = None,
+) -> web.StreamResponse:
+    """Relay a streaming response; SSE event by event so each reaches the client whole.
+
+    Returns when the upstream ends, the relay is aborted, or the client goes away; the
+    client's side is always ended cleanly so an SDK client sees its stream finish.
+    """
+    headers = client_response_headers(upstream)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    inspect = is_event_stream(upstream) and is_identity_encoded(upstream)
+    if inspect:
+        response.headers["X-Accel-Buffering"] = "no"  # for any buffering proxy in front
+    await response.prepare(request)
+    if on_prepared is not None:
+        on_prepared()
+    splitter = EventSplitter() if inspect else None
+    client_gone = False
+    try:
+        async for chunk in upstream.content.iter_any():
+            if splitter is None:
+                await response.write(chunk)
+                continue
+            for event in splitter.feed(chunk):
+                await response.write(event.raw)
+                if on_event is not None and event.inspectable:
+                    on_event(event)
+        if splitter is not None and (tail := splitter.flush()):
+            await response.write(tail)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        client_gone = True
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if not relay.aborted:
+            log.debug("upstream stream ended abnormally: %r", exc)
+    finally:
+        upstream.close()
+    if not client_gone:
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await response.write_eof()
+    return response

@@ -1,0 +1,76 @@
+"""Logging: the named loggers, text or JSON lines, and a flood guard for rejections.
+
+Every module logs through `logging.getLogger("sidecar.<module>")` with %-style arguments.
+Session ids are shortened before they reach a log call (`sessions.short`), and no
+credential is ever passed to one. The JSON format is one object per line, for journald's or a
+log shipper's parsers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(level: str, fmt: str) -> None:
+    """Install one stderr handler on the `sidecar` logger (idempotent, reload-safe)."""
+    logger = logging.getLogger("sidecar")
+    handler = next((h for h in logger.handlers if getattr(h, "_sidecar", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._sidecar = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger("sidecar").setLevel(level.upper())
+
+
+class Throttled:
+    """Logs at most one line per key per interval, counting what it held back.
+
+    Rejections must each leave a log line, but a client hammering a dead session id at
+    hundreds of requests a second must not drown the journal: the first one is logged at
+    once, the rest are summarised ("... and 412 more") in the next line for that key.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def info(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval) < self._interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            msg += " (and %d more like it in the last %gs)"
+            args = (*args, held, self._interval)
+        self._logger.info(msg, *args)
+        if len(self._last) > 1000:  # keys are a fixed vocabulary; this is only a backstop
+            self._last.clear()

@@ -1,0 +1,376 @@
+"""The session table and every decision about it: look up, admit, create, touch, close.
+
+The proxy, the sweeper and the admin API all act through one `SessionManager`, so a rule
+(expiry, binding, limits, closing) is written once. The per-request methods (`resolve`,
+`touch`, `begin_call`) are synchronous and touch no SQL: activity is marked dirty and written
+behind by `flush()`. Creating and closing await the store, because SPEC 2.6 wants both
+committed before the client hears about them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+from .clients import StuckClients, client_label
+from .closer import UpstreamCloser
+from .metrics import Metrics
+from .sessions import (
+    ACTIVE_WINDOW,
+    CloseReason,
+    Policy,
+    Session,
+    State,
+    Tombstone,
+    Transport,
+)
+from .store import ActivityRow, PendingClose, Store
+
+log = logging.getLogger("sidecar.sessions")
+
+Clock = Callable[[], float]
+
+
+class Outcome(StrEnum):
+    """What a session id resolves to; the non-LIVE values are also rejection reasons."""
+
+    LIVE = "live"
+    EXPIRED = "expired"  # expired now, or closed earlier (tombstone)
+    UNKNOWN = "unknown"
+    BINDING = "binding"  # exists, but belongs to another client identity
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    outcome: Outcome
+    session: Session | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_sessions: int = 0
+    max_sessions_per_client: int = 0
+    on_limit: Literal["reject", "evict_idle"] = "reject"
+    bind_to: Literal["identity", "none"] = "identity"
+    persistent_default: bool = False
+
+
+class LimitReachedError(Exception):
+    """`initialize` refused: the session limit is reached and `on_limit` is "reject"."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        super().__init__(f"session limit reached ({scope})")
+
+
+class SessionManager:
+    def __init__(
+        self,
+        store: Store,
+        closer: UpstreamCloser,
+        metrics: Metrics,
+        *,
+        policy: Policy,
+        limits: Limits,
+        tombstone_ttl: float,
+        clock: Clock = time.time,
+    ) -> None:
+        self.store = store
+        self.closer = closer
+        self.metrics = metrics
+        self.policy = policy
+        self.limits = limits
+        self.tombstone_ttl = tombstone_ttl
+        self.clock = clock
+        self.live: dict[str, Session] = {}
+        self.tombstones: dict[str, Tombstone] = {}
+        self.stuck = StuckClients()
+        self._per_client: Counter[str] = Counter()
+        self._reserved = 0  # initializes admitted but not yet answered (limit accounting)
+        self._dirty: set[str] = set()
+        metrics.bind_session_counts(
+            lambda: {"live": len(self.live), "closed": len(self.tombstones)}
+        )
+
+    # ---- request path ------------------------------------------------------------------
+    async def resolve(self, session_id: str, identity: str) -> Resolution:
+        """Map a request's session id to a live session, closing it if it just expired.
+
+        Expiry is decided here, at request time, so an expired id never reaches the upstream
+        even if the sweeper has not run yet (SPEC 2.4).
+        """
+        session = self.live.get(session_id)
+        if session is None:
+            tombstone = self.tombstones.get(session_id)
+            if tombstone is None:
+                return Resolution(Outcome.UNKNOWN)
+            self.stuck.record(tombstone.label, session_id, self.clock())
+            return Resolution(Outcome.EXPIRED)
+        if self.limits.bind_to == "identity" and session.client != identity:
+            return Resolution(Outcome.BINDING)
+        reason = session.expiry_reason(self.policy, self.clock())
+        if reason is not None:
+            await self.close(session, reason)
+            self.stuck.record(_label(session), session_id, self.clock())
+            return Resolution(Outcome.EXPIRED)
+        return Resolution(Outcome.LIVE, session)
+
+    def touch(self, session: Session) -> None:
+        """Record client activity (SPEC 2.3); written to the store by the next flush."""
+        session.last_activity_at = self.clock()
+        self._dirty.add(session.id)
+
+    def count_request(self, session: Session) -> None:
+        session.requests += 1
+        self._dirty.add(session.id)
+
+    def begin_call(self, session: Session) -> None:
+        session.in_flight += 1
+
+    def end_call(self, session: Session) -> None:
+        """A call finished: it kept the session alive, and its end is activity too."""
+        session.in_flight = max(0, session.in_flight - 1)
+        if session.live:
+            self.touch(session)
+
+    # ---- creation ----------------------------------------------------------------------
+    async def admit(self, identity: str) -> None:
+        """Make room for one more session, or raise LimitReachedError (SPEC 2.5)."""
+        for scope, limit, used, owner in (
+            ("max_sessions", self.limits.max_sessions, len(self.live), None),
+            (
+                "max_sessions_per_client",
+                self.limits.max_sessions_per_client,
+                self._per_client[identity],
+                identity,
+            ),
+        ):
+            if limit <= 0 or used + self._reserved < limit:
+                continue
+            victim = (
+                self._eviction_candidate(owner) if self.limits.on_limit == "evict_idle" else None
+            )
+            if victim is None:
+                raise LimitReachedError(scope)
+            await self.close(victim, CloseReason.EVICTED)
+        self._reserved += 1
+
+    def release(self) -> None:
+        """The admitted `initialize` is over (session created or not)."""
+        self._reserved = max(0, self._reserved - 1)
+
+    def _eviction_candidate(self, owner: str | None) -> Session | None:
+        candidates = [
+            s
+            for s in self.live.values()
+            if not s.persistent and s.in_flight == 0 and (owner is None or s.client == owner)
+        ]
+        return min(candidates, key=lambda s: s.last_activity_at, default=None)
+
+    async def create(
+        self,
+        session_id: str,
+        transport: Transport,
+        identity: str,
+        *,
+        protocol_version: str | None,
+        user_agent: str = "",
+        client_info: str = "",
+        credentials: dict[str, str] | None = None,
+        upstream_endpoint: str | None = None,
+    ) -> Session:
+        """Track a session the upstream just created; committed before this returns."""
+        now = self.clock()
+        session = Session(
+            id=session_id,
+            transport=transport,
+            client=identity,
+            created_at=now,
+            last_activity_at=now,
+            protocol_version=protocol_version,
+            persistent=self.limits.persistent_default,
+            user_agent=user_agent,
+            client_info=client_info,
+            requests=1,
+            credentials=credentials or {},
+            upstream_endpoint=upstream_endpoint,
+        )
+        await self.store.insert(session)
+        self.tombstones.pop(session_id, None)
+        self.live[session_id] = session
+        self._per_client[identity] += 1
+        self.metrics.sessions_created.inc()
+        log.info(
+            "created session %s transport=%s client=%s",
+            session.short_id,
+            transport.value,
+            _label(session),
+        )
+        return session
+
+    # ---- closing -----------------------------------------------------------------------
+    async def close(
+        self, session: Session, reason: CloseReason, *, upstream_done: bool = False
+    ) -> None:
+        await self.close_many([session], reason, upstream_done=upstream_done)
+
+    async def close_many(
+        self, sessions: Iterable[Session], reason: CloseReason, *, upstream_done: bool = False
+    ) -> None:
+        """Close sessions: 404 from now on, streams aborted, upstream DELETE owed.
+
+        The in-memory state flips first, so a request racing the store write already gets
+        404; the store write then makes the close durable before callers acknowledge it.
+        """
+        now = self.clock()
+        closing = [s for s in sessions if s.live]
+        for session in closing:
+            self._mark_closed(session, reason, now)
+        for session in closing:
+            pending = self._pending_close(session, reason, upstream_done, now)
+            await self.store.mark_closed(session, pending)
+            if pending is not None:
+                self.closer.schedule(pending, session.credentials)
+            session.credentials = {}
+            self.metrics.sessions_closed.labels(reason.value).inc()
+            log.info(
+                "closed session %s reason=%s idle=%ds",
+                session.short_id,
+                reason.value,
+                session.idle_seconds(now),
+            )
+
+    def _mark_closed(self, session: Session, reason: CloseReason, now: float) -> None:
+        session.state = State.CLOSED
+        session.close_reason = reason
+        session.closed_at = now
+        self.live.pop(session.id, None)
+        self._dirty.discard(session.id)
+        self._per_client[session.client] -= 1
+        if self._per_client[session.client] <= 0:
+            del self._per_client[session.client]
+        self.tombstones[session.id] = Tombstone(
+            session.id, reason, now, session.client, _label(session)
+        )
+        for relay in list(session.relays):
+            relay.abort()
+        session.relays.clear()
+
+    def _pending_close(
+        self, session: Session, reason: CloseReason, upstream_done: bool, now: float
+    ) -> PendingClose | None:
+        """Streamable HTTP sessions are closed upstream with a DELETE (SPEC 2.4).
+
+        Legacy SSE sessions are closed by aborting their stream (done in _mark_closed); an
+        upstream that already said the session is gone, or answered the client's own
+        DELETE, is owed nothing.
+        """
+        if upstream_done or session.transport is not Transport.STREAMABLE_HTTP:
+            return None
+        if reason is CloseReason.UPSTREAM_GONE:
+            return None
+        return PendingClose(session.id, session.protocol_version, 0, now)
+
+    async def set_persistent(self, session: Session, persistent: bool) -> None:
+        await self.store.set_persistent(session.id, persistent)
+        session.persistent = persistent
+
+    # ---- background work (sweeper, flusher, start-up) ------------------------------------
+    async def sweep(self) -> int:
+        """Close every expired session; returns how many were closed."""
+        now = self.clock()
+        by_reason: dict[CloseReason, list[Session]] = {}
+        for session in list(self.live.values()):
+            reason = session.expiry_reason(self.policy, now)
+            if reason is not None:
+                by_reason.setdefault(reason, []).append(session)
+        for reason, sessions in by_reason.items():
+            await self.close_many(sessions, reason)
+        self._forget_old_tombstones(now)
+        return sum(len(s) for s in by_reason.values())
+
+    def _forget_old_tombstones(self, now: float) -> None:
+        horizon = now - self.tombstone_ttl
+        for session_id in [k for k, t in self.tombstones.items() if t.closed_at < horizon]:
+            del self.tombstones[session_id]
+
+    async def purge_tombstones(self) -> int:
+        count = await self.store.purge_tombstones(self.clock() - self.tombstone_ttl)
+        if count:
+            log.info(
+                "purged %d closed sessions older than tombstone_ttl=%ds", count, self.tombstone_ttl
+            )
+        return count
+
+    async def flush(self) -> int:
+        """Write all pending activity in one transaction (SPEC 2.6 write-behind)."""
+        if not self._dirty:
+            return 0
+        dirty, self._dirty = self._dirty, set()
+        rows = [
+            ActivityRow(s.id, s.last_activity_at, s.requests, s.protocol_version)
+            for s in (self.live.get(i) for i in dirty)
+            if s is not None
+        ]
+        start = time.perf_counter()
+        try:
+            await self.store.write_activity(rows)
+        except Exception:
+            self._dirty |= dirty  # try again next time rather than lose the activity
+            raise
+        self.metrics.store_flush_duration.observe(time.perf_counter() - start)
+        return len(rows)
+
+    async def restore(self) -> None:
+        """Pick up where the last run left off (SPEC 2.6)."""
+        now = self.clock()
+        for tombstone_session in await self.store.load(State.CLOSED, now - self.tombstone_ttl):
+            assert tombstone_session.close_reason is not None
+            assert tombstone_session.closed_at is not None
+            self.tombstones[tombstone_session.id] = Tombstone(
+                tombstone_session.id,
+                tombstone_session.close_reason,
+                tombstone_session.closed_at,
+                tombstone_session.client,
+                _label(tombstone_session),
+            )
+        restored = await self.store.load(State.LIVE)
+        for session in restored:
+            self.live[session.id] = session
+            self._per_client[session.client] += 1
+        legacy = [s for s in restored if s.transport is Transport.SSE]
+        await self.close_many(legacy, CloseReason.RESTART)
+        expired = await self.sweep()
+        for pending in await self.store.pending_closes():
+            self.closer.schedule(pending, {})
+        log.info(
+            "restored %d live sessions (%d expired while stopped, %d legacy closed), %d tombstones",
+            len(self.live),
+            expired,
+            len(legacy),
+            len(self.tombstones),
+        )
+
+    # ---- views ---------------------------------------------------------------------------
+    def health_counts(self) -> dict[str, object]:
+        now = self.clock()
+        live = list(self.live.values())
+        active = sum(
+            1 for s in live if now - s.last_activity_at <= ACTIVE_WINDOW or s.in_flight > 0
+        )
+        return {
+            "live": len(live),
+            "active": active,
+            "idle": len(live) - active,
+            "persistent": sum(1 for s in live if s.persistent),
+            "by_client": dict(self._per_client),
+        }
+
+
+def _label(session: Session) -> str:
+    return client_label(session.user_agent, session.client_info)

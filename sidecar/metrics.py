@@ -1,0 +1,108 @@
+"""Prometheus instruments (SPEC 3.3), one registry per running sidecar.
+
+A registry per `Metrics` object rather than prometheus-client's global one, so that several
+sidecars in one process (the test suite, the demo) never share or collide on counters.
+Labels are bounded on purpose: `method` is the HTTP method, `reason` and `outcome` come from
+fixed vocabularies, and client strings never become labels (see `clients.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "mcp_sidecar_"
+
+# Sub-millisecond buckets: the request histogram measures the sidecar's own overhead.
+OVERHEAD_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+WORK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+REJECT_REASONS = ("expired", "unknown", "binding", "limit", "origin", "too_large", "bad_session_id")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions = Gauge(
+            PREFIX + "sessions", "Sessions held, by state.", ["state"], registry=r
+        )
+        self.sessions_created = Counter(
+            PREFIX + "sessions_created", "Sessions created.", registry=r
+        )
+        self.sessions_closed = Counter(
+            PREFIX + "sessions_closed", "Sessions closed, by reason.", ["reason"], registry=r
+        )
+        self.requests = Counter(
+            PREFIX + "requests",
+            "Client requests on the MCP endpoints, by HTTP method and "
+            "outcome (forwarded, rejected, upstream_error).",
+            ["method", "outcome"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            PREFIX + "rejected",
+            "Requests the sidecar answered itself instead of forwarding, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Time the sidecar itself spends on a request, excluding waiting for the upstream.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.upstream_close = Counter(
+            PREFIX + "upstream_close",
+            "Upstream session closes (DELETE) attempted, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.sweep_duration = Histogram(
+            PREFIX + "sweep_duration_seconds",
+            "Duration of one expiry sweep.",
+            buckets=WORK_BUCKETS,
+            registry=r,
+        )
+        self.store_flush_duration = Histogram(
+            PREFIX + "store_flush_duration_seconds",
+            "Duration of one write-behind flush.",
+            buckets=WORK_BUCKETS,
+            registry=r,
+        )
+        self.stateless_requests = Counter(
+            PREFIX + "stateless_requests",
+            "Requests passed through untracked (stateless upstream or sessionless protocol).",
+            registry=r,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)  # export zeros so alerts can use rate() at once
+
+    def bind_session_counts(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Read the live/closed gauges from the session table at scrape time."""
+        for state in ("live", "closed"):
+            self.sessions.labels(state).set_function(_reader(counts, state))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _reader(counts: Callable[[], dict[str, int]], state: str) -> Callable[[], float]:
+    def read() -> float:
+        return float(counts()[state])
+
+    return read

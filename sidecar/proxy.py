@@ -1,0 +1,452 @@
+"""The Streamable HTTP endpoint: every client request's path through the sidecar (SPEC 2.1).
+
+request -> checks (origin, size, session id form) -> `SessionManager` decides (live, expired,
+unknown, bound elsewhere) -> forward upstream -> relay the answer, watching it for what
+changes the session (a new id, a 404, a server ping). Rejections are answered here, never
+forwarded, and each one leaves a status, a JSON body, a metric and a (throttled) log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+from aiohttp import web
+
+from . import jsonrpc
+from .clients import client_identity
+from .errors import UpstreamError, UpstreamTimeoutError
+from .forwarding import (
+    StreamRelay,
+    is_event_stream,
+    relay_buffered,
+    relay_stream,
+    upstream_request_headers,
+)
+from .log import Throttled
+from .manager import LimitReachedError, Outcome, SessionManager
+from .metrics import Metrics
+from .sessions import CloseReason, Session, Transport, short, valid_session_id
+from .sse import Event
+from .upstream import PROTOCOL_HEADER, SESSION_HEADER, Upstream
+
+log = logging.getLogger("sidecar.proxy")
+
+CREDENTIAL_HEADERS = ("Authorization", "Cookie")
+# The first protocol revision without sessions; its traffic is passed through untracked.
+SESSIONLESS_SINCE = "2026-07-28"
+LIMIT_RETRY_AFTER = "30"
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOptions:
+    """The proxy's share of the config; replaced whole on reload."""
+
+    allowed_origins: frozenset[str] = frozenset()
+    max_body_bytes: int = 4 * 1024 * 1024
+    unknown: Literal["reject", "forward"] = "reject"
+
+
+class _Rejected(Exception):
+    """Raised inside a handler to answer the client directly."""
+
+    def __init__(
+        self, status: int, reason: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.body, self.headers = status, reason, body, headers or {}
+
+
+class _Timer:
+    """The sidecar's own time on a request: wall time minus time spent waiting upstream."""
+
+    __slots__ = ("_since", "start", "waiting")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.waiting = 0.0
+        self._since = 0.0
+
+    def upstream_begins(self) -> None:
+        self._since = time.perf_counter()
+
+    def upstream_answered(self) -> None:
+        self.waiting += time.perf_counter() - self._since
+
+    def own_time(self) -> float:
+        return time.perf_counter() - self.start - self.waiting
+
+
+class Proxy:
+    def __init__(
+        self, manager: SessionManager, upstream: Upstream, metrics: Metrics, options: ProxyOptions
+    ) -> None:
+        self.manager = manager
+        self.upstream = upstream
+        self.metrics = metrics
+        self.options = options
+        self._rejections = Throttled(log)
+
+    # ---- entry points ----------------------------------------------------------------------
+    async def handle_mcp(self, request: web.Request) -> web.StreamResponse:
+        timer = _Timer()
+        body = b""
+        try:
+            self._check_origin(request)
+            if request.method == "POST":
+                body = await self._read_body(request)
+            response = await self._dispatch(request, body, timer)
+            outcome = "forwarded"
+        except _Rejected as rejection:
+            response = await self._reject(request, rejection)
+            outcome = "rejected"
+        except UpstreamError as exc:
+            response = await self._upstream_failed(request, body, exc)
+            outcome = "upstream_error"
+        self.metrics.requests.labels(request.method, outcome).inc()
+        self.metrics.request_duration.observe(timer.own_time())
+        return response
+
+    async def handle_passthrough(self, request: web.Request) -> web.StreamResponse:
+        """Paths other than the MCP endpoint (OAuth metadata, health pages) go through as-is."""
+        timer = _Timer()
+        try:
+            self._check_origin(request)
+            body = await self._read_body(request) if request.can_read_body else None
+            upstream = await self._forward(request, body, timer)
+            return await relay_stream(request, upstream, StreamRelay(upstream), None)
+        except _Rejected as rejection:
+            return await self._reject(request, rejection)
+        except UpstreamError as exc:
+            return await self._upstream_failed(request, b"", exc)
+
+    # ---- dispatch ------------------------------------------------------------------------
+    async def _dispatch(
+        self, request: web.Request, body: bytes, timer: _Timer
+    ) -> web.StreamResponse:
+        session_id = request.headers.get(SESSION_HEADER)
+        batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
+        if session_id is None:
+            initialize = batch.find("initialize") if request.method == "POST" else None
+            if initialize is not None:
+                return await self._initialize(request, body, initialize, timer)
+            return await self._sessionless(request, body, timer)
+        if not valid_session_id(session_id):
+            raise _Rejected(
+                400,
+                "bad_session_id",
+                jsonrpc.error_body(
+                    jsonrpc.INVALID_REQUEST,
+                    "Invalid Mcp-Session-Id header: expected 1-256 visible ASCII characters",
+                    batch.first_id,
+                ),
+            )
+        identity = self._identity(request)
+        resolution = await self.manager.resolve(session_id, identity)
+        session = resolution.session
+        if session is None:
+            if resolution.outcome is Outcome.UNKNOWN and self.options.unknown == "forward":
+                return await self._adopt(request, body, session_id, identity, timer)
+            raise _Rejected(
+                404, resolution.outcome.value, jsonrpc.session_not_found(batch.first_id)
+            )
+        self._note_client_headers(request, session)
+        if request.method == "DELETE":
+            return await self._client_delete(request, session, timer)
+        if request.method == "GET":
+            return await self._open_stream(request, session, timer)
+        return await self._post(request, body, batch, session, timer)
+
+    async def _post(
+        self,
+        request: web.Request,
+        body: bytes,
+        batch: jsonrpc.Batch,
+        session: Session,
+        timer: _Timer,
+    ) -> web.StreamResponse:
+        policy = self.manager.policy
+        shows_use = batch.valid and session.shows_use(batch, policy)
+        is_call = shows_use and any(
+            m.is_request and m.method not in policy.ignore_methods for m in batch.messages
+        )
+        if is_call:
+            self.manager.begin_call(session)
+        try:
+            upstream = await self._forward(request, body, timer)
+        except UpstreamError:
+            if is_call:  # a failed forward changes nothing about the session (SPEC 2.5)
+                session.in_flight = max(0, session.in_flight - 1)
+            raise
+        try:
+            if shows_use:
+                self.manager.touch(session)
+            self.manager.count_request(session)
+            return await self._relay(request, upstream, session, timer)
+        finally:
+            if is_call:
+                self.manager.end_call(session)
+
+    async def _open_stream(
+        self, request: web.Request, session: Session, timer: _Timer
+    ) -> web.StreamResponse:
+        """A GET stream: relayed, but never activity (unless open_stream_keeps_alive)."""
+        upstream = await self._forward(request, None, timer)
+        session.open_streams += 1
+        try:
+            return await self._relay(request, upstream, session, timer, long_lived=True)
+        finally:
+            session.open_streams -= 1
+            if self.manager.policy.open_stream_keeps_alive and session.live:
+                self.manager.touch(session)
+
+    async def _client_delete(
+        self, request: web.Request, session: Session, timer: _Timer
+    ) -> web.StreamResponse:
+        """Whatever the upstream says, the session is closed and the client gets a 2xx."""
+        answered = False
+        status = 200
+        try:
+            upstream = await self._forward(request, None, timer)
+            async with upstream:
+                await upstream.read()
+            answered = True
+            status = upstream.status if 200 <= upstream.status < 300 else 200
+        except UpstreamError as exc:
+            log.warning(
+                "forwarding DELETE of session %s failed (%s); the sidecar will retry "
+                "closing it upstream",
+                session.short_id,
+                exc,
+            )
+        await self.manager.close(session, CloseReason.CLIENT_DELETE, upstream_done=answered)
+        return web.Response(status=status)
+
+    async def _initialize(
+        self, request: web.Request, body: bytes, initialize: jsonrpc.Message, timer: _Timer
+    ) -> web.StreamResponse:
+        identity = self._identity(request)
+        try:
+            await self.manager.admit(identity)
+        except LimitReachedError as exc:
+            raise _Rejected(
+                503,
+                "limit",
+                jsonrpc.error_body(
+                    jsonrpc.SERVER_ERROR,
+                    f"Too many sessions ({exc.scope}); retry later",
+                    initialize.id,
+                ),
+                {"Retry-After": LIMIT_RETRY_AFTER},
+            ) from exc
+        try:
+            upstream = await self._forward(request, body, timer)
+            session_id = upstream.headers.get(SESSION_HEADER)
+            session = None
+            # Only a successful answer creates a session: the Python SDK's 400 carries a
+            # throw-away id that must not be tracked (SPEC 2.1).
+            if session_id is not None and 200 <= upstream.status < 300:
+                session = await self._track_new(request, session_id, identity, initialize)
+            elif 200 <= upstream.status < 300:
+                self.metrics.stateless_requests.inc()
+        finally:
+            self.manager.release()
+        return await self._relay(request, upstream, session, timer)
+
+    async def _track_new(
+        self, request: web.Request, session_id: str, identity: str, initialize: jsonrpc.Message
+    ) -> Session | None:
+        if not valid_session_id(session_id):
+            log.warning("upstream issued a malformed session id; passing it through untracked")
+            return None
+        params = initialize.params if isinstance(initialize.params, dict) else {}
+        info = params.get("clientInfo")
+        client_info = ""
+        if isinstance(info, dict):
+            client_info = f"{info.get('name', '')} {info.get('version', '')}".strip()
+        version = params.get("protocolVersion")
+        return await self.manager.create(
+            session_id,
+            Transport.STREAMABLE_HTTP,
+            identity,
+            protocol_version=version if isinstance(version, str) else None,
+            user_agent=request.headers.get("User-Agent", "")[:200],
+            client_info=client_info[:200],
+            credentials=_credentials(request),
+        )
+
+    async def _adopt(
+        self, request: web.Request, body: bytes, session_id: str, identity: str, timer: _Timer
+    ) -> web.StreamResponse:
+        """`sessions.unknown = "forward"`: let the upstream judge an id we never saw."""
+        upstream = await self._forward(request, body, timer)
+        session = None
+        if 200 <= upstream.status < 300:
+            session = self.manager.live.get(session_id) or await self.manager.create(
+                session_id,
+                Transport.STREAMABLE_HTTP,
+                identity,
+                protocol_version=request.headers.get(PROTOCOL_HEADER),
+                user_agent=request.headers.get("User-Agent", "")[:200],
+                credentials=_credentials(request),
+            )
+            log.info("adopted session %s already live upstream", short(session_id))
+        return await self._relay(request, upstream, session, timer)
+
+    async def _sessionless(
+        self, request: web.Request, body: bytes, timer: _Timer
+    ) -> web.StreamResponse:
+        """No session id and no initialize: a stateless server's or a sessionless client's."""
+        version = request.headers.get(PROTOCOL_HEADER, "")
+        if version >= SESSIONLESS_SINCE or request.method == "POST":
+            self.metrics.stateless_requests.inc()
+        upstream = await self._forward(request, body or None, timer)
+        return await self._relay(request, upstream, None, timer)
+
+    # ---- upstream exchange -----------------------------------------------------------------
+    async def _forward(
+        self, request: web.Request, body: bytes | None, timer: _Timer
+    ) -> aiohttp.ClientResponse:
+        headers = upstream_request_headers(request, self.upstream.authority)
+        timer.upstream_begins()
+        try:
+            return await self.upstream.request(
+                request.method, self.upstream.target(request.path_qs), headers, body
+            )
+        finally:
+            timer.upstream_answered()
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        session: Session | None,
+        timer: _Timer,
+        long_lived: bool = False,
+    ) -> web.StreamResponse:
+        if session is not None and upstream.status == 404 and session.live:
+            # The upstream lost the session (restart, its own reaper): stop tracking it.
+            await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
+        if not is_event_stream(upstream) and upstream.content_length is not None:
+            timer.upstream_begins()
+            try:
+                async with upstream:
+                    body = await upstream.read()
+            except aiohttp.ClientError as exc:
+                raise UpstreamError(f"upstream answer broke off: {exc}") from exc
+            finally:
+                timer.upstream_answered()
+            return await relay_buffered(request, upstream, body)
+        relay = StreamRelay(upstream, long_lived)
+        if session is not None:
+            session.relays.add(relay)
+        try:
+            return await relay_stream(
+                request,
+                upstream,
+                relay,
+                None if session is None else _ping_watcher(session),
+                on_prepared=timer.upstream_begins,
+            )  # streaming time is the upstream's
+        finally:
+            if session is not None:
+                session.relays.discard(relay)
+
+    # ---- checks and answers ----------------------------------------------------------------
+    def _check_origin(self, request: web.Request) -> None:
+        origin = request.headers.get("Origin")
+        allowed = self.options.allowed_origins
+        if allowed and origin is not None and origin not in allowed:
+            raise _Rejected(
+                403, "origin", jsonrpc.error_body(jsonrpc.SERVER_ERROR, "Origin not allowed")
+            )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.options.max_body_bytes
+        too_large = _Rejected(
+            413,
+            "too_large",
+            jsonrpc.error_body(jsonrpc.INVALID_REQUEST, f"Request body larger than {limit} bytes"),
+        )
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _identity(self, request: web.Request) -> str:
+        return client_identity(request.headers.get("Authorization"), request.remote)
+
+    def _note_client_headers(self, request: web.Request, session: Session) -> None:
+        """Remember what a later upstream DELETE must carry (SPEC 2.4)."""
+        version = request.headers.get(PROTOCOL_HEADER)
+        if version and version != session.protocol_version:
+            session.protocol_version = version
+        credentials = _credentials(request)
+        if credentials:
+            session.credentials = credentials
+
+    async def _reject(self, request: web.Request, rejection: _Rejected) -> web.Response:
+        self.metrics.rejected.labels(rejection.reason).inc()
+        session_id = request.headers.get(SESSION_HEADER)
+        self._rejections.info(
+            rejection.reason,
+            "rejected %s %s session=%s reason=%s status=%d",
+            request.method,
+            request.path,
+            short(session_id) if session_id else "-",
+            rejection.reason,
+            rejection.status,
+        )
+        if request.can_read_body:
+            await request.release()  # drain, so the connection stays usable for the client
+        return web.Response(
+            status=rejection.status,
+            body=rejection.body,
+            content_type=JSON,
+            headers=rejection.headers,
+        )
+
+    async def _upstream_failed(
+        self, request: web.Request, body: bytes, exc: UpstreamError
+    ) -> web.Response:
+        timeout = isinstance(exc, UpstreamTimeoutError)
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
+        message = "Upstream MCP server timed out" if timeout else "Upstream MCP server unreachable"
+        return web.Response(
+            status=504 if timeout else 502,
+            content_type=JSON,
+            body=jsonrpc.error_body(jsonrpc.SERVER_ERROR, message, batch.first_id),
+        )
+
+
+def _credentials(request: web.Request) -> dict[str, str]:
+    return {name: request.headers[name] for name in CREDENTIAL_HEADERS if name in request.headers}
+
+
+def _ping_watcher(session: Session) -> Callable[[Event], None]:
+    """Remember server-initiated pings so the client's answers do not count (SPEC 2.3)."""
+
+    def watch(event: Event) -> None:
+        if '"ping"' not in event.data:  # cheap pre-filter: most events are not pings
+            return
+        try:
+            batch = jsonrpc.parse(event.data.encode())
+        except ValueError:
+            return
+        for message in batch.messages:
+            if message.method == "ping" and message.id is not None:
+                session.remember_server_ping(message.id)
+
+    return watch

@@ -1,0 +1,139 @@
+"""Running the service: listeners, signals, readiness, reload and graceful stop (SPEC 3.4).
+
+SIGTERM/SIGINT: report STOPPING to systemd, stop accepting, end relayed GET streams, let
+in-flight calls finish within `server.drain_timeout`, flush the store, exit 0. Sessions stay
+live across the restart. SIGHUP: re-read the config file and apply what can change live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from . import log as sidecar_log
+from .admin import build_admin_app
+from .app import Service, build_proxy_app
+from .config import Settings, load_settings, parse_host_port
+from .errors import ConfigError, SidecarError
+from .notify import Notifier
+
+log = logging.getLogger("sidecar.server")
+
+
+class Server:
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.overrides = overrides
+        self.service = Service(settings)
+        self.notifier = Notifier.from_env()
+        self._stop = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="sidecar-watchdog")
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            self.notifier.stopping("draining")
+            await self.stop()
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    async def start(self) -> None:
+        settings = self.settings
+        # The proxy's runner first: its start-up opens the store and restores sessions.
+        proxy = web.AppRunner(
+            build_proxy_app(self.service),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=settings.server.drain_timeout,
+        )
+        await self._listen(proxy, settings.server.listen, "server.listen")
+        admin = web.AppRunner(
+            build_admin_app(self.service),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=1.0,
+        )
+        await self._listen(admin, settings.admin.listen, "admin.listen")
+        log.info(
+            "listening on %s for %s (admin on %s)",
+            settings.server.listen,
+            settings.upstream.url,
+            settings.admin.listen,
+        )
+        log.info("%s", settings.summary_line())
+        self.notifier.ready(f"proxying {settings.upstream.url}")
+
+    async def _listen(self, runner: web.AppRunner, address: str, key: str) -> None:
+        await runner.setup()
+        self._runners.append(runner)
+        host, port = parse_host_port(address)
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            raise SidecarError(
+                f"cannot listen on {address} ({exc.strerror}); "
+                f"change {key} or stop what holds the port"
+            ) from exc
+
+    async def stop(self) -> None:
+        """Admin first (readiness goes 503), then the proxy drains and the store flushes."""
+        self.service.ready = False
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        log.info(
+            "stopped; %d live sessions kept for the next start", len(self.service.manager.live)
+        )
+
+    def stop_soon(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; keys that need a restart are reported and ignored."""
+        self.notifier.reloading()
+        try:
+            new = load_settings(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration:\n%s", exc)
+        else:
+            for key in self.service.apply(new):
+                log.warning("reload: %s changed but needs a restart; ignored until then", key)
+            self.settings = self.service.settings
+            log.info("reloaded configuration; %s", self.settings.summary_line())
+        self.notifier.ready("reloaded")
+
+
+def serve(
+    settings: Settings, config_path: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> int:
+    """Run until stopped; returns the process exit code."""
+    sidecar_log.configure(settings.log.level, settings.log.format)
+    try:
+        uvloop.run(Server(settings, config_path, overrides).run())
+    except SidecarError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

@@ -1,0 +1,358 @@
+"""The SQLite store: the only module that knows SQL.
+
+Durability rules (SPEC 2.6): creating and closing a session are committed before the client
+sees the answer; activity times are written behind, all dirty sessions in one transaction per
+`store.flush_interval`, so the request rate never becomes the transaction rate. The database
+runs in WAL mode with `synchronous=NORMAL`: a crash can lose at most the last transactions'
+fsync, never corrupt the file, and readers (the CLI's `--db`) never block the service.
+
+The schema is versioned with `PRAGMA user_version` and migrated forward; a database from a
+newer sidecar, or a damaged file, stops the start with a message that says what to do.
+Nothing is deleted silently: tombstones are purged only past `tombstone_ttl`, and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .errors import StoreCorruptError, StoreError, StoreTooNewError
+from .sessions import CloseReason, Session, State, Transport
+
+log = logging.getLogger("sidecar.store")
+
+SCHEMA_VERSION = 1
+
+# Each entry upgrades the schema from version i to i+1 (index 0: empty file -> 1).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sessions (
+        id               TEXT PRIMARY KEY,
+        transport        TEXT NOT NULL,
+        client           TEXT NOT NULL,
+        user_agent       TEXT NOT NULL DEFAULT '',
+        client_info      TEXT NOT NULL DEFAULT '',
+        protocol_version TEXT,
+        created_at       REAL NOT NULL,
+        last_activity_at REAL NOT NULL,
+        requests         INTEGER NOT NULL DEFAULT 0,
+        persistent       INTEGER NOT NULL DEFAULT 0,
+        state            TEXT NOT NULL DEFAULT 'live',
+        close_reason     TEXT,
+        closed_at        REAL,
+        upstream_endpoint TEXT
+    );
+    CREATE INDEX sessions_by_state ON sessions (state, closed_at);
+    CREATE TABLE pending_closes (
+        session_id       TEXT PRIMARY KEY,
+        protocol_version TEXT,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  REAL NOT NULL,
+        last_error       TEXT
+    );
+    """,
+)
+
+_COLUMNS = (
+    "id, transport, client, user_agent, client_info, protocol_version, created_at, "
+    "last_activity_at, requests, persistent, state, close_reason, closed_at, upstream_endpoint"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingClose:
+    """An upstream DELETE still owed for a closed session (survives restarts)."""
+
+    session_id: str
+    protocol_version: str | None
+    attempts: int
+    next_attempt_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityRow:
+    session_id: str
+    last_activity_at: float
+    requests: int
+    protocol_version: str | None
+
+
+class Store:
+    """Async access to the session database through one aiosqlite connection."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self.transactions = 0  # write transactions committed: for metrics and benchmarks
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        self._prepare_directory()
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._check_integrity()
+            await self._migrate()
+        except sqlite3.DatabaseError as exc:
+            await self.close()
+            raise StoreCorruptError(
+                f"{self.path} is not a usable SQLite database ({exc}). Nothing was changed. "
+                "Restore it from a backup, or move it aside to start with an empty store "
+                "(store.path)."
+            ) from exc
+        except StoreError:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    def _prepare_directory(self) -> None:
+        parent = Path(self.path).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the directory {parent} for store.path ({exc.strerror}); "
+                "create it with write access for the service user, or set store.path"
+            ) from exc
+
+    async def _check_integrity(self) -> None:
+        async with self.db.execute("PRAGMA quick_check") as cursor:
+            row = await cursor.fetchone()
+        if row is None or row[0] != "ok":
+            raise StoreCorruptError(
+                f"{self.path} failed SQLite's integrity check ({row[0] if row else 'no result'}). "
+                "Nothing was changed. Restore it from a backup, or move it aside to start "
+                "with an empty store (store.path)."
+            )
+
+    async def _migrate(self) -> None:
+        version = await self._user_version()
+        if version > SCHEMA_VERSION:
+            raise StoreTooNewError(
+                f"{self.path} has schema version {version}, written by a newer mcp-sidecar; "
+                f"this version understands up to {SCHEMA_VERSION}. Upgrade mcp-sidecar, or "
+                "point store.path at another file. Nothing was changed."
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            log.info("migrating %s to schema version %d", self.path, target)
+            await self.db.executescript(
+                f"BEGIN; {MIGRATIONS[target - 1]}; PRAGMA user_version={target}; COMMIT;"
+            )
+
+    async def _user_version(self) -> int:
+        async with self.db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("the session store is not open")
+        return self._db
+
+    # ---- writes ------------------------------------------------------------------------
+    async def _write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        """Run statements in one transaction; any failure rolls the whole of it back."""
+        db = self.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            for sql, params in statements:
+                await db.execute(sql, params)
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise StoreError(
+                f"writing to {self.path} failed ({exc}); check disk space and permissions"
+            ) from exc
+        self.transactions += 1
+
+    async def insert(self, session: Session) -> None:
+        await self._write(
+            [
+                (
+                    f"INSERT OR REPLACE INTO sessions ({_COLUMNS}) VALUES ({', '.join('?' * 14)})",
+                    _row(session),
+                )
+            ]
+        )
+
+    async def mark_closed(self, session: Session, pending: PendingClose | None) -> None:
+        """Close a session and, in the same transaction, record the upstream DELETE owed."""
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (
+                "UPDATE sessions SET state=?, close_reason=?, closed_at=?, last_activity_at=?, "
+                "requests=? WHERE id=?",
+                (
+                    State.CLOSED.value,
+                    session.close_reason,
+                    session.closed_at,
+                    session.last_activity_at,
+                    session.requests,
+                    session.id,
+                ),
+            )
+        ]
+        if pending is not None:
+            statements.append(_pending_upsert(pending))
+        await self._write(statements)
+
+    async def set_persistent(self, session_id: str, persistent: bool) -> None:
+        await self._write(
+            [("UPDATE sessions SET persistent=? WHERE id=?", (int(persistent), session_id))]
+        )
+
+    async def write_activity(self, rows: Sequence[ActivityRow]) -> None:
+        """The write-behind flush: every dirty session in one transaction."""
+        if not rows:
+            return
+        await self._write(
+            (
+                "UPDATE sessions SET last_activity_at=?, requests=?, "
+                "protocol_version=COALESCE(?, protocol_version) WHERE id=? AND state='live'",
+                (r.last_activity_at, r.requests, r.protocol_version, r.session_id),
+            )
+            for r in rows
+        )
+
+    async def save_pending(self, pending: PendingClose, error: str | None = None) -> None:
+        await self._write([_pending_upsert(pending, error)])
+
+    async def drop_pending(self, session_id: str) -> None:
+        await self._write([("DELETE FROM pending_closes WHERE session_id=?", (session_id,))])
+
+    async def purge_tombstones(self, older_than: float) -> int:
+        """Delete closed sessions closed before `older_than` that owe no upstream DELETE."""
+        async with self.db.execute(
+            "SELECT COUNT(*) FROM sessions WHERE state='closed' AND closed_at < ? AND id NOT IN "
+            "(SELECT session_id FROM pending_closes)",
+            (older_than,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        count = int(row[0]) if row else 0
+        if count:
+            await self._write(
+                [
+                    (
+                        "DELETE FROM sessions WHERE state='closed' AND closed_at < ? AND id NOT IN "
+                        "(SELECT session_id FROM pending_closes)",
+                        (older_than,),
+                    )
+                ]
+            )
+        return count
+
+    # ---- reads -------------------------------------------------------------------------
+    async def load(self, state: State, since: float | None = None) -> list[Session]:
+        sql = f"SELECT {_COLUMNS} FROM sessions WHERE state=?"
+        params: list[Any] = [state.value]
+        if since is not None:
+            sql += " AND closed_at >= ?"
+            params.append(since)
+        async with self.db.execute(sql, params) as cursor:
+            return [_session(row) async for row in cursor]
+
+    async def get(self, session_id: str) -> Session | None:
+        async with self.db.execute(
+            f"SELECT {_COLUMNS} FROM sessions WHERE id=?", (session_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _session(row) if row else None
+
+    async def pending_closes(self) -> list[PendingClose]:
+        async with self.db.execute(
+            "SELECT session_id, protocol_version, attempts, next_attempt_at FROM pending_closes"
+        ) as cursor:
+            return [PendingClose(r[0], r[1], int(r[2]), float(r[3])) async for r in cursor]
+
+
+def _pending_upsert(pending: PendingClose, error: str | None = None) -> tuple[str, Sequence[Any]]:
+    return (
+        "INSERT OR REPLACE INTO pending_closes "
+        "(session_id, protocol_version, attempts, next_attempt_at, last_error) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (
+            pending.session_id,
+            pending.protocol_version,
+            pending.attempts,
+            pending.next_attempt_at,
+            error,
+        ),
+    )
+
+
+def _row(s: Session) -> tuple[Any, ...]:
+    return (
+        s.id,
+        s.transport.value,
+        s.client,
+        s.user_agent,
+        s.client_info,
+        s.protocol_version,
+        s.created_at,
+        s.last_activity_at,
+        s.requests,
+        int(s.persistent),
+        s.state.value,
+        s.close_reason,
+        s.closed_at,
+        s.upstream_endpoint,
+    )
+
+
+def _session(row: Sequence[Any]) -> Session:
+    return Session(
+        id=row[0],
+        transport=Transport(row[1]),
+        client=row[2],
+        user_agent=row[3],
+        client_info=row[4],
+        protocol_version=row[5],
+        created_at=float(row[6]),
+        last_activity_at=float(row[7]),
+        requests=int(row[8]),
+        persistent=bool(row[9]),
+        state=State(row[10]),
+        close_reason=CloseReason(row[11]) if row[11] else None,
+        closed_at=float(row[12]) if row[12] is not None else None,
+        upstream_endpoint=row[13],
+    )
+
+
+def read_sessions(path: str, state: State | None = None) -> list[Session]:
+    """Read sessions without writing anything: for `mcp-sidecar sessions --db` while stopped.
+
+    Opened read-only through SQLite's URI form, so it can never create, migrate or lock the
+    file; a missing or foreign file is a StoreError that says what was expected.
+    """
+    if not Path(path).is_file():
+        raise StoreError(f"{path} does not exist; pass the service's store.path to --db")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreTooNewError(
+                    f"{path} has schema version {version}; this "
+                    f"mcp-sidecar reads up to {SCHEMA_VERSION}. Upgrade it."
+                )
+            sql = f"SELECT {_COLUMNS} FROM sessions"
+            params: tuple[str, ...] = ()
+            if state is not None:
+                sql += " WHERE state=?"
+                params = (state.value,)
+            return [_session(row) for row in db.execute(sql + " ORDER BY created_at", params)]
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path} ({exc}); is it an mcp-sidecar database?") from exc

@@ -1,0 +1,69 @@
+"""The background loops that keep the session table honest between requests.
+
+* The sweeper closes expired sessions (and so closes them upstream) within
+  `sessions.sweep_interval`; request-time checks already answer 404 earlier than that, the
+  sweep is what frees the server's memory for clients that never come back (SPEC 2.4).
+* The flusher writes activity behind, one transaction per `store.flush_interval` (SPEC 2.6).
+* Tombstones past `tombstone_ttl` are purged from the store once an hour.
+
+Each loop survives a failing iteration (logged, retried next tick): a full disk must not stop
+expiry. Intervals are read on every tick so a reload changes them without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from .manager import SessionManager
+
+log = logging.getLogger("sidecar.sweeper")
+
+PURGE_INTERVAL = 3600.0
+
+
+async def every(
+    interval: Callable[[], float], work: Callable[[], Awaitable[object]], what: str
+) -> None:
+    """Run `work` every `interval()` seconds until cancelled; failures are logged, not fatal."""
+    while True:
+        await asyncio.sleep(interval())
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; retrying in %gs", what, interval())
+
+
+class Sweeper:
+    def __init__(
+        self, manager: SessionManager, sweep_interval: float, flush_interval: float
+    ) -> None:
+        self.manager = manager
+        self.sweep_interval = sweep_interval
+        self.flush_interval = flush_interval
+
+    async def sweep_once(self) -> int:
+        start = time.perf_counter()
+        closed = await self.manager.sweep()
+        self.manager.metrics.sweep_duration.observe(time.perf_counter() - start)
+        return closed
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Start the loops; the caller owns, cancels and awaits the returned tasks."""
+        return [
+            asyncio.create_task(
+                every(lambda: self.sweep_interval, self.sweep_once, "sweep"), name="sidecar-sweeper"
+            ),
+            asyncio.create_task(
+                every(lambda: self.flush_interval, self.manager.flush, "activity flush"),
+                name="sidecar-flusher",
+            ),
+            asyncio.create_task(
+                every(lambda: PURGE_INTERVAL, self.manager.purge_tombstones, "tombstone purge"),
+                name="sidecar-purger",
+            ),
+        ]

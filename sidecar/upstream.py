@@ -1,0 +1,156 @@
+"""The HTTP client side: talking to the MCP server the sidecar fronts.
+
+This is the one place aiohttp client errors become `UpstreamError`s (502/504 for the proxy,
+retry-or-give-up for the closer). Two peer habits shape it:
+
+* The SDK servers (uvicorn) close idle keep-alive connections after 5 s. A request written
+  onto such a connection just as the server closes it fails without having been processed, so
+  a failure on a *reused* pooled connection is retried once on a fresh one (SPEC 2.1). aiohttp
+  already does this for idempotent methods; we add it for POST, and only for reused
+  connections, so a server that crashes mid-request never sees a tool call twice. Pooled
+  connections are also dropped after 3 s idle, below the servers' 5 s, so the race is rare.
+* Bodies are relayed exactly as sent, so the client session never decompresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from .errors import UpstreamTimeoutError, UpstreamUnreachableError
+
+POOL_IDLE_SECONDS = 3.0
+SESSION_HEADER = "Mcp-Session-Id"
+PROTOCOL_HEADER = "MCP-Protocol-Version"
+
+
+class _Attempt:
+    """Per-request trace context: did aiohttp hand us a pooled connection?"""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _on_reuse(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: Any) -> None:
+    attempt = ctx.trace_request_ctx
+    if isinstance(attempt, _Attempt):
+        attempt.reused = True
+
+
+class Upstream:
+    """A pooled client bound to the upstream's origin."""
+
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float,
+        read_timeout: float,
+        static_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.url = URL(url)
+        self.authority = self.url.raw_authority
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.static_headers = dict(static_headers or {})
+        self._client: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_on_reuse)
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_SECONDS),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
+            auto_decompress=False,
+            trace_configs=[trace],
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the client, not to us
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        if self._client is None:
+            raise RuntimeError("upstream client used before start()")
+        return self._client
+
+    def target(self, path_qs: str) -> URL:
+        """The upstream URL for a client's path and query (absolute URLs are not accepted)."""
+        return self.url.with_path("/").join(URL(path_qs, encoded=True))
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str] | Mapping[str, str],
+        body: bytes | None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request and return the response once its headers arrived."""
+        attempt = _Attempt()
+        try:
+            return await self._send(method, url, headers, body, attempt)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if not (attempt.reused and not isinstance(exc, aiohttp.ClientConnectorError)):
+                raise _unreachable(url, exc) from exc
+        # The pooled connection was closed under us before anything was answered: one retry.
+        try:
+            return await self._send(method, url, headers, body, _Attempt())
+        except aiohttp.ClientError as exc:
+            raise _unreachable(url, exc) from exc
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str] | Mapping[str, str],
+        body: bytes | None,
+        attempt: _Attempt,
+    ) -> aiohttp.ClientResponse:
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                return await self.client.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    trace_request_ctx=attempt,
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(
+                f"{url} did not answer within {self.read_timeout:g}s (upstream.read_timeout)"
+            ) from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            raise
+        except aiohttp.ClientError as exc:
+            raise _unreachable(url, exc) from exc
+
+    async def delete_session(
+        self, session_id: str, protocol_version: str | None, credentials: Mapping[str, str]
+    ) -> int:
+        """Close a session upstream (SPEC 2.4); returns the HTTP status."""
+        headers: dict[str, str] = {**self.static_headers, **credentials, SESSION_HEADER: session_id}
+        if protocol_version:
+            headers[PROTOCOL_HEADER] = protocol_version
+        response = await self.request("DELETE", self.url, headers, None)
+        async with response:
+            await response.read()
+            return response.status
+
+
+def _unreachable(url: URL, exc: BaseException) -> UpstreamUnreachableError:
+    return UpstreamUnreachableError(
+        f"cannot reach the upstream MCP server at {url.origin()} ({exc}); "
+        "check that it is running and that upstream.url is right"
+    )

@@ -1,0 +1,56 @@
+"""Fixtures for tests that run the real processes: the upstream MCP server and the sidecar.
+
+Each fixture is function-scoped and stops what it started, so no test sees another's
+sessions. The helpers behind them live in ``tests/peers/processes.py`` for tests that need
+more control (a second upstream, a restart, SIGKILL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.peers.processes import SidecarFactory, UpstreamHandle
+
+
+@pytest.fixture
+def upstream_factory(tmp_path: Path) -> Iterator[Callable[..., UpstreamHandle]]:
+    """``upstream_factory(transport="streamable-http", stateless=False, json_response=False)``."""
+    from tests.peers.processes import start_upstream
+
+    started: list[UpstreamHandle] = []
+
+    def start(transport: str = "streamable-http", **opts: Any) -> UpstreamHandle:
+        handle = start_upstream(tmp_path, transport, **opts)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture
+def upstream(upstream_factory: Callable[..., UpstreamHandle]) -> UpstreamHandle:
+    """A stateful FastMCP server on Streamable HTTP; ``.url`` is ``http://127.0.0.1:P/mcp``."""
+    return upstream_factory("streamable-http")
+
+
+@pytest.fixture
+def sse_upstream(upstream_factory: Callable[..., UpstreamHandle]) -> UpstreamHandle:
+    """A FastMCP server on the legacy HTTP+SSE transport; ``.sse_url`` is ``…/sse``."""
+    return upstream_factory("sse")
+
+
+@pytest.fixture
+def sidecar_factory(tmp_path: Path) -> Iterator[SidecarFactory]:
+    """``sidecar_factory(upstream.url, sessions={"idle_timeout": 2})`` -> SidecarHandle."""
+    from tests.peers.processes import SidecarFactory
+
+    factory = SidecarFactory(tmp_path)
+    yield factory
+    factory.stop_all()

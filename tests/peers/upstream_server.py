@@ -1,0 +1,237 @@
+"""The real MCP server the integration tests put behind the sidecar.
+
+Run as ``python -m tests.peers.upstream_server --port N --transport streamable-http|sse``
+from the repository root. It is an unmodified FastMCP server of the MCP Python SDK with a
+few tools the tests drive (``echo``, ``add``, ``live_sessions``, ``slow``, ``ping_client``),
+an in-memory event store so ``Last-Event-ID`` resumption works, and an ASGI wrapper that
+appends one JSON line per HTTP request to ``--log`` so a test can assert what reached the
+upstream (and what did not) without trusting the sidecar's own account.
+
+FastMCP 1.x reaps sessions itself after 30 idle minutes (and counts an open GET stream as
+activity); that reaper is switched off here so only the sidecar ever expires a session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from itertools import count
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import parse_qs
+
+import uvicorn
+from mcp.server.fastmcp import Context, FastMCP
+from mcp.server.sse import SseServerTransport
+from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
+from mcp.types import JSONRPCMessage
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PROGRESS_INTERVAL = 0.5
+
+
+class InMemoryEventStore(EventStore):
+    """Every event of every stream, in order, so a reconnecting client can be replayed.
+
+    The SDK ships no event store in the package (only in its examples). Priming events
+    (``message is None``) get an id, since the client resumes from them, but are never
+    replayed: they carry no data.
+    """
+
+    def __init__(self) -> None:
+        self._events: list[tuple[EventId, StreamId, JSONRPCMessage | None]] = []
+        self._positions: dict[EventId, int] = {}
+        self._ids = count(1)
+
+    async def store_event(self, stream_id: StreamId, message: JSONRPCMessage | None) -> EventId:
+        event_id = str(next(self._ids))
+        self._positions[event_id] = len(self._events)
+        self._events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
+        position = self._positions.get(last_event_id)
+        if position is None:
+            return None
+        stream_id = self._events[position][1]
+        for event_id, event_stream, message in self._events[position + 1 :]:
+            if event_stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
+
+
+class SessionCounter:
+    """Reads how many sessions the SDK transport holds, from the transport's own table.
+
+    Private attributes, read on purpose: they are the server's real state, which is what
+    a test of "the sidecar made the upstream free the session" has to look at.
+    """
+
+    def __init__(self, mcp: FastMCP) -> None:
+        self._mcp = mcp
+        self.sse: SseServerTransport | None = None
+
+    def live(self) -> int:
+        if self.sse is not None:
+            return len(self.sse._read_stream_writers)
+        return len(self._mcp.session_manager._server_instances)
+
+
+def find_sse_transport(app: Starlette) -> SseServerTransport:
+    """The transport FastMCP.sse_app() keeps in a closure: its message route's bound method."""
+    for route in app.routes:
+        if isinstance(route, Mount):
+            target = getattr(route, "_base_app", route.app)
+            owner = getattr(target, "__self__", None)
+            if isinstance(owner, SseServerTransport):
+                return owner
+    raise RuntimeError("FastMCP.sse_app() has no message route bound to an SseServerTransport")
+
+
+def build_server(*, stateless: bool, json_response: bool) -> tuple[FastMCP, SessionCounter]:
+    mcp = FastMCP(
+        "sidecar-test-upstream",
+        event_store=None if stateless else InMemoryEventStore(),
+        host="127.0.0.1",
+        log_level="WARNING",
+        stateless_http=stateless,
+        json_response=json_response,
+        session_idle_timeout=None,
+    )
+    counter = SessionCounter(mcp)
+
+    @mcp.tool()
+    def echo(text: str) -> str:
+        """Return the text unchanged."""
+        return text
+
+    @mcp.tool()
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    @mcp.tool()
+    def live_sessions() -> int:
+        """How many sessions this server currently holds."""
+        return counter.live()
+
+    @mcp.tool()
+    async def slow(seconds: float, ctx: Context[Any, Any, Any]) -> str:
+        """Take `seconds`, reporting progress every 0.5 s, then answer "done"."""
+        started = time.monotonic()
+        while True:
+            elapsed = min(time.monotonic() - started, seconds)
+            await ctx.report_progress(elapsed, seconds, f"{elapsed:.1f}s of {seconds:.1f}s")
+            if elapsed >= seconds:
+                return "done"
+            await asyncio.sleep(min(PROGRESS_INTERVAL, seconds - elapsed))
+
+    @mcp.tool()
+    async def ping_client(ctx: Context[Any, Any, Any]) -> str:
+        """Send the client a server-initiated ping and answer "pong" once it replies."""
+        await ctx.session.send_ping()
+        return "pong"
+
+    return mcp, counter
+
+
+class RequestLog:
+    """ASGI wrapper: one JSON line per HTTP request, written when the response starts.
+
+    Written and flushed at response start (not end) so a long SSE stream is on record
+    while it is still open.
+    """
+
+    def __init__(self, app: ASGIApp, file: IO[str]) -> None:
+        self.app = app
+        self.file = file
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        session_id = (
+            headers.get("mcp-session-id")
+            or next(iter(query.get("session_id", [])), None)
+            or next(iter(query.get("sessionId", [])), None)
+        )
+
+        started = False
+
+        async def logging_send(message: Message) -> None:
+            nonlocal started
+            # Only the first start: FastMCP's legacy SSE endpoint sends a second one (an
+            # empty Response) after its stream has ended, which the server then drops.
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                response_headers = {
+                    k.decode("latin-1").lower(): v.decode("latin-1")
+                    for k, v in message.get("headers", [])
+                }
+                self.write(
+                    {
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "session_id": session_id,
+                        "status": message["status"],
+                        "response_session_id": response_headers.get("mcp-session-id"),
+                    }
+                )
+            await send(message)
+
+        await self.app(scope, receive, logging_send)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--transport", choices=["streamable-http", "sse"], default="streamable-http"
+    )
+    parser.add_argument("--stateless", action="store_true", help="no sessions (stateless_http)")
+    parser.add_argument("--json-response", action="store_true", help="JSON instead of SSE bodies")
+    parser.add_argument("--log", type=Path, help="append one JSON line per HTTP request here")
+    return parser.parse_args(argv)
+
+
+def build_app(args: argparse.Namespace) -> Starlette:
+    mcp, counter = build_server(stateless=args.stateless, json_response=args.json_response)
+    if args.transport == "sse":
+        app = mcp.sse_app()
+        counter.sse = find_sse_transport(app)
+        return app
+    return mcp.streamable_http_app()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    app: ASGIApp = build_app(args)
+    log_file = args.log.open("a", encoding="utf-8") if args.log else None
+    if log_file is not None:
+        app = RequestLog(app, log_file)
+    # A bounded graceful shutdown: open SSE streams would otherwise hold SIGTERM up forever.
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=2
+    )
+    try:
+        asyncio.run(uvicorn.Server(config).serve())
+    finally:
+        if log_file is not None:
+            log_file.close()
+
+
+if __name__ == "__main__":
+    main()
