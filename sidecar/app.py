@@ -20,9 +20,11 @@ from . import jsonrpc
 from . import log as sidecar_log
 from .closer import UpstreamCloser
 from .config import Settings
+from .gone import GonePatterns
+from .legacy import LegacyProxy
 from .manager import Clock, Limits, SessionManager
 from .metrics import Metrics
-from .proxy import Proxy, ProxyOptions
+from .proxy import ProxyOptions
 from .sessions import Policy
 from .store import Store
 from .sweeper import Sweeper
@@ -40,6 +42,7 @@ def policy_from(settings: Settings) -> Policy:
         max_lifetime=s.max_lifetime,
         open_stream_keeps_alive=s.open_stream_keeps_alive,
         ignore_methods=frozenset(s.ignore_methods),
+        call_timeout=settings.upstream.read_timeout,
     )
 
 
@@ -81,7 +84,13 @@ class Service:
             tombstone_ttl=settings.sessions.tombstone_ttl,
             clock=clock,
         )
-        self.proxy = Proxy(self.manager, self.upstream, self.metrics, options_from(settings))
+        self.proxy = LegacyProxy(
+            self.manager,
+            self.upstream,
+            self.metrics,
+            options_from(settings),
+            GonePatterns(settings.upstream.session_gone),
+        )
         self.sweeper = Sweeper(
             self.manager, settings.sessions.effective_sweep_interval, settings.store.flush_interval
         )
@@ -132,6 +141,7 @@ class Service:
         self.manager.limits = limits_from(new)
         self.manager.tombstone_ttl = new.sessions.tombstone_ttl
         self.proxy.options = options_from(new)
+        self.proxy.gone = GonePatterns(new.upstream.session_gone)
         self.sweeper.sweep_interval = new.sessions.effective_sweep_interval
         self.sweeper.flush_interval = new.store.flush_interval
         self.upstream.connect_timeout = new.upstream.connect_timeout
@@ -192,8 +202,22 @@ def build_proxy_app(service: Service) -> web.Application:
         app.router.add_route("*", path.rstrip("/"), proxy.handle_mcp)
     elif path != "/":
         app.router.add_route("*", path + "/", proxy.handle_mcp)
+    _add_legacy_routes(app, service)
     app.router.add_route("*", "/{tail:.*}", proxy.handle_passthrough)
     return app
+
+
+def _add_legacy_routes(app: web.Application, service: Service) -> None:
+    """The 2024-11-05 HTTP+SSE paths, unless they collide with the Streamable HTTP path."""
+    upstream = service.settings.upstream
+    taken = {upstream.path, upstream.path.rstrip("/")}
+    for path, handler in (
+        (upstream.sse_path, service.proxy.handle_sse),
+        (upstream.messages_path, service.proxy.handle_message),
+    ):
+        for variant in {path, path.rstrip("/") or "/"} - taken:
+            app.router.add_route("*", variant, handler)
+            taken.add(variant)
 
 
 async def _service_lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -39,7 +39,8 @@ HOP_BY_HOP = frozenset(
 # Headers aiohttp computes itself for the message it writes.
 RECOMPUTED = frozenset({"content-length", "host"})
 
-EventHook = Callable[[Event], None]
+# Sees each complete SSE event and returns the bytes to send on (usually `event.raw`).
+EventHook = Callable[[Event], Awaitable[bytes]]
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -87,12 +88,13 @@ def is_identity_encoded(upstream: aiohttp.ClientResponse) -> bool:
 class StreamRelay:
     """Handle on one relayed stream so closing its session can cut it on both sides."""
 
-    __slots__ = ("aborted", "long_lived", "upstream")
+    __slots__ = ("aborted", "client_gone", "long_lived", "upstream")
 
     def __init__(self, upstream: aiohttp.ClientResponse, long_lived: bool = False) -> None:
         self.upstream = upstream
         self.long_lived = long_lived  # a GET stream, not the answer to a call
         self.aborted = False
+        self.client_gone = False  # set when the client went away mid-stream
 
     def abort(self) -> None:
         # Closing the upstream response drops its connection, so the server sees the
@@ -135,21 +137,11 @@ async def relay_stream(
     await response.prepare(request)
     if on_prepared is not None:
         on_prepared()
-    splitter = EventSplitter() if inspect else None
     client_gone = False
     try:
-        async for chunk in upstream.content.iter_any():
-            if splitter is None:
-                await response.write(chunk)
-                continue
-            for event in splitter.feed(chunk):
-                await response.write(event.raw)
-                if on_event is not None and event.inspectable:
-                    on_event(event)
-        if splitter is not None and (tail := splitter.flush()):
-            await response.write(tail)
+        await _pump(upstream, response, on_event if inspect else None, inspect)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        client_gone = True
+        client_gone = relay.client_gone = True
     except (TimeoutError, aiohttp.ClientError) as exc:
         if not relay.aborted:
             log.debug("upstream stream ended abnormally: %r", exc)
@@ -159,3 +151,25 @@ async def relay_stream(
         with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
             await response.write_eof()
     return response
+
+
+async def _pump(
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    on_event: EventHook | None,
+    by_event: bool,
+) -> None:
+    """Copy the body: raw chunks, or (SSE) whole events, each shown to `on_event` first."""
+    if not by_event:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        return
+    splitter = EventSplitter()
+    async for chunk in upstream.content.iter_any():
+        for event in splitter.feed(chunk):
+            data = event.raw
+            if on_event is not None and event.inspectable:
+                data = await on_event(event)
+            await response.write(data)
+    if tail := splitter.flush():
+        await response.write(tail)

@@ -113,7 +113,10 @@ class SessionManager:
             return Resolution(Outcome.EXPIRED)
         if self.limits.bind_to == "identity" and session.client != identity:
             return Resolution(Outcome.BINDING)
-        reason = session.expiry_reason(self.policy, self.clock())
+        now = self.clock()
+        if session.pending_calls:
+            session.forget_stale_calls(now, self.policy)
+        reason = session.expiry_reason(self.policy, now)
         if reason is not None:
             await self.close(session, reason)
             self.stuck.record(_label(session), session_id, self.clock())
@@ -286,6 +289,7 @@ class SessionManager:
         now = self.clock()
         by_reason: dict[CloseReason, list[Session]] = {}
         for session in list(self.live.values()):
+            session.forget_stale_calls(now, self.policy)
             reason = session.expiry_reason(self.policy, now)
             if reason is not None:
                 by_reason.setdefault(reason, []).append(session)
@@ -339,6 +343,9 @@ class SessionManager:
                 tombstone_session.client,
                 _label(tombstone_session),
             )
+        # Read before closing anything below: those closes schedule their own DELETEs, and
+        # reading after would schedule each of them a second time.
+        owed = await self.store.pending_closes()
         restored = await self.store.load(State.LIVE)
         for session in restored:
             self.live[session.id] = session
@@ -346,7 +353,7 @@ class SessionManager:
         legacy = [s for s in restored if s.transport is Transport.SSE]
         await self.close_many(legacy, CloseReason.RESTART)
         expired = await self.sweep()
-        for pending in await self.store.pending_closes():
+        for pending in owed:
             self.closer.schedule(pending, {})
         log.info(
             "restored %d live sessions (%d expired while stopped, %d legacy closed), %d tombstones",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,12 +21,14 @@ from . import jsonrpc
 from .clients import client_identity
 from .errors import UpstreamError, UpstreamTimeoutError
 from .forwarding import (
+    EventHook,
     StreamRelay,
     is_event_stream,
     relay_buffered,
     relay_stream,
     upstream_request_headers,
 )
+from .gone import GonePatterns
 from .log import Throttled
 from .manager import LimitReachedError, Outcome, SessionManager
 from .metrics import Metrics
@@ -52,7 +54,10 @@ class ProxyOptions:
     unknown: Literal["reject", "forward"] = "reject"
 
 
-class _Rejected(Exception):
+Dispatch = Callable[[web.Request, bytes, "RequestTimer"], Awaitable[web.StreamResponse]]
+
+
+class Rejected(Exception):
     """Raised inside a handler to answer the client directly."""
 
     def __init__(
@@ -62,7 +67,7 @@ class _Rejected(Exception):
         self.status, self.reason, self.body, self.headers = status, reason, body, headers or {}
 
 
-class _Timer:
+class RequestTimer:
     """The sidecar's own time on a request: wall time minus time spent waiting upstream."""
 
     __slots__ = ("_since", "start", "waiting")
@@ -84,25 +89,35 @@ class _Timer:
 
 class Proxy:
     def __init__(
-        self, manager: SessionManager, upstream: Upstream, metrics: Metrics, options: ProxyOptions
+        self,
+        manager: SessionManager,
+        upstream: Upstream,
+        metrics: Metrics,
+        options: ProxyOptions,
+        gone: GonePatterns | None = None,
     ) -> None:
         self.manager = manager
         self.upstream = upstream
         self.metrics = metrics
         self.options = options
+        self.gone = gone or GonePatterns()
         self._rejections = Throttled(log)
 
     # ---- entry points ----------------------------------------------------------------------
     async def handle_mcp(self, request: web.Request) -> web.StreamResponse:
-        timer = _Timer()
+        return await self._handle(request, self._dispatch)
+
+    async def _handle(self, request: web.Request, dispatch: Dispatch) -> web.StreamResponse:
+        """Checks, dispatch, and the one place rejections and upstream failures are answered."""
+        timer = RequestTimer()
         body = b""
         try:
             self._check_origin(request)
             if request.method == "POST":
                 body = await self._read_body(request)
-            response = await self._dispatch(request, body, timer)
+            response = await dispatch(request, body, timer)
             outcome = "forwarded"
-        except _Rejected as rejection:
+        except Rejected as rejection:
             response = await self._reject(request, rejection)
             outcome = "rejected"
         except UpstreamError as exc:
@@ -114,20 +129,20 @@ class Proxy:
 
     async def handle_passthrough(self, request: web.Request) -> web.StreamResponse:
         """Paths other than the MCP endpoint (OAuth metadata, health pages) go through as-is."""
-        timer = _Timer()
+        timer = RequestTimer()
         try:
             self._check_origin(request)
             body = await self._read_body(request) if request.can_read_body else None
             upstream = await self._forward(request, body, timer)
             return await relay_stream(request, upstream, StreamRelay(upstream), None)
-        except _Rejected as rejection:
+        except Rejected as rejection:
             return await self._reject(request, rejection)
         except UpstreamError as exc:
             return await self._upstream_failed(request, b"", exc)
 
     # ---- dispatch ------------------------------------------------------------------------
     async def _dispatch(
-        self, request: web.Request, body: bytes, timer: _Timer
+        self, request: web.Request, body: bytes, timer: RequestTimer
     ) -> web.StreamResponse:
         session_id = request.headers.get(SESSION_HEADER)
         batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
@@ -137,7 +152,7 @@ class Proxy:
                 return await self._initialize(request, body, initialize, timer)
             return await self._sessionless(request, body, timer)
         if not valid_session_id(session_id):
-            raise _Rejected(
+            raise Rejected(
                 400,
                 "bad_session_id",
                 jsonrpc.error_body(
@@ -152,9 +167,7 @@ class Proxy:
         if session is None:
             if resolution.outcome is Outcome.UNKNOWN and self.options.unknown == "forward":
                 return await self._adopt(request, body, session_id, identity, timer)
-            raise _Rejected(
-                404, resolution.outcome.value, jsonrpc.session_not_found(batch.first_id)
-            )
+            raise Rejected(404, resolution.outcome.value, jsonrpc.session_not_found(batch.first_id))
         self._note_client_headers(request, session)
         if request.method == "DELETE":
             return await self._client_delete(request, session, timer)
@@ -168,7 +181,7 @@ class Proxy:
         body: bytes,
         batch: jsonrpc.Batch,
         session: Session,
-        timer: _Timer,
+        timer: RequestTimer,
     ) -> web.StreamResponse:
         policy = self.manager.policy
         shows_use = batch.valid and session.shows_use(batch, policy)
@@ -187,13 +200,13 @@ class Proxy:
             if shows_use:
                 self.manager.touch(session)
             self.manager.count_request(session)
-            return await self._relay(request, upstream, session, timer)
+            return await self._relay(request, upstream, session, timer, request_body=body)
         finally:
             if is_call:
                 self.manager.end_call(session)
 
     async def _open_stream(
-        self, request: web.Request, session: Session, timer: _Timer
+        self, request: web.Request, session: Session, timer: RequestTimer
     ) -> web.StreamResponse:
         """A GET stream: relayed, but never activity (unless open_stream_keeps_alive)."""
         upstream = await self._forward(request, None, timer)
@@ -206,7 +219,7 @@ class Proxy:
                 self.manager.touch(session)
 
     async def _client_delete(
-        self, request: web.Request, session: Session, timer: _Timer
+        self, request: web.Request, session: Session, timer: RequestTimer
     ) -> web.StreamResponse:
         """Whatever the upstream says, the session is closed and the client gets a 2xx."""
         answered = False
@@ -228,13 +241,13 @@ class Proxy:
         return web.Response(status=status)
 
     async def _initialize(
-        self, request: web.Request, body: bytes, initialize: jsonrpc.Message, timer: _Timer
+        self, request: web.Request, body: bytes, initialize: jsonrpc.Message, timer: RequestTimer
     ) -> web.StreamResponse:
         identity = self._identity(request)
         try:
             await self.manager.admit(identity)
         except LimitReachedError as exc:
-            raise _Rejected(
+            raise Rejected(
                 503,
                 "limit",
                 jsonrpc.error_body(
@@ -281,7 +294,7 @@ class Proxy:
         )
 
     async def _adopt(
-        self, request: web.Request, body: bytes, session_id: str, identity: str, timer: _Timer
+        self, request: web.Request, body: bytes, session_id: str, identity: str, timer: RequestTimer
     ) -> web.StreamResponse:
         """`sessions.unknown = "forward"`: let the upstream judge an id we never saw."""
         upstream = await self._forward(request, body, timer)
@@ -299,7 +312,7 @@ class Proxy:
         return await self._relay(request, upstream, session, timer)
 
     async def _sessionless(
-        self, request: web.Request, body: bytes, timer: _Timer
+        self, request: web.Request, body: bytes, timer: RequestTimer
     ) -> web.StreamResponse:
         """No session id and no initialize: a stateless server's or a sessionless client's."""
         version = request.headers.get(PROTOCOL_HEADER, "")
@@ -310,7 +323,7 @@ class Proxy:
 
     # ---- upstream exchange -----------------------------------------------------------------
     async def _forward(
-        self, request: web.Request, body: bytes | None, timer: _Timer
+        self, request: web.Request, body: bytes | None, timer: RequestTimer
     ) -> aiohttp.ClientResponse:
         headers = upstream_request_headers(request, self.upstream.authority)
         timer.upstream_begins()
@@ -326,8 +339,10 @@ class Proxy:
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         session: Session | None,
-        timer: _Timer,
+        timer: RequestTimer,
+        *,
         long_lived: bool = False,
+        request_body: bytes = b"",
     ) -> web.StreamResponse:
         if session is not None and upstream.status == 404 and session.live:
             # The upstream lost the session (restart, its own reaper): stop tracking it.
@@ -341,6 +356,8 @@ class Proxy:
                 raise UpstreamError(f"upstream answer broke off: {exc}") from exc
             finally:
                 timer.upstream_answered()
+            if session is not None and self.gone.matches(upstream.status, body):
+                await self._session_gone(session, upstream.status, request_body)
             return await relay_buffered(request, upstream, body)
         relay = StreamRelay(upstream, long_lived)
         if session is not None:
@@ -350,25 +367,46 @@ class Proxy:
                 request,
                 upstream,
                 relay,
-                None if session is None else _ping_watcher(session),
+                None if session is None else self._event_watcher(session),
                 on_prepared=timer.upstream_begins,
             )  # streaming time is the upstream's
         finally:
             if session is not None:
                 session.relays.discard(relay)
 
+    def _event_watcher(self, session: Session) -> EventHook:
+        watch = ping_watcher(session)
+
+        async def hook(event: Event) -> bytes:
+            watch(event)
+            return event.raw
+
+        return hook
+
+    async def _session_gone(self, session: Session, status: int, request_body: bytes) -> None:
+        """A non-compliant "session not found": close it and answer the spec's 404."""
+        if session.live:
+            log.info(
+                "upstream answered %d meaning session %s is gone; answering 404",
+                status,
+                session.short_id,
+            )
+            await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
+        batch = jsonrpc.parse(request_body) if request_body else jsonrpc.INVALID
+        raise Rejected(404, "expired", jsonrpc.session_not_found(batch.first_id))
+
     # ---- checks and answers ----------------------------------------------------------------
     def _check_origin(self, request: web.Request) -> None:
         origin = request.headers.get("Origin")
         allowed = self.options.allowed_origins
         if allowed and origin is not None and origin not in allowed:
-            raise _Rejected(
+            raise Rejected(
                 403, "origin", jsonrpc.error_body(jsonrpc.SERVER_ERROR, "Origin not allowed")
             )
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.options.max_body_bytes
-        too_large = _Rejected(
+        too_large = Rejected(
             413,
             "too_large",
             jsonrpc.error_body(jsonrpc.INVALID_REQUEST, f"Request body larger than {limit} bytes"),
@@ -396,7 +434,7 @@ class Proxy:
         if credentials:
             session.credentials = credentials
 
-    async def _reject(self, request: web.Request, rejection: _Rejected) -> web.Response:
+    async def _reject(self, request: web.Request, rejection: Rejected) -> web.Response:
         self.metrics.rejected.labels(rejection.reason).inc()
         session_id = request.headers.get(SESSION_HEADER)
         self._rejections.info(
@@ -435,7 +473,7 @@ def _credentials(request: web.Request) -> dict[str, str]:
     return {name: request.headers[name] for name in CREDENTIAL_HEADERS if name in request.headers}
 
 
-def _ping_watcher(session: Session) -> Callable[[Event], None]:
+def ping_watcher(session: Session) -> Callable[[Event], None]:
     """Remember server-initiated pings so the client's answers do not count (SPEC 2.3)."""
 
     def watch(event: Event) -> None:

@@ -58,6 +58,9 @@ class Policy:
     max_lifetime: float = 0.0  # 0 = off
     open_stream_keeps_alive: bool = False
     ignore_methods: frozenset[str] = frozenset()
+    # A legacy-transport call whose answer never arrives on the stream stops keeping its
+    # session alive after this long (upstream.read_timeout).
+    call_timeout: float = 300.0
 
 
 @dataclass(eq=False, slots=True)
@@ -83,6 +86,8 @@ class Session:
     open_streams: int = 0
     relays: set[Relay] = field(default_factory=set, repr=False)
     server_pings: OrderedDict[RequestId, None] = field(default_factory=OrderedDict, repr=False)
+    # Legacy transport: calls answered on the SSE stream, not on their POST (id -> start).
+    pending_calls: dict[RequestId, float] = field(default_factory=dict, repr=False)
 
     @property
     def live(self) -> bool:
@@ -123,6 +128,24 @@ class Session:
         self.server_pings[request_id] = None
         while len(self.server_pings) > MAX_REMEMBERED_PINGS:
             self.server_pings.popitem(last=False)
+
+    def call_started(self, request_id: RequestId, now: float) -> None:
+        """Legacy transport: a call is in flight until its answer shows up on the stream."""
+        if request_id not in self.pending_calls:
+            self.pending_calls[request_id] = now
+            self.in_flight += 1
+
+    def call_answered(self, request_id: RequestId) -> bool:
+        if self.pending_calls.pop(request_id, None) is None:
+            return False
+        self.in_flight = max(0, self.in_flight - 1)
+        return True
+
+    def forget_stale_calls(self, now: float, policy: Policy) -> None:
+        """A call the upstream never answered must not keep the session alive forever."""
+        for request_id, started in list(self.pending_calls.items()):
+            if now - started > policy.call_timeout:
+                self.call_answered(request_id)
 
     def shows_use(self, batch: Batch, policy: Policy) -> bool:
         """SPEC 2.3: does this client POST move last activity?

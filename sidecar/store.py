@@ -97,11 +97,13 @@ class Store:
         self._prepare_directory()
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=NORMAL")
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._check_integrity()
             await self._migrate()
+            # WAL only once the file is known to be ours: switching rewrites its header, and
+            # a refused file (corrupt, newer schema) must be left exactly as it was.
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.DatabaseError as exc:
             await self.close()
             raise StoreCorruptError(

@@ -1,0 +1,221 @@
+"""The legacy HTTP+SSE transport (MCP 2024-11-05) under the same lifecycle (SPEC 2.2).
+
+A legacy session *is* its SSE stream: the upstream names the session in the stream's first
+`endpoint` event (a message URL with `sessionId` or `session_id` in the query), answers the
+client's POSTs on that stream, and frees the session when the stream closes. So:
+
+* the sidecar creates the session when it sees the `endpoint` event (committed before the
+  event is relayed), and rewrites the URL to a relative one on the sidecar, so the client
+  posts through us. SDK clients resolve it against the SSE URL they connected to, and the
+  Python SDK insists on the same origin, which a relative URL always is;
+* POSTs on the message path get Streamable HTTP's rules: 404 for expired, closed and unknown
+  ids (answered here: some servers never answer an unknown id), binding, activity;
+* a call is in flight from its POST until its answer appears on the stream;
+* closing the session aborts the stream on both sides, which is what frees it upstream;
+* if the client or the upstream ends the stream, the session is over and is closed here too.
+  On shutdown the stream ends but the session stays recorded, and the next start closes it
+  with reason `restart` (its stream cannot be recovered).
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from . import jsonrpc
+from .forwarding import EventHook, StreamRelay, is_event_stream, relay_stream
+from .manager import LimitReachedError, Outcome
+from .proxy import LIMIT_RETRY_AFTER, Proxy, Rejected, RequestTimer, ping_watcher
+from .sessions import CloseReason, Session, Transport, short, valid_session_id
+from .sse import Event
+
+log = logging.getLogger("sidecar.legacy")
+
+SESSION_PARAMS = ("sessionId", "session_id")
+
+
+def session_id_in(query: str) -> str | None:
+    """The session id in a message URL's query, whichever spelling the server uses."""
+    params = parse_qs(query, keep_blank_values=True)
+    for name in SESSION_PARAMS:
+        if params.get(name):
+            return params[name][0]
+    return None
+
+
+def relative_endpoint(data: str, prefix: str) -> tuple[str, str] | None:
+    """(session id, URL for the client) from an `endpoint` event's data, or None."""
+    url = urlsplit(data.strip())
+    session_id = session_id_in(url.query)
+    if session_id is None or not url.path:
+        return None
+    path = url.path if url.path.startswith("/") else "/" + url.path
+    return session_id, f"{prefix.rstrip('/')}{path}?{url.query}"
+
+
+class LegacyProxy(Proxy):
+    """Adds the legacy SSE stream and message endpoints to the Streamable HTTP proxy."""
+
+    async def handle_sse(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._open_legacy_stream)
+
+    async def handle_message(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._legacy_post)
+
+    # ---- the stream ------------------------------------------------------------------------
+    async def _open_legacy_stream(
+        self, request: web.Request, body: bytes, timer: RequestTimer
+    ) -> web.StreamResponse:
+        upstream = await self._forward(request, body or None, timer)
+        if request.method != "GET" or upstream.status != 200 or not is_event_stream(upstream):
+            return await self._relay(request, upstream, None, timer)
+        identity = self._identity(request)
+        try:
+            await self.manager.admit(identity)
+        except LimitReachedError as exc:
+            upstream.close()  # dropping the stream frees the session the upstream just made
+            raise Rejected(
+                503,
+                "limit",
+                jsonrpc.error_body(jsonrpc.SERVER_ERROR, f"Too many sessions ({exc.scope})"),
+                {"Retry-After": LIMIT_RETRY_AFTER},
+            ) from exc
+        stream = _LegacyStream(self, request, upstream, identity)
+        try:
+            response = await relay_stream(request, upstream, stream.relay, stream.on_event)
+        finally:
+            stream.release()
+        await stream.finish()
+        return response
+
+    # ---- messages --------------------------------------------------------------------------
+    async def _legacy_post(
+        self, request: web.Request, body: bytes, timer: RequestTimer
+    ) -> web.StreamResponse:
+        batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
+        session_id = session_id_in(request.query_string)
+        if session_id is None:
+            upstream = await self._forward(request, body or None, timer)
+            return await self._relay(request, upstream, None, timer)
+        if not valid_session_id(session_id):
+            raise Rejected(
+                400,
+                "bad_session_id",
+                jsonrpc.error_body(
+                    jsonrpc.INVALID_REQUEST, "Invalid session id in the message URL", batch.first_id
+                ),
+            )
+        resolution = await self.manager.resolve(session_id, self._identity(request))
+        session = resolution.session
+        if session is None or session.transport is not Transport.SSE:
+            reason = resolution.outcome.value if session is None else Outcome.UNKNOWN.value
+            raise Rejected(404, reason, jsonrpc.session_not_found(batch.first_id))
+        return await self._forward_message(request, body, batch, session, timer)
+
+    async def _forward_message(
+        self,
+        request: web.Request,
+        body: bytes,
+        batch: jsonrpc.Batch,
+        session: Session,
+        timer: RequestTimer,
+    ) -> web.StreamResponse:
+        self._note_client_headers(request, session)
+        _note_client_info(session, batch)
+        shows_use = batch.valid and session.shows_use(batch, self.manager.policy)
+        upstream = await self._forward(request, body, timer)
+        if shows_use:
+            self.manager.touch(session)
+            now = self.manager.clock()
+            for message in batch.requests:
+                if message.method not in self.manager.policy.ignore_methods:
+                    assert message.id is not None
+                    session.call_started(message.id, now)
+        self.manager.count_request(session)
+        return await self._relay(request, upstream, session, timer, request_body=body)
+
+
+class _LegacyStream:
+    """One relayed legacy SSE stream and the session it carries."""
+
+    def __init__(
+        self, proxy: LegacyProxy, request: web.Request, upstream: aiohttp.ClientResponse, who: str
+    ) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.identity = who
+        self.relay = StreamRelay(upstream, long_lived=True)
+        self.session: Session | None = None
+        self._admitted = True
+        self._watch: EventHook | None = None
+
+    def release(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.proxy.manager.release()
+
+    async def on_event(self, event: Event) -> bytes:
+        if self.session is None and event.event == "endpoint":
+            return await self._endpoint(event)
+        session = self.session
+        if session is not None:
+            ping_watcher(session)(event)
+            self._calls_answered(session, event)
+        return event.raw
+
+    async def _endpoint(self, event: Event) -> bytes:
+        prefix = self.request.headers.get("X-Forwarded-Prefix", "")
+        parsed = relative_endpoint(event.data, prefix)
+        if parsed is None or not valid_session_id(parsed[0]):
+            log.warning("legacy endpoint event without a usable session id; not tracked")
+            return event.raw
+        session_id, client_url = parsed
+        upstream_url = urlsplit(event.data.strip())
+        self.session = await self.proxy.manager.create(
+            session_id,
+            Transport.SSE,
+            self.identity,
+            protocol_version=None,
+            user_agent=self.request.headers.get("User-Agent", "")[:200],
+            upstream_endpoint=f"{upstream_url.path}?{upstream_url.query}",
+        )
+        self.release()
+        self.session.relays.add(self.relay)
+        self.session.open_streams += 1
+        return f"event: endpoint\ndata: {client_url}\n\n".encode()
+
+    def _calls_answered(self, session: Session, event: Event) -> None:
+        if not session.pending_calls:
+            return
+        batch = jsonrpc.parse(event.data.encode())
+        if any(session.call_answered(m.id) for m in batch.responses if m.id is not None):
+            self.proxy.manager.touch(session)  # the end of a call is activity (SPEC 2.3)
+
+    async def finish(self) -> None:
+        """The stream is over: so is its session, unless the sidecar itself is stopping."""
+        session = self.session
+        if session is None:
+            return
+        session.relays.discard(self.relay)
+        session.open_streams -= 1
+        if not session.live or self.relay.aborted:
+            return  # closed by us (expiry, admin), or shutdown: restored as `restart`
+        reason = CloseReason.CLIENT_DELETE if self.relay.client_gone else CloseReason.UPSTREAM_GONE
+        log.debug("legacy stream of %s ended; closing it (%s)", short(session.id), reason.value)
+        await self.proxy.manager.close(session, reason, upstream_done=True)
+
+
+def _note_client_info(session: Session, batch: jsonrpc.Batch) -> None:
+    """The legacy transport's initialize arrives after the session exists: label it then."""
+    initialize = batch.find("initialize")
+    if initialize is None or not isinstance(initialize.params, dict):
+        return
+    info = initialize.params.get("clientInfo")
+    if isinstance(info, dict) and not session.client_info:
+        session.client_info = f"{info.get('name', '')} {info.get('version', '')}".strip()[:200]
+    version = initialize.params.get("protocolVersion")
+    if isinstance(version, str):
+        session.protocol_version = version
