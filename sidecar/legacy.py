@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from . import jsonrpc
+from .errors import UpstreamError
 from .forwarding import EventHook, StreamRelay, is_event_stream, relay_stream
 from .manager import LimitReachedError, Outcome
 from .proxy import LIMIT_RETRY_AFTER, Proxy, Rejected, RequestTimer, ping_watcher
@@ -126,14 +127,23 @@ class LegacyProxy(Proxy):
         self._note_client_headers(request, session)
         _note_client_info(session, batch)
         shows_use = batch.valid and session.shows_use(batch, self.manager.policy)
-        upstream = await self._forward(request, body, timer)
+        ignored = self.manager.policy.ignore_methods
+        calls: list[jsonrpc.RequestId] = []
+        if shows_use:
+            calls = [m.id for m in batch.requests if m.id is not None and m.method not in ignored]
+        now = self.manager.clock()
+        # Started before forwarding: a server may answer on the stream before its 202.
+        for call_id in calls:
+            session.call_started(call_id, now)
+        try:
+            upstream = await self._forward(request, body, timer)
+        except UpstreamError:
+            _calls_dropped(session, calls)
+            raise
+        if not 200 <= upstream.status < 300:
+            _calls_dropped(session, calls)  # refused: no answer will come on the stream
         if shows_use:
             self.manager.touch(session)
-            now = self.manager.clock()
-            for message in batch.requests:
-                if message.method not in self.manager.policy.ignore_methods:
-                    assert message.id is not None
-                    session.call_started(message.id, now)
         self.manager.count_request(session)
         return await self._relay(request, upstream, session, timer, request_body=body)
 
@@ -206,6 +216,11 @@ class _LegacyStream:
         reason = CloseReason.CLIENT_DELETE if self.relay.client_gone else CloseReason.UPSTREAM_GONE
         log.debug("legacy stream of %s ended; closing it (%s)", short(session.id), reason.value)
         await self.proxy.manager.close(session, reason, upstream_done=True)
+
+
+def _calls_dropped(session: Session, calls: list[jsonrpc.RequestId]) -> None:
+    for call_id in calls:
+        session.call_answered(call_id)
 
 
 def _note_client_info(session: Session, batch: jsonrpc.Batch) -> None:

@@ -99,9 +99,13 @@ class Server:
             ) from exc
 
     async def stop(self) -> None:
-        """Admin first (readiness goes 503), then the proxy drains and the store flushes."""
+        """Readiness goes 503, the proxy drains and the store flushes, then the admin API.
+
+        The admin listener stays up while the proxy drains, so probes see 503 (SPEC 3.3)
+        rather than a refused connection, and operators can still watch the drain.
+        """
         self.service.ready = False
-        for runner in reversed(self._runners):
+        for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
         log.info(

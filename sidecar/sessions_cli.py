@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from .clients import client_label
 from .config import Settings, load_settings, parse_host_port, resolve_config_path
 from .errors import AdminClientError
 from .sessions import Policy, State
@@ -77,7 +78,10 @@ def _from_database(args: argparse.Namespace, settings: Settings) -> Any:
     rows = [
         session_view(x, policy, now)
         for x in read_sessions(args.db, State(args.state))
-        if not args.client or args.client in (x.client, x.user_agent, x.client_info)
+        # The admin API's rule (admin._client_matches): the identity, or part of the label.
+        if not args.client
+        or args.client == x.client
+        or args.client.lower() in client_label(x.user_agent, x.client_info).lower()
     ]
     return {"total": len(rows), "sessions": rows[args.offset : args.offset + args.limit]}
 

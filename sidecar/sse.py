@@ -11,6 +11,7 @@ than its buffer (128 KiB), and a tool result inside one `data:` line is routinel
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # An event larger than this is relayed in pieces without being inspected: the sidecar only
@@ -94,11 +95,21 @@ class EventSplitter:
         return rest
 
 
+# Two line endings in a row: the blank line that ends an event. A lone CR is a line ending
+# of its own only when no LF follows it, so "\r\n" always counts once; mixed endings such as
+# "\n\r\n" are recognised too.
+_BLANK_LINE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+
+
 def _event_end(buffer: bytearray) -> int:
-    """Index just past the first blank line (any of the three line endings), or -1."""
-    best = -1
-    for terminator in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-        index = buffer.find(terminator)
-        if index >= 0 and (best < 0 or index + len(terminator) < best):
-            best = index + len(terminator)
-    return best
+    """Index just past the first blank line, or -1."""
+    match = _BLANK_LINE.search(buffer)
+    if match is None:
+        return -1
+    end = match.end()
+    # A CR at the very end after a CRLF or LF line is almost surely the first half of a CRLF
+    # still in flight: wait for it, so CRLF events come out whole. In a CR-only stream
+    # ("\r\r") it is the blank line itself, and waiting could hold the event indefinitely.
+    if end == len(buffer) and buffer.endswith(b"\r") and match.group().startswith((b"\n", b"\r\n")):
+        return -1
+    return end

@@ -13,6 +13,7 @@ Nothing is deleted silently: tombstones are purged only past `tombstone_ttl`, an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -91,6 +92,9 @@ class Store:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self.transactions = 0  # write transactions committed: for metrics and benchmarks
+        # One connection, many writers (requests, flusher, closer attempts): without this, a
+        # second BEGIN lands inside the first transaction and one COMMIT ends the other's.
+        self._write_lock = asyncio.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
@@ -117,8 +121,9 @@ class Store:
 
     async def close(self) -> None:
         if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
+            async with self._write_lock:  # a write already under way (shielded) finishes first
+                db, self._db = self._db, None
+                await db.close()
 
     def _prepare_directory(self) -> None:
         parent = Path(self.path).parent
@@ -166,21 +171,41 @@ class Store:
         return self._db
 
     # ---- writes ------------------------------------------------------------------------
-    async def _write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        """Run statements in one transaction; any failure rolls the whole of it back."""
+    async def _write(
+        self,
+        statements: Iterable[tuple[str, Sequence[Any]]],
+        many: tuple[str, list[Sequence[Any]]] | None = None,
+    ) -> None:
+        """Run statements in one transaction; any failure rolls the whole of it back.
+
+        Shielded: a caller cancelled mid-transaction (shutdown cancels the closer's attempts)
+        must not leave the shared connection inside an open transaction; the write finishes.
+        """
+        task = asyncio.ensure_future(self._transaction(list(statements), many))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never unretrieved
+        await asyncio.shield(task)
+
+    async def _transaction(
+        self,
+        statements: list[tuple[str, Sequence[Any]]],
+        many: tuple[str, list[Sequence[Any]]] | None,
+    ) -> None:
         db = self.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            for sql, params in statements:
-                await db.execute(sql, params)
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            raise StoreError(
-                f"writing to {self.path} failed ({exc}); check disk space and permissions"
-            ) from exc
-        self.transactions += 1
+        async with self._write_lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                for sql, params in statements:
+                    await db.execute(sql, params)
+                if many is not None:
+                    await db.executemany(*many)
+                await db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
+                raise StoreError(
+                    f"writing to {self.path} failed ({exc}); check disk space and permissions"
+                ) from exc
+            self.transactions += 1
 
     async def insert(self, session: Session) -> None:
         await self._write(
@@ -221,13 +246,14 @@ class Store:
         """The write-behind flush: every dirty session in one transaction."""
         if not rows:
             return
+        # One executemany: a statement per row would cost a thread hop per dirty session.
         await self._write(
-            (
+            [],
+            many=(
                 "UPDATE sessions SET last_activity_at=?, requests=?, "
                 "protocol_version=COALESCE(?, protocol_version) WHERE id=? AND state='live'",
-                (r.last_activity_at, r.requests, r.protocol_version, r.session_id),
-            )
-            for r in rows
+                [(r.last_activity_at, r.requests, r.protocol_version, r.session_id) for r in rows],
+            ),
         )
 
     async def save_pending(self, pending: PendingClose, error: str | None = None) -> None:

@@ -22,14 +22,21 @@ from .manager import SessionManager
 log = logging.getLogger("sidecar.sweeper")
 
 PURGE_INTERVAL = 3600.0
+# How often a waiting loop re-reads its interval, so a reload applies within this time.
+RECHECK_INTERVAL = 1.0
 
 
 async def every(
     interval: Callable[[], float], work: Callable[[], Awaitable[object]], what: str
 ) -> None:
     """Run `work` every `interval()` seconds until cancelled; failures are logged, not fatal."""
+    loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(interval())
+        # Sleep in slices, re-reading the interval each time: a reload that shortens it
+        # (30 min -> 1 min) must take effect now, not after the old, long sleep.
+        since = loop.time()
+        while (left := since + interval() - loop.time()) > 0:  # noqa: ASYNC110 - polls a value
+            await asyncio.sleep(min(left, RECHECK_INTERVAL))
         try:
             await work()
         except asyncio.CancelledError:

@@ -70,7 +70,9 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
             auto_decompress=False,
             trace_configs=[trace],
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            # Headers pass as the client sent them: aiohttp would add `Accept: */*`, which
+            # the SDK servers refuse, to a request that carried no Accept.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the client, not to us
         )
 
