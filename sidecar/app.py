@@ -223,7 +223,6 @@ def _add_legacy_routes(app: web.Application, service: Service) -> None:
 async def _service_lifecycle(app: web.Application) -> AsyncIterator[None]:
     service = app[SERVICE]
     await service.start()
-    service.ready = True
     yield
     await service.stop()
 

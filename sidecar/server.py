@@ -40,7 +40,8 @@ class Server:
         self.service = Service(settings)
         self.notifier = Notifier.from_env()
         self._stop = asyncio.Event()
-        self._runners: list[web.AppRunner] = []
+        self._admin: web.AppRunner | None = None
+        self._proxy: web.AppRunner | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -61,22 +62,23 @@ class Server:
                 loop.remove_signal_handler(sig)
 
     async def start(self) -> None:
+        """Admin first, so `/readyz` answers 503 while the store opens and sessions restore."""
         settings = self.settings
-        # The proxy's runner first: its start-up opens the store and restores sessions.
-        proxy = web.AppRunner(
-            build_proxy_app(self.service),
-            handle_signals=False,
-            access_log=None,
-            shutdown_timeout=settings.server.drain_timeout,
-        )
-        await self._listen(proxy, settings.server.listen, "server.listen")
-        admin = web.AppRunner(
+        self._admin = web.AppRunner(
             build_admin_app(self.service),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=1.0,
         )
-        await self._listen(admin, settings.admin.listen, "admin.listen")
+        await self._listen(self._admin, settings.admin.listen, "admin.listen")
+        self._proxy = web.AppRunner(
+            build_proxy_app(self.service),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=settings.server.drain_timeout,
+        )
+        await self._listen(self._proxy, settings.server.listen, "server.listen")
+        self.service.ready = True
         log.info(
             "listening on %s for %s (admin on %s)",
             settings.server.listen,
@@ -87,8 +89,7 @@ class Server:
         self.notifier.ready(f"proxying {settings.upstream.url}")
 
     async def _listen(self, runner: web.AppRunner, address: str, key: str) -> None:
-        await runner.setup()
-        self._runners.append(runner)
+        await runner.setup()  # for the proxy: opens the store and restores sessions
         host, port = parse_host_port(address)
         try:
             await web.TCPSite(runner, host, port, reuse_address=True).start()
@@ -105,9 +106,10 @@ class Server:
         rather than a refused connection, and operators can still watch the drain.
         """
         self.service.ready = False
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
+        for runner in (self._proxy, self._admin):
+            if runner is not None:
+                await runner.cleanup()
+        self._proxy = self._admin = None
         log.info(
             "stopped; %d live sessions kept for the next start", len(self.service.manager.live)
         )
