@@ -6,22 +6,21 @@ boundary where pydantic's errors become a `ConfigError`, with one line per bad k
 `<section>.<key>: <value> is not allowed; <what is allowed>`, because the reader is an operator
 who must fix a file, not a developer reading a traceback. `render_toml()` prints the effective
 configuration back (for `check-config`), and `config.example.toml` mirrors every description.
+
+This module holds the models and the loading; three helpers hold the rest:
+`config_values` (what one value may look like: durations, addresses, URLs),
+`config_problems` (source layering and the operator's one-line problems) and
+`config_render` (the TOML written back, secrets masked). Import from here, not from them.
 """
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
-import json
-import math
 import os
-import re
-import textwrap
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -34,152 +33,67 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sidecar.config_problems import _Layers
+from sidecar.config_render import render_toml
+from sidecar.config_values import (
+    BindTo,
+    Duration,
+    ListenAddress,
+    LogFormat,
+    LogLevel,
+    OnLimit,
+    OptionalDuration,
+    UnknownSessions,
+    UrlPath,
+    _check_headers,
+    _check_http_url,
+    _check_origin,
+    _check_regex,
+    _is_loopback,
+    _lower,
+    format_duration,
+    parse_duration,
+    parse_host_port,
+)
 from sidecar.errors import ConfigError
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "DEFAULT_CONFIG_PATH",
+    "ENV_NESTED_DELIMITER",
+    "ENV_PREFIX",
+    "AdminSettings",
+    "BindTo",
+    "Duration",
+    "ListenAddress",
+    "LogFormat",
+    "LogLevel",
+    "LogSettings",
+    "OnLimit",
+    "OptionalDuration",
+    "ServerSettings",
+    "SessionSettings",
+    "Settings",
+    "StoreSettings",
+    "UnknownSessions",
+    "UpstreamSettings",
+    "UrlPath",
+    "default_config_path",
+    "format_duration",
+    "load_settings",
+    "parse_duration",
+    "parse_host_port",
+    "render_toml",
+    "resolve_config_path",
+]
 
 ENV_PREFIX = "MCP_SIDECAR_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_ENV_VAR = "MCP_SIDECAR_CONFIG"
+# Read at call time by default_config_path(), so tests can point it elsewhere.
 DEFAULT_CONFIG_PATH = Path("/etc/mcp-sidecar/config.toml")
-
-OnLimit = Literal["reject", "evict_idle"]
-UnknownSessions = Literal["reject", "forward"]
-BindTo = Literal["identity", "none"]
-LogLevel = Literal["debug", "info", "warning", "error"]
-LogFormat = Literal["text", "json"]
-
-# --- value types ----------------------------------------------------------------------------
-
-_DURATION_FORMS = 'expected a duration like 90, "90s", "500ms", "30m", "2h", "7d"'
-# The exponent is undocumented; it lets format_duration() write back any float it is given.
-_DURATION_RE = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(ms|s|m|h|d)?")
-_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like "90", "1.5s", "500ms", "30m", "2h", "7d"."""
-    # bool is an int to Python, but `idle_timeout = true` is a mistake, not one second.
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value.strip().lower())):
-        number, unit = match.groups()
-        # Divide for ms rather than multiply by 0.001, so "100ms" is exactly 0.1.
-        seconds = (
-            float(number) / 1000 if unit == "ms" else float(number) * _UNIT_SECONDS[unit or "s"]
-        )
-    else:
-        raise ValueError(_DURATION_FORMS)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(_DURATION_FORMS + " (finite, not negative)")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest string `parse_duration` reads back as exactly `seconds`: "30m", "90s"."""
-    if seconds == 0:
-        return "0"
-    if float(seconds).is_integer():
-        unit = next(u for u, size in _UNIT_SECONDS.items() if seconds % size == 0)
-        return f"{int(seconds) // _UNIT_SECONDS[unit]}{unit}"
-    millis = f"{round(seconds * 1000)}ms"
-    return millis if seconds < 1 and parse_duration(millis) == seconds else f"{seconds!r}s"
-
-
-def _optional_duration(value: object) -> float | None:
-    # The spec writes "unset" as an empty string, since TOML has no null.
-    return None if value is None or value == "" else parse_duration(value)
-
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """Split "host:port" (IPv6 as "[::1]:8080") into host and port; ValueError says the fix."""
-    host, colon, port = value.rpartition(":")
-    if not colon or not host or any(c.isspace() or c == "/" for c in host):
-        raise ValueError('expected "host:port", e.g. "127.0.0.1:8080" or "[::1]:8080"')
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"expected an IPv6 address in the brackets, not {host!r}") from None
-    elif ":" in host:
-        raise ValueError('expected an IPv6 address in brackets, e.g. "[::1]:8080"')
-    # Port 0 asks the OS for a free port, which tests rely on.
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError("expected a port from 0 to 65535 after the colon")
-    return host, int(port)
-
-
-def _check_listen(value: str) -> str:
-    parse_host_port(value)
-    return value
-
-
-def _check_http_url(value: str) -> str:
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is out of range
-    except ValueError as exc:
-        raise ValueError(f"expected an http:// or https:// URL ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            'expected an http:// or https:// URL with a host, e.g. "http://127.0.0.1:8000/mcp"'
-        )
-    return value
-
-
-def _check_origin(value: str) -> str:
-    parts = urlsplit(value)
-    if not parts.scheme or not parts.hostname or parts.path or parts.query or parts.fragment:
-        raise ValueError(
-            'expected an origin: scheme and host, no path, e.g. "https://app.example.com"'
-        )
-    # Browsers send the scheme and host in lower case; a capital letter would never match.
-    return value.lower()
-
-
-def _check_path(value: str) -> str:
-    if not value.startswith("/"):
-        raise ValueError('expected a path starting with "/"')
-    return value
-
-
-def _check_regex(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"expected a Python regular expression ({exc})") from None
-    return value
-
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-def _check_headers(value: dict[str, str]) -> dict[str, str]:
-    for name, text in value.items():
-        if not _HEADER_NAME.fullmatch(name):
-            raise ValueError(f"expected HTTP header names; {name!r} is not one")
-        if "\r" in text or "\n" in text:
-            raise ValueError(f"expected header values on one line; {name!r} has a line break")
-    return value
-
-
-def _lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-OptionalDuration = Annotated[float | None, BeforeValidator(_optional_duration)]
-ListenAddress = Annotated[str, AfterValidator(_check_listen)]
-UrlPath = Annotated[str, AfterValidator(_check_path)]
 
 # --- the settings model ---------------------------------------------------------------------
 
@@ -439,17 +353,13 @@ def load_settings(
     `overrides` (nested like the file; None values are skipped, so unset CLI flags can be
     passed as they are). Raises ConfigError listing every problem at once.
     """
-    layers = _Layers()
+    layers = _Layers(Settings, env_prefix=ENV_PREFIX, env_delimiter=ENV_NESTED_DELIMITER)
     if path is not None:
         layers.add_tree(_read_toml(Path(path)), source="")
     layers.add_environment(os.environ if environ is None else environ)
     if overrides:
         layers.add_tree(overrides, source=" (from the command line)")
-    for name in [name for name in layers.data if name not in Settings.model_fields]:
-        # Checked here rather than by pydantic: BaseSettings would take a top-level
-        # `_secrets_dir` or `_cli_parse_args` in the file as an option for itself.
-        layers.problems.append(f"{name}: {_unknown_key((name,))}{layers.sources[(name,)]}")
-        del layers.data[name]
+    layers.reject_unknown_sections()
     token = _layered_load.set(True)
     try:
         settings = Settings(**layers.data)
@@ -478,208 +388,3 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         # The message carries "(at line L, column C)", which is what the operator needs.
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
-
-
-class _Layers:
-    """The raw values merged so far, and for each key which layer set it last."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-        self.sources: dict[tuple[str, ...], str] = {}
-        self.problems: list[str] = []
-
-    def set(self, section: str, key: str | None, value: Any, source: str) -> None:
-        if key is None:
-            self.data[section] = value
-        elif isinstance(table := self.data.setdefault(section, {}), dict):
-            table[key] = value
-        # else: the section itself is not a table, which validation reports.
-        self.sources.setdefault((section,), source)
-        self.sources[(section,) if key is None else (section, key)] = source
-
-    def add_tree(self, tree: Mapping[str, Any], source: str) -> None:
-        for section, value in tree.items():
-            if isinstance(value, Mapping):
-                for key, item in value.items():
-                    if item is not None:
-                        self.set(section, key, item, source)
-            elif value is not None:
-                self.set(section, None, value, source)
-
-    def add_environment(self, environ: Mapping[str, str]) -> None:
-        for name, text in environ.items():
-            upper = name.upper()
-            if not upper.startswith(ENV_PREFIX) or ENV_NESTED_DELIMITER not in upper:
-                continue  # e.g. MCP_SIDECAR_CONFIG, which is not a setting
-            section, key = upper[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER, 1)
-            source = f" (from {name})"
-            try:
-                value = _from_env(section, key, text)
-            except ValueError as exc:
-                self.problems.append(f"{section}.{key}: {text!r} is not allowed; {exc}{source}")
-                continue
-            self.set(section, key, value, source)
-
-    def describe(self, error: Mapping[str, Any]) -> str:
-        """One line for one pydantic error: key path, the value as written, what is allowed."""
-        loc: tuple[str | int, ...] = tuple(error["loc"])
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-        source = self.sources.get(tuple(map(str, loc[:2])), self.sources.get((str(loc[0]),), ""))
-        if error["type"] == "extra_forbidden":
-            return f"{where}: {_unknown_key(loc)}{source}"
-        value = _lookup(self.data, loc, default=error.get("input"))
-        return f"{where}: {value!r} is not allowed; {_expected(error, loc)}{source}"
-
-
-def _from_env(section: str, key: str, text: str) -> Any:
-    # Lists and tables cannot be spelt as one string otherwise; pydantic-settings agrees.
-    field = _field_at((section, key))
-    if field is None or get_origin(field.annotation) not in (list, dict):
-        return text
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        example = '["a", "b"]' if get_origin(field.annotation) is list else '{"Name": "value"}'
-        raise ValueError(f"expected JSON, e.g. {example}") from None
-
-
-def _lookup(data: Any, loc: tuple[str | int, ...], default: Any) -> Any:
-    for part in loc:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return default
-    return data
-
-
-def _field_at(loc: tuple[str | int, ...]) -> FieldInfo | None:
-    model: Any = Settings
-    field = None
-    for part in loc[:2]:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        model = field.annotation
-    return field
-
-
-def _unknown_key(loc: tuple[str | int, ...]) -> str:
-    if len(loc) == 1:
-        allowed, kind = list(Settings.model_fields), "section"
-    else:
-        parent = _field_at(loc[:1])
-        allowed = list(parent.annotation.model_fields) if parent and parent.annotation else []
-        kind = "key"
-    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown {kind}; {hint}allowed {kind}s: {', '.join(allowed)}"
-
-
-_TYPE_NAMES = {
-    "int": "a whole number",
-    "float": "a number",
-    "bool": "true or false",
-    "string": "a string",
-    "list": "a list, e.g. []",
-    "dict": "a table, e.g. {}",
-    "model": "a table",
-    "model_attributes": "a table",
-    "string_too_short": "a non-empty string",
-}
-
-
-def _expected(error: Mapping[str, Any], loc: tuple[str | int, ...]) -> str:
-    kind: str = error["type"]
-    ctx: Mapping[str, Any] = error.get("ctx") or {}
-    field = _field_at(loc) if len(loc) == 2 else None
-    if kind == "literal_error" and field is not None:
-        return "expected one of " + ", ".join(map(repr, get_args(field.annotation)))
-    if "error" in ctx:  # our own validators' ValueErrors already say what is allowed
-        return str(ctx["error"])
-    if kind in ("greater_than", "greater_than_equal"):
-        bound = f"greater than {ctx['gt']:g}" if "gt" in ctx else f"of {ctx['ge']:g} or more"
-        return f"expected {_noun(field)} {bound}"
-    # int_type, int_parsing, int_from_float, bool_parsing, model_type ...: a wrong type.
-    base = kind.removesuffix("_type").removesuffix("_parsing").removesuffix("_from_float")
-    if base in _TYPE_NAMES:
-        return f"expected {_TYPE_NAMES[base]}"
-    return str(error["msg"]).lower()
-
-
-def _noun(field: FieldInfo | None) -> str:
-    if field is not None and _is_duration(field):
-        return "a duration"
-    return "a whole number" if field is not None and field.annotation is int else "a number"
-
-
-def _is_duration(field: FieldInfo) -> bool:
-    return any(
-        isinstance(m, BeforeValidator) and m.func in (parse_duration, _optional_duration)
-        for m in field.metadata
-    )
-
-
-# --- rendering ------------------------------------------------------------------------------
-
-_MASK = "***"
-# Header names that carry credentials; their values are masked like admin.token.
-_SECRET_HEADER = re.compile(r"auth|cookie|token|secret|key|password", re.IGNORECASE)
-
-
-def render_toml(settings: Settings, *, comments: bool = False) -> str:
-    """`settings` as a TOML file that loads back to equal settings, except that the admin
-    token and credential-bearing upstream headers read "***". With `comments`, each key is
-    preceded by its description, as in config.example.toml.
-    """
-    return "\n".join(_toml_lines(settings, comments)) + "\n"
-
-
-def _toml_lines(settings: Settings, comments: bool) -> Iterator[str]:
-    for name, section_field in type(settings).model_fields.items():
-        section: BaseModel = getattr(settings, name)
-        yield from _comment(section_field, comments)
-        yield f"[{name}]"
-        for key, field in type(section).model_fields.items():
-            yield from _comment(field, comments)
-            yield f"{key} = {_toml_value(_masked(name, key, getattr(section, key)), field)}"
-            if comments:
-                yield ""
-        if not comments and name != "log":
-            yield ""
-
-
-def _comment(field: FieldInfo, comments: bool) -> Iterator[str]:
-    if comments and field.description:
-        yield from (f"# {line}" for line in textwrap.wrap(field.description, width=96))
-
-
-def _masked(section: str, key: str, value: Any) -> Any:
-    if (section, key) == ("admin", "token") and value:
-        return _MASK
-    if (section, key) == ("upstream", "headers"):
-        return {k: _MASK if _SECRET_HEADER.search(k) else v for k, v in value.items()}
-    return value
-
-
-def _toml_value(value: Any, field: FieldInfo | None = None) -> str:
-    if field is not None and _is_duration(field):
-        return _toml_string("" if value is None else format_duration(value))
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        items = ", ".join(f"{_toml_string(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + items + " }" if items else "{}"
-    raise TypeError(f"no TOML form for {type(value).__name__}")
-
-
-def _toml_string(text: str) -> str:
-    # A JSON string is a TOML basic string, except that TOML also wants DEL escaped.
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
