@@ -436,7 +436,11 @@ class Proxy:
 
     async def _reject(self, request: web.Request, rejection: Rejected) -> web.Response:
         self.metrics.rejected.labels(rejection.reason).inc()
-        session_id = request.headers.get(SESSION_HEADER)
+        # Legacy (2024-11-05) message URLs carry the id in the query, not in a header.
+        query = request.query
+        session_id = (
+            request.headers.get(SESSION_HEADER) or query.get("sessionId") or query.get("session_id")
+        )
         self._rejections.info(
             rejection.reason,
             "rejected %s %s session=%s reason=%s status=%d",

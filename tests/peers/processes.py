@@ -206,8 +206,8 @@ class UpstreamHandle:
 
     @property
     def url(self) -> str:
-        """The MCP endpoint (``…/mcp``); for the legacy transport, the base URL."""
-        return f"{self.base}/mcp" if self.transport == "streamable-http" else self.base
+        """The MCP endpoint (``…/mcp``); for the legacy transport alone, the base URL."""
+        return self.base if self.transport == "sse" else f"{self.base}/mcp"
 
     @property
     def sse_url(self) -> str:
@@ -243,10 +243,14 @@ def start_upstream(
     *,
     stateless: bool = False,
     json_response: bool = False,
+    sse_ping: float | None = None,
     port: int | None = None,
     timeout: float = START_TIMEOUT,
 ) -> UpstreamHandle:
-    """Start the real FastMCP server on a free port and wait until it listens."""
+    """Start the real FastMCP server on a free port and wait until it listens.
+
+    `transport` is "streamable-http", "sse" or "both"; `sse_ping` sets the interval of the
+    ``: ping`` comments on its SSE streams (default 15 s)."""
     workdir = _new_dir(tmp_path, "upstream-")
     port = port or free_port()
     request_log = workdir / "requests.jsonl"
@@ -265,6 +269,8 @@ def start_upstream(
         args.append("--stateless")
     if json_response:
         args.append("--json-response")
+    if sse_ping is not None:
+        args += ["--sse-ping", str(sse_ping)]
     process = ManagedProcess(args, log_path=workdir / "output.log", name=f"upstream:{port}")
     process.start()
     try:

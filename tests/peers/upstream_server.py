@@ -9,6 +9,11 @@ upstream (and what did not) without trusting the sidecar's own account.
 
 FastMCP 1.x reaps sessions itself after 30 idle minutes (and counts an open GET stream as
 activity); that reaper is switched off here so only the sidecar ever expires a session.
+
+``--transport both`` serves Streamable HTTP (``/mcp``) and the legacy transport (``/sse``,
+``/messages/``) from one server, as FastMCP deployments that keep old clients working do.
+``--sse-ping SECONDS`` makes every SSE stream carry a ``: ping`` comment that often (sse-starlette's
+default is 15 s), for tests of "keepalives are not activity".
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.sse import SseServerTransport
 from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
 from mcp.types import JSONRPCMessage
+from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -79,9 +85,10 @@ class SessionCounter:
         self.sse: SseServerTransport | None = None
 
     def live(self) -> int:
-        if self.sse is not None:
-            return len(self.sse._read_stream_writers)
-        return len(self._mcp.session_manager._server_instances)
+        legacy = 0 if self.sse is None else len(self.sse._read_stream_writers)
+        if self.sse is not None and self._mcp._session_manager is None:
+            return legacy  # legacy transport only
+        return legacy + len(self._mcp.session_manager._server_instances)
 
 
 def find_sse_transport(app: Starlette) -> SseServerTransport:
@@ -199,8 +206,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument(
-        "--transport", choices=["streamable-http", "sse"], default="streamable-http"
+        "--transport", choices=["streamable-http", "sse", "both"], default="streamable-http"
     )
+    parser.add_argument("--sse-ping", type=float, help="SSE keepalive comment interval (s)")
     parser.add_argument("--stateless", action="store_true", help="no sessions (stateless_http)")
     parser.add_argument("--json-response", action="store_true", help="JSON instead of SSE bodies")
     parser.add_argument("--log", type=Path, help="append one JSON line per HTTP request here")
@@ -213,11 +221,18 @@ def build_app(args: argparse.Namespace) -> Starlette:
         app = mcp.sse_app()
         counter.sse = find_sse_transport(app)
         return app
-    return mcp.streamable_http_app()
+    app = mcp.streamable_http_app()  # its lifespan runs the Streamable HTTP session manager
+    if args.transport == "both":
+        legacy = mcp.sse_app()
+        counter.sse = find_sse_transport(legacy)
+        app.router.routes.extend(legacy.routes)  # /sse and /messages/ need no lifespan
+    return app
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.sse_ping is not None:
+        EventSourceResponse.DEFAULT_PING_INTERVAL = args.sse_ping
     app: ASGIApp = build_app(args)
     log_file = args.log.open("a", encoding="utf-8") if args.log else None
     if log_file is not None:
