@@ -62,6 +62,7 @@ def options_from(settings: Settings) -> ProxyOptions:
         allowed_origins=frozenset(settings.server.allowed_origins),
         max_body_bytes=settings.server.max_body_bytes,
         unknown=settings.sessions.unknown,
+        messages_path=settings.upstream.messages_path,
     )
 
 

@@ -34,6 +34,18 @@ def client_label(user_agent: str, client_info: str) -> str:
     return user_agent or client_info or "unknown"
 
 
+def initialize_client(params: Any) -> tuple[str, str | None]:
+    """(`clientInfo` as "name version", requested protocol version) from initialize params."""
+    if not isinstance(params, dict):
+        return "", None
+    info = params.get("clientInfo")
+    described = ""
+    if isinstance(info, dict):
+        described = f"{info.get('name', '')} {info.get('version', '')}".strip()[:200]
+    version = params.get("protocolVersion")
+    return described, version if isinstance(version, str) else None
+
+
 @dataclass(slots=True)
 class StuckClient:
     client: str

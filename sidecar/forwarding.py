@@ -11,6 +11,7 @@ and unknown headers included, passes exactly as sent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -142,6 +143,9 @@ async def relay_stream(
         await _pump(upstream, response, on_event if inspect else None, inspect)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         client_gone = relay.client_gone = True
+    except asyncio.CancelledError:
+        relay.client_gone = True  # aiohttp cancels the handler when the client disconnects
+        raise
     except (TimeoutError, aiohttp.ClientError) as exc:
         if not relay.aborted:
             log.debug("upstream stream ended abnormally: %r", exc)

@@ -20,14 +20,16 @@ client's POSTs on that stream, and frees the session when the stream closes. So:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from aiohttp import web
 
 from . import jsonrpc
+from .clients import initialize_client
 from .errors import UpstreamError
-from .forwarding import EventHook, StreamRelay, is_event_stream, relay_stream
+from .forwarding import StreamRelay, is_event_stream, relay_stream
 from .manager import LimitReachedError, Outcome
 from .proxy import LIMIT_RETRY_AFTER, Proxy, Rejected, RequestTimer, ping_watcher
 from .sessions import CloseReason, Session, Transport, short, valid_session_id
@@ -86,11 +88,11 @@ class LegacyProxy(Proxy):
             ) from exc
         stream = _LegacyStream(self, request, upstream, identity)
         try:
-            response = await relay_stream(request, upstream, stream.relay, stream.on_event)
+            return await relay_stream(request, upstream, stream.relay, stream.on_event)
         finally:
+            # Also when the client went away and aiohttp cancelled this handler.
             stream.release()
-        await stream.finish()
-        return response
+            await stream.finish()
 
     # ---- messages --------------------------------------------------------------------------
     async def _legacy_post(
@@ -160,7 +162,7 @@ class _LegacyStream:
         self.relay = StreamRelay(upstream, long_lived=True)
         self.session: Session | None = None
         self._admitted = True
-        self._watch: EventHook | None = None
+        self._watch: Callable[[Event], None] | None = None
 
     def release(self) -> None:
         if self._admitted:
@@ -171,8 +173,8 @@ class _LegacyStream:
         if self.session is None and event.event == "endpoint":
             return await self._endpoint(event)
         session = self.session
-        if session is not None:
-            ping_watcher(session)(event)
+        if session is not None and self._watch is not None:
+            self._watch(event)
             self._calls_answered(session, event)
         return event.raw
 
@@ -184,6 +186,16 @@ class _LegacyStream:
             return event.raw
         session_id, client_url = parsed
         upstream_url = urlsplit(event.data.strip())
+        expected = self.proxy.options.messages_path
+        if upstream_url.path.rstrip("/") != expected.rstrip("/"):
+            # The client will post where the upstream said, a path the sidecar passes through
+            # untracked: the session would look idle while in use and expire.
+            log.warning(
+                "the upstream announced message path %s but upstream.messages_path is %s; "
+                "set upstream.messages_path to match",
+                upstream_url.path,
+                expected,
+            )
         self.session = await self.proxy.manager.create(
             session_id,
             Transport.SSE,
@@ -195,6 +207,7 @@ class _LegacyStream:
         self.release()
         self.session.relays.add(self.relay)
         self.session.open_streams += 1
+        self._watch = ping_watcher(self.session)
         return f"event: endpoint\ndata: {client_url}\n\n".encode()
 
     def _calls_answered(self, session: Session, event: Event) -> None:
@@ -226,11 +239,8 @@ def _calls_dropped(session: Session, calls: list[jsonrpc.RequestId]) -> None:
 def _note_client_info(session: Session, batch: jsonrpc.Batch) -> None:
     """The legacy transport's initialize arrives after the session exists: label it then."""
     initialize = batch.find("initialize")
-    if initialize is None or not isinstance(initialize.params, dict):
+    if initialize is None:
         return
-    info = initialize.params.get("clientInfo")
-    if isinstance(info, dict) and not session.client_info:
-        session.client_info = f"{info.get('name', '')} {info.get('version', '')}".strip()[:200]
-    version = initialize.params.get("protocolVersion")
-    if isinstance(version, str):
-        session.protocol_version = version
+    client_info, version = initialize_client(initialize.params)
+    session.client_info = session.client_info or client_info
+    session.protocol_version = version or session.protocol_version

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+from .aio import uncancellable
 from .clients import StuckClients, client_label
 from .closer import UpstreamCloser
 from .metrics import Metrics
@@ -187,7 +188,11 @@ class SessionManager:
         credentials: dict[str, str] | None = None,
         upstream_endpoint: str | None = None,
     ) -> Session:
-        """Track a session the upstream just created; committed before this returns."""
+        """Track a session the upstream just created; committed before this returns.
+
+        Shielded: if the client disconnects mid-way, the session is still tracked (and will
+        be expired and closed upstream) rather than left in the store but not in memory.
+        """
         now = self.clock()
         session = Session(
             id=session_id,
@@ -203,7 +208,11 @@ class SessionManager:
             credentials=credentials or {},
             upstream_endpoint=upstream_endpoint,
         )
+        return await uncancellable(self._register(session))
+
+    async def _register(self, session: Session) -> Session:
         await self.store.insert(session)
+        session_id, identity = session.id, session.client
         self.tombstones.pop(session_id, None)
         self.live[session_id] = session
         self._per_client[identity] += 1
@@ -211,7 +220,7 @@ class SessionManager:
         log.info(
             "created session %s transport=%s client=%s",
             session.short_id,
-            transport.value,
+            session.transport.value,
             _label(session),
         )
         return session
@@ -234,6 +243,11 @@ class SessionManager:
         closing = [s for s in sessions if s.live]
         for session in closing:
             self._mark_closed(session, reason, now)
+        await uncancellable(self._persist_closes(closing, reason, upstream_done, now))
+
+    async def _persist_closes(
+        self, closing: list[Session], reason: CloseReason, upstream_done: bool, now: float
+    ) -> None:
         for session in closing:
             pending = self._pending_close(session, reason, upstream_done, now)
             await self.store.mark_closed(session, pending)
@@ -317,7 +331,7 @@ class SessionManager:
             return 0
         dirty, self._dirty = self._dirty, set()
         rows = [
-            ActivityRow(s.id, s.last_activity_at, s.requests, s.protocol_version)
+            ActivityRow(s.id, s.last_activity_at, s.requests, s.protocol_version, s.client_info)
             for s in (self.live.get(i) for i in dirty)
             if s is not None
         ]

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from . import jsonrpc
-from .clients import client_identity
+from .clients import client_identity, initialize_client
 from .errors import UpstreamError, UpstreamTimeoutError
 from .forwarding import (
     EventHook,
@@ -52,6 +52,7 @@ class ProxyOptions:
     allowed_origins: frozenset[str] = frozenset()
     max_body_bytes: int = 4 * 1024 * 1024
     unknown: Literal["reject", "forward"] = "reject"
+    messages_path: str = "/messages/"  # legacy transport, to check the endpoint event against
 
 
 Dispatch = Callable[[web.Request, bytes, "RequestTimer"], Awaitable[web.StreamResponse]]
@@ -277,19 +278,14 @@ class Proxy:
         if not valid_session_id(session_id):
             log.warning("upstream issued a malformed session id; passing it through untracked")
             return None
-        params = initialize.params if isinstance(initialize.params, dict) else {}
-        info = params.get("clientInfo")
-        client_info = ""
-        if isinstance(info, dict):
-            client_info = f"{info.get('name', '')} {info.get('version', '')}".strip()
-        version = params.get("protocolVersion")
+        client_info, version = initialize_client(initialize.params)
         return await self.manager.create(
             session_id,
             Transport.STREAMABLE_HTTP,
             identity,
-            protocol_version=version if isinstance(version, str) else None,
+            protocol_version=version,
             user_agent=request.headers.get("User-Agent", "")[:200],
-            client_info=client_info[:200],
+            client_info=client_info,
             credentials=_credentials(request),
         )
 

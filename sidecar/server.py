@@ -75,6 +75,9 @@ class Server:
             build_proxy_app(self.service),
             handle_signals=False,
             access_log=None,
+            # A client that drops a quiet stream must free it upstream now, not at the
+            # upstream's next keepalive (never, for servers that send none).
+            handler_cancellation=True,
             shutdown_timeout=settings.server.drain_timeout,
         )
         await self._listen(self._proxy, settings.server.listen, "server.listen")

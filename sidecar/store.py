@@ -24,6 +24,7 @@ from typing import Any
 
 import aiosqlite
 
+from .aio import uncancellable
 from .errors import StoreCorruptError, StoreError, StoreTooNewError
 from .sessions import CloseReason, Session, State, Transport
 
@@ -83,6 +84,8 @@ class ActivityRow:
     last_activity_at: float
     requests: int
     protocol_version: str | None
+    # Legacy sessions learn their client only from the first POST, after creation.
+    client_info: str = ""
 
 
 class Store:
@@ -181,9 +184,7 @@ class Store:
         Shielded: a caller cancelled mid-transaction (shutdown cancels the closer's attempts)
         must not leave the shared connection inside an open transaction; the write finishes.
         """
-        task = asyncio.ensure_future(self._transaction(list(statements), many))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never unretrieved
-        await asyncio.shield(task)
+        await uncancellable(self._transaction(list(statements), many))
 
     async def _transaction(
         self,
@@ -251,8 +252,18 @@ class Store:
             [],
             many=(
                 "UPDATE sessions SET last_activity_at=?, requests=?, "
-                "protocol_version=COALESCE(?, protocol_version) WHERE id=? AND state='live'",
-                [(r.last_activity_at, r.requests, r.protocol_version, r.session_id) for r in rows],
+                "protocol_version=COALESCE(?, protocol_version), "
+                "client_info=COALESCE(NULLIF(?, ''), client_info) WHERE id=? AND state='live'",
+                [
+                    (
+                        r.last_activity_at,
+                        r.requests,
+                        r.protocol_version,
+                        r.client_info,
+                        r.session_id,
+                    )
+                    for r in rows
+                ],
             ),
         )
 
@@ -305,6 +316,10 @@ class Store:
             "SELECT session_id, protocol_version, attempts, next_attempt_at FROM pending_closes"
         ) as cursor:
             return [PendingClose(r[0], r[1], int(r[2]), float(r[3])) async for r in cursor]
+
+
+def _activity_params(r: ActivityRow) -> tuple[Any, ...]:
+    return (r.last_activity_at, r.requests, r.protocol_version, r.client_info, r.session_id)
 
 
 def _pending_upsert(pending: PendingClose, error: str | None = None) -> tuple[str, Sequence[Any]]:

@@ -626,3 +626,27 @@ async def test_one_sidecar_carries_both_transports_side_by_side(
     assert row_of(sidecar, streamable_id)["close_reason"] == "client_delete"
     assert row_of(sidecar, legacy.session_id)["close_reason"] == "client_delete"
     assert streamable_id in upstream.deletes()
+
+
+async def test_client_dropping_a_quiet_stream_frees_the_session_upstream_at_once(
+    upstream_factory: Callable[..., UpstreamHandle], sidecar_factory: SidecarFactory
+) -> None:
+    """Keepalives only every 60 s: nothing would show the sidecar that the client is gone
+    before then, unless it watches the client connection itself. It must close the session
+    (`client_delete`) and drop the upstream stream, which frees the upstream session, at
+    once."""
+    upstream = upstream_factory("sse", sse_ping=60)
+    sidecar = legacy_sidecar(sidecar_factory, upstream.url, idle=60)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=30.0)) as http:
+        async with raw_legacy(http, sidecar.base) as legacy:
+            session_id = legacy.session_id
+        dropped = time.monotonic()
+        row = await closed_row(sidecar, session_id)
+        assert row["close_reason"] == "client_delete"
+        assert time.monotonic() - dropped < 5
+        async with legacy_session(upstream.sse_url) as direct:
+            # Only the direct session is left: the dropped one is gone upstream too.
+            deadline = time.monotonic() + 5
+            while (count := await live_sessions(direct.session)) != 1:
+                assert time.monotonic() < deadline, f"upstream still holds {count} sessions"
+                await asyncio.sleep(0.2)

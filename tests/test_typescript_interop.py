@@ -307,8 +307,16 @@ async def test_idle_typescript_sse_client_quietly_reconnects_onto_a_new_session(
         assert echo["result"]["content"] == [{"type": "text", "text": "Echo: where am I?"}]
 
         assert row_of(sidecar, old_id)["close_reason"] == "idle_timeout"
-        row = row_of(sidecar, new_id)
-        assert (row["state"], row["transport"]) == ("live", "sse")
+        assert row_of(sidecar, new_id)["transport"] == "sse"
+
+        # The client process has exited, so its stream is gone: the sidecar notices the
+        # dropped connection at once and closes the new session too.
+        def closed_by_client() -> dict[str, Any] | None:
+            row = session_row(sidecar.db_path, new_id)
+            return row if row is not None and row["state"] == "closed" else None
+
+        row = await eventually(closed_by_client, what="the reopened session closed")
+        assert row["close_reason"] == "client_delete"
         async with httpx.AsyncClient(timeout=5) as http:
             shown = (await http.get(f"{sidecar.admin_url}/sessions/{new_id}")).json()
         assert shown["client_label"] == "node"  # no clientInfo: it never saw an initialize
