@@ -88,8 +88,11 @@ class LegacyProxy(Proxy):
             ) from exc
         stream = _LegacyStream(self, request, upstream, identity)
         try:
-            return await relay_stream(request, upstream, stream.relay, stream.on_event)
+            return await relay_stream(
+                request, upstream, stream.relay, stream.on_event, on_prepared=timer.upstream_begins
+            )
         finally:
+            timer.upstream_answered()  # the stream's lifetime is not the sidecar's overhead
             # Also when the client went away and aiohttp cancelled this handler.
             stream.release()
             await stream.finish()

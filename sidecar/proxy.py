@@ -69,20 +69,26 @@ class Rejected(Exception):
 
 
 class RequestTimer:
-    """The sidecar's own time on a request: wall time minus time spent waiting upstream."""
+    """The sidecar's own time on a request: wall time minus time spent on the upstream.
+
+    Upstream time is waiting for its answer and relaying a streamed body (a GET stream may
+    stay open for hours; none of that is the sidecar's overhead).
+    """
 
     __slots__ = ("_since", "start", "waiting")
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.waiting = 0.0
-        self._since = 0.0
+        self._since: float | None = None
 
     def upstream_begins(self) -> None:
         self._since = time.perf_counter()
 
     def upstream_answered(self) -> None:
-        self.waiting += time.perf_counter() - self._since
+        if self._since is not None:
+            self.waiting += time.perf_counter() - self._since
+            self._since = None
 
     def own_time(self) -> float:
         return time.perf_counter() - self.start - self.waiting
@@ -365,8 +371,9 @@ class Proxy:
                 relay,
                 None if session is None else self._event_watcher(session),
                 on_prepared=timer.upstream_begins,
-            )  # streaming time is the upstream's
+            )
         finally:
+            timer.upstream_answered()
             if session is not None:
                 session.relays.discard(relay)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -61,6 +62,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
 )
+
+# The write-behind flush: each JSON element is [last_activity_at, requests, protocol_version,
+# client_info, id]; NULL or empty values keep what the row has.
+_FLUSH_SQL = """
+    UPDATE sessions AS s SET
+        last_activity_at = json_extract(j.value, '$[0]'),
+        requests = json_extract(j.value, '$[1]'),
+        protocol_version = COALESCE(json_extract(j.value, '$[2]'), s.protocol_version),
+        client_info = COALESCE(NULLIF(json_extract(j.value, '$[3]'), ''), s.client_info)
+    FROM json_each(?) AS j
+    WHERE s.id = json_extract(j.value, '$[4]') AND s.state = 'live'
+"""
 
 _COLUMNS = (
     "id, transport, client, user_agent, client_info, protocol_version, created_at, "
@@ -177,19 +190,17 @@ class Store:
     async def _write(
         self,
         statements: Iterable[tuple[str, Sequence[Any]]],
-        many: tuple[str, list[Sequence[Any]]] | None = None,
     ) -> None:
         """Run statements in one transaction; any failure rolls the whole of it back.
 
         Shielded: a caller cancelled mid-transaction (shutdown cancels the closer's attempts)
         must not leave the shared connection inside an open transaction; the write finishes.
         """
-        await uncancellable(self._transaction(list(statements), many))
+        await uncancellable(self._transaction(list(statements)))
 
     async def _transaction(
         self,
         statements: list[tuple[str, Sequence[Any]]],
-        many: tuple[str, list[Sequence[Any]]] | None,
     ) -> None:
         db = self.db
         async with self._write_lock:
@@ -197,8 +208,6 @@ class Store:
                 await db.execute("BEGIN IMMEDIATE")
                 for sql, params in statements:
                     await db.execute(sql, params)
-                if many is not None:
-                    await db.executemany(*many)
                 await db.execute("COMMIT")
             except sqlite3.Error as exc:
                 if db.in_transaction:
@@ -247,25 +256,11 @@ class Store:
         """The write-behind flush: every dirty session in one transaction."""
         if not rows:
             return
-        # One executemany: a statement per row would cost a thread hop per dirty session.
-        await self._write(
-            [],
-            many=(
-                "UPDATE sessions SET last_activity_at=?, requests=?, "
-                "protocol_version=COALESCE(?, protocol_version), "
-                "client_info=COALESCE(NULLIF(?, ''), client_info) WHERE id=? AND state='live'",
-                [
-                    (
-                        r.last_activity_at,
-                        r.requests,
-                        r.protocol_version,
-                        r.client_info,
-                        r.session_id,
-                    )
-                    for r in rows
-                ],
-            ),
-        )
+        # One statement for all rows, the rows passed as one JSON array: executemany runs the
+        # statement row by row, handing the GIL back and forth with the busy event loop each
+        # time (1,000 rows took ~3 s under load; this takes ~3 ms).
+        rows_json = json.dumps([_activity_params(r) for r in rows])
+        await self._write([(_FLUSH_SQL, (rows_json,))])
 
     async def save_pending(self, pending: PendingClose, error: str | None = None) -> None:
         await self._write([_pending_upsert(pending, error)])

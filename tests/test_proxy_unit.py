@@ -703,6 +703,30 @@ async def test_each_request_is_timed_and_counted(make: Make) -> None:
     assert p.sample("mcp_sidecar_requests_total", {"method": "POST", "outcome": "rejected"}) == 1
 
 
+async def test_streaming_time_is_not_counted_as_the_sidecars_own_time(make: Make) -> None:
+    """A stream open for half a second costs the sidecar microseconds, and the histogram
+    must say so: it measures overhead, not how long the upstream kept the stream open."""
+    p = await make()
+    session_id = await p.initialize()
+
+    async def slow_stream(request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(5):
+            await response.write(f"data: {n}\n\n".encode())
+            await asyncio.sleep(0.1)
+        await response.write_eof()
+        return response
+
+    p.fake.respond = slow_stream
+    total = "mcp_sidecar_request_duration_seconds_sum"
+    before = p.sample(total)
+    async with p.client.get("/mcp", headers={"Accept": "text/event-stream", SID: session_id}) as r:
+        assert r.status == 200
+        await r.read()
+    assert p.sample(total) - before < 0.25
+
+
 SIDECAR_SOURCE = Path(sidecar.__file__).parent
 
 
