@@ -64,7 +64,9 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 # The write-behind flush: each JSON element is [last_activity_at, requests, protocol_version,
-# client_info, id]; NULL or empty values keep what the row has.
+# client_info, id]; NULL or empty values keep what the row has. The unary `+` keeps SQLite from
+# using the state index, which would make it scan the JSON array once per live row
+# (1,000 rows: 570 ms); this way it walks the array and looks each id up (2 ms).
 _FLUSH_SQL = """
     UPDATE sessions AS s SET
         last_activity_at = json_extract(j.value, '$[0]'),
@@ -72,7 +74,7 @@ _FLUSH_SQL = """
         protocol_version = COALESCE(json_extract(j.value, '$[2]'), s.protocol_version),
         client_info = COALESCE(NULLIF(json_extract(j.value, '$[3]'), ''), s.client_info)
     FROM json_each(?) AS j
-    WHERE s.id = json_extract(j.value, '$[4]') AND s.state = 'live'
+    WHERE s.id = json_extract(j.value, '$[4]') AND +s.state = 'live'
 """
 
 _COLUMNS = (

@@ -480,3 +480,16 @@ async def test_closing_waits_for_a_write_whose_caller_was_cancelled(db_path: Pat
         await task
     await store.close()
     assert _rows(db_path, "SELECT session_id, attempts FROM pending_closes") == [("owed", 1)]
+
+
+def test_activity_flush_looks_sessions_up_by_id_not_by_scanning_the_batch() -> None:
+    """The flush is one UPDATE ... FROM json_each. If SQLite drove it from the state index it
+    would scan the whole JSON batch once per live session (quadratic: 1,000 dirty sessions
+    took half a second); the plan must walk the batch and look each id up."""
+    from sidecar.store import _FLUSH_SQL, MIGRATIONS
+
+    db = sqlite3.connect(":memory:")
+    db.executescript(MIGRATIONS[0])
+    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + _FLUSH_SQL, ("[]",)))
+    assert plan.startswith("SCAN j"), plan
+    assert "SEARCH s USING INDEX sqlite_autoindex_sessions_1 (id=?)" in plan, plan
