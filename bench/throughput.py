@@ -361,8 +361,8 @@ def report(results: list[Measurement]) -> None:
     print(
         "req/s ratio < 1 means the sidecar costs throughput. 'sidecar CPU': the sidecar "
         "process's user+system CPU per request. 'own': its request_duration_seconds "
-        "histogram, wall time minus time waiting on the upstream (for SSE answers it also "
-        "counts the time the stream was relayed: see bench/README.md). On a 2-core machine "
+        "histogram, wall time minus time spent on the upstream (waiting for its answer and "
+        "relaying a streamed body). On a 2-core machine "
         "the client, the sidecar and the upstream share the CPUs, so the sidecar's CPU is "
         "taken from the other two."
     )

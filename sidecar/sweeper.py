@@ -31,12 +31,15 @@ async def every(
 ) -> None:
     """Run `work` every `interval()` seconds until cancelled; failures are logged, not fatal."""
     loop = asyncio.get_running_loop()
+    since = loop.time()
     while True:
         # Sleep in slices, re-reading the interval each time: a reload that shortens it
         # (30 min -> 1 min) must take effect now, not after the old, long sleep.
-        since = loop.time()
         while (left := since + interval() - loop.time()) > 0:  # noqa: ASYNC110 - polls a value
             await asyncio.sleep(min(left, RECHECK_INTERVAL))
+        # The next period starts now, not when the work ends: a slow flush must not stretch
+        # the flush period (SPEC 2.6 bounds lost activity by flush_interval).
+        since = loop.time()
         try:
             await work()
         except asyncio.CancelledError:
