@@ -18,9 +18,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .app import SERVICE, Service
-from .clients import client_label
 from .sessions import CloseReason, Session, State
-from .views import session_view
+from .views import listing, session_view
 
 log = logging.getLogger("sidecar.admin")
 
@@ -107,11 +106,10 @@ async def list_sessions(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     client = query.get("client", "")
     if state == "live":
-        sessions = sorted(service.manager.live.values(), key=lambda s: s.created_at)
+        sessions = list(service.manager.live.values())
     else:
         sessions = await service.store.load(State.CLOSED)
-        sessions.sort(key=lambda s: s.closed_at or 0.0, reverse=True)
-    matching = [s for s in sessions if _client_matches(s, client)]
+    matching = listing(sessions, client)
     page = matching[offset : offset + limit]
     return web.json_response(
         {
@@ -134,13 +132,6 @@ def _int_param(raw: str | None, default: int, low: int, high: int | None, name: 
     if value < low or (high is not None and value > high):
         raise ValueError(f"{name}={raw!r} is not allowed; use {allowed}")
     return value
-
-
-def _client_matches(session: Session, client: str) -> bool:
-    if not client:
-        return True
-    label = client_label(session.user_agent, session.client_info)
-    return client == session.client or client.lower() in label.lower()
 
 
 async def _find(service: Service, session_id: str) -> Session | None:

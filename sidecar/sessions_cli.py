@@ -15,12 +15,11 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from .clients import client_label
 from .config import Settings, load_settings, parse_host_port, resolve_config_path
 from .errors import AdminClientError
 from .sessions import Policy, State
 from .store import read_sessions
-from .views import details, session_view, table
+from .views import details, listing, session_view, table
 
 HTTP_TIMEOUT = 10.0
 
@@ -75,14 +74,8 @@ def _from_database(args: argparse.Namespace, settings: Settings) -> Any:
         if not found:
             raise AdminClientError(f"no session {args.id!r} in {args.db}")
         return session_view(found[0], policy, now)
-    rows = [
-        session_view(x, policy, now)
-        for x in read_sessions(args.db, State(args.state))
-        # The admin API's rule (admin._client_matches): the identity, or part of the label.
-        if not args.client
-        or args.client == x.client
-        or args.client.lower() in client_label(x.user_agent, x.client_info).lower()
-    ]
+    found = listing(read_sessions(args.db, State(args.state)), args.client)
+    rows = [session_view(x, policy, now) for x in found]
     return {"total": len(rows), "sessions": rows[args.offset : args.offset + args.limit]}
 
 

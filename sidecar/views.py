@@ -6,7 +6,7 @@ Times are ISO 8601 in UTC; `idle_seconds` is a number for sorting and alerting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,20 @@ def session_view(session: Session, policy: Policy, now: float) -> dict[str, Any]
         "close_reason": session.close_reason.value if session.close_reason else None,
         "closed_at": iso(session.closed_at) if session.closed_at is not None else None,
     }
+
+
+def listing(sessions: Iterable[Session], client: str = "") -> list[Session]:
+    """The sessions a listing shows, in its order: live ones oldest first, closed ones most
+    recently closed first. `client` matches an identity exactly or a client label in part."""
+    query = client.lower()
+    chosen = [
+        s
+        for s in sessions
+        if not client
+        or client == s.client
+        or query in client_label(s.user_agent, s.client_info).lower()
+    ]
+    return sorted(chosen, key=lambda s: -(s.closed_at or 0.0) if not s.live else s.created_at)
 
 
 def iso(timestamp: float) -> str:

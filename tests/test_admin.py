@@ -16,11 +16,11 @@ import pytest
 from mcp.shared.exceptions import McpError
 from mcp.types import Implementation
 
+from tests.peers.mcp_clients import eventually
 from tests.peers.ops import (
     Admin,
     Connected,
     assert_session_not_found,
-    eventually,
     mcp_session,
     raw_post,
     text_of,

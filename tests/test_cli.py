@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.ops import Admin, eventually, mcp_session
+from tests.peers.mcp_clients import eventually
+from tests.peers.ops import Admin, mcp_session
 from tests.peers.processes import (
     SidecarFactory,
     SidecarHandle,

@@ -11,7 +11,8 @@ import re
 import pytest
 from mcp.shared.exceptions import McpError
 
-from tests.peers.ops import Admin, assert_session_not_found, eventually, mcp_session, raw_post
+from tests.peers.mcp_clients import eventually
+from tests.peers.ops import Admin, assert_session_not_found, mcp_session, raw_post
 from tests.peers.processes import SidecarFactory, SidecarHandle, UpstreamHandle
 
 

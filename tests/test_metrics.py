@@ -12,11 +12,11 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
 
+from tests.peers.mcp_clients import eventually
 from tests.peers.ops import (
     Admin,
     Scrape,
     assert_session_not_found,
-    eventually,
     http_client,
     mcp_session,
     raw_post,

@@ -7,10 +7,9 @@ the server's session, unknown ids get 404, a foreign Host gets 421, and Last-Eve
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,6 +18,7 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, TextContent
 
+from tests.peers.mcp_clients import eventually
 from tests.peers.processes import UpstreamHandle
 
 ACCEPT = "application/json, text/event-stream"
@@ -43,15 +43,6 @@ def text_of(result: CallToolResult) -> str:
 
 async def live_sessions(session: ClientSession) -> int:
     return int(text_of(await session.call_tool("live_sessions")))
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll `check` until it holds; TimeoutError after 5 s."""
-    async with asyncio.timeout(5):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.05)
 
 
 async def test_streamable_http_session_is_freed_by_client_delete(upstream: UpstreamHandle) -> None:

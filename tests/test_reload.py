@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.peers.ops import Admin, eventually, mcp_session
+from tests.peers.mcp_clients import eventually
+from tests.peers.ops import Admin, mcp_session
 from tests.peers.processes import (
     SidecarFactory,
     SidecarHandle,

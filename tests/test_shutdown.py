@@ -13,7 +13,8 @@ import pytest
 
 from sidecar.config import load_settings
 from sidecar.server import Server
-from tests.peers.ops import Admin, eventually, mcp_session, text_of
+from tests.peers.mcp_clients import eventually
+from tests.peers.ops import Admin, mcp_session, text_of
 from tests.peers.processes import HOST, SidecarFactory, UpstreamHandle, free_ports, port_open
 
 

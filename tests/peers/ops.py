@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -173,16 +171,3 @@ class Scrape:
 
     def has(self, name: str, **labels: str) -> bool:
         return (name, frozenset(labels.items())) in self.samples
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, within: float = 6.0, what: str = "condition"
-) -> float:
-    """Poll `check` until it holds; returns the seconds it took. AssertionError on timeout."""
-    start = time.monotonic()
-    deadline = start + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {within}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
