@@ -108,14 +108,17 @@ class Server:
         The admin listener stays up while the proxy drains, so probes see 503 (SPEC 3.3)
         rather than a refused connection, and operators can still watch the drain.
         """
+        started = self.service.ready
         self.service.ready = False
         for runner in (self._proxy, self._admin):
             if runner is not None:
                 await runner.cleanup()
         self._proxy = self._admin = None
-        log.info(
-            "stopped; %d live sessions kept for the next start", len(self.service.manager.live)
-        )
+        if started:
+            log.info(
+                "stopped; %d live sessions kept for the next start",
+                len(self.service.manager.live),
+            )
 
     def stop_soon(self) -> None:
         self._stop.set()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -372,6 +373,27 @@ def test_serve_with_an_invalid_config_exits_2_without_a_traceback(tmp_path: Path
     assert "sessions.idle_timeout: -5 is not allowed" in result.stderr
     assert "sessions.bind_to" in result.stderr
     assert not (tmp_path / "sessions.db").exists()  # stopped before touching anything
+
+
+@pytest.mark.parametrize("damage", ["garbage", "newer_schema"])
+def test_serve_refuses_a_damaged_or_newer_database_and_leaves_it_untouched(
+    tmp_path: Path, damage: str
+) -> None:
+    db = tmp_path / "sessions.db"
+    if damage == "garbage":
+        db.write_bytes(b"this is not an SQLite file\n" * 200)
+    else:
+        with sqlite3.connect(db) as conn:
+            conn.execute("PRAGMA user_version=99")
+    before = db.read_bytes()
+    result = serve(write(tmp_path, "config.toml", to_toml(base_config(tmp_path))))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    expected = "not a usable SQLite database" if damage == "garbage" else "newer mcp-sidecar"
+    assert expected in result.stderr
+    assert "Nothing was changed" in result.stderr
+    assert "stopped;" not in result.stderr  # it never started, so it claims nothing kept
+    assert db.read_bytes() == before
 
 
 def test_serve_refuses_a_non_loopback_admin_listener_without_a_token(tmp_path: Path) -> None:
