@@ -148,5 +148,7 @@ class UpstreamCloser:
             retry.attempts,
             delay,
         )
-        await self.store.save_pending(retry, error)
+        # Queue first: if recording the attempt fails, the retry still happens in this run
+        # (and the row from the previous attempt still brings it back after a restart).
         self.schedule(retry, {})
+        await self.store.save_pending(retry, error)

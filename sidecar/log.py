@@ -63,6 +63,12 @@ class Throttled:
         self._held: dict[str, int] = {}
 
     def info(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.INFO, key, msg, *args)
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         if now - self._last.get(key, -self._interval) < self._interval:
             self._held[key] = self._held.get(key, 0) + 1
@@ -72,6 +78,6 @@ class Throttled:
         if held:
             msg += " (and %d more like it in the last %gs)"
             args = (*args, held, self._interval)
-        self._logger.info(msg, *args)
+        self._logger.log(level, msg, *args)
         if len(self._last) > 1000:  # keys are a fixed vocabulary; this is only a backstop
             self._last.clear()

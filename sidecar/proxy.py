@@ -108,7 +108,7 @@ class Proxy:
         self.metrics = metrics
         self.options = options
         self.gone = gone or GonePatterns()
-        self._rejections = Throttled(log)
+        self._throttled = Throttled(log)
 
     # ---- entry points ----------------------------------------------------------------------
     async def handle_mcp(self, request: web.Request) -> web.StreamResponse:
@@ -444,7 +444,7 @@ class Proxy:
         session_id = (
             request.headers.get(SESSION_HEADER) or query.get("sessionId") or query.get("session_id")
         )
-        self._rejections.info(
+        self._throttled.info(
             rejection.reason,
             "rejected %s %s session=%s reason=%s status=%d",
             request.method,
@@ -466,7 +466,8 @@ class Proxy:
         self, request: web.Request, body: bytes, exc: UpstreamError
     ) -> web.Response:
         timeout = isinstance(exc, UpstreamTimeoutError)
-        log.warning("%s %s: %s", request.method, request.path, exc)
+        # Throttled: with the upstream down, every client request would otherwise log a line.
+        self._throttled.warning(type(exc).__name__, "%s %s: %s", request.method, request.path, exc)
         batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
         message = "Upstream MCP server timed out" if timeout else "Upstream MCP server unreachable"
         return web.Response(
