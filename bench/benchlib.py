@@ -16,14 +16,16 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import uvloop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -380,6 +382,20 @@ def sidecar_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return head + (" + uncommitted changes in sidecar/" if dirty else "")
+
+
+def run_in_workdir(main: Callable[[Path], Coroutine[Any, Any, None]]) -> int:
+    """Run a benchmark on uvloop in a temporary directory; on failure show the processes'
+    logs from it and return 1."""
+    with tempfile.TemporaryDirectory(prefix="mcp-sidecar-bench-") as tmp:
+        try:
+            uvloop.run(main(Path(tmp)))
+        except (BenchError, OSError, RuntimeError) as exc:
+            print(f"benchmark failed: {exc}", file=sys.stderr)
+            for log in sorted(Path(tmp).rglob("*.log")):
+                print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def print_header(title: str, settings: dict[str, Any]) -> None:

@@ -20,18 +20,15 @@ import asyncio
 import math
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvloop
 from aiohttp import web
 from benchlib import (
     HOST,
     REPO_ROOT,
-    BenchError,
     CpuWitness,
     LoadResult,
     client_session,
@@ -39,6 +36,7 @@ from benchlib import (
     initialize,
     print_header,
     print_table,
+    run_in_workdir,
     run_load,
 )
 
@@ -359,15 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "probe_initialize": args.probe_initialize,
         },
     )
-    with tempfile.TemporaryDirectory(prefix="mcp-sidecar-bench-") as tmp:
-        try:
-            uvloop.run(run(args, Path(tmp)))
-        except (BenchError, OSError, RuntimeError) as exc:
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            for log in sorted(Path(tmp).rglob("*.log")):
-                print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
-            return 1
-    return 0
+    return run_in_workdir(lambda workdir: run(args, workdir))
 
 
 if __name__ == "__main__":

@@ -23,16 +23,13 @@ import asyncio
 import math
 import pstats
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvloop
 from benchlib import (
     HOST,
     REPO_ROOT,
-    BenchError,
     CpuWitness,
     LoadResult,
     client_session,
@@ -43,6 +40,7 @@ from benchlib import (
     print_header,
     print_table,
     process_cpu_seconds,
+    run_in_workdir,
     run_load,
 )
 
@@ -422,15 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_seconds": args.max_seconds,
         },
     )
-    with tempfile.TemporaryDirectory(prefix="mcp-sidecar-bench-") as tmp:
-        try:
-            uvloop.run(run(args, Path(tmp)))
-        except (BenchError, OSError, RuntimeError) as exc:
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            for log in sorted(Path(tmp).rglob("*.log")):
-                print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
-            return 1
-    return 0
+    return run_in_workdir(lambda workdir: run(args, workdir))
 
 
 if __name__ == "__main__":
