@@ -9,7 +9,6 @@ flush, so a graceful stop loses nothing (SPEC 3.4).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +19,7 @@ from . import jsonrpc
 from . import log as sidecar_log
 from .closer import UpstreamCloser
 from .config import Settings
+from .errors import StoreError
 from .gone import GonePatterns
 from .legacy import LegacyProxy
 from .manager import Clock, Limits, SessionManager
@@ -116,8 +116,15 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        with contextlib.suppress(Exception):
+        try:
             await self.manager.flush()
+        except StoreError as exc:
+            log.error(
+                "the final activity flush failed (%s); the last %gs of activity times "
+                "are lost, sessions themselves are not",
+                exc,
+                self.settings.store.flush_interval,
+            )
         await self.upstream.close()
         await self.store.close()
 

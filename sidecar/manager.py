@@ -136,6 +136,10 @@ class SessionManager:
     def begin_call(self, session: Session) -> None:
         session.in_flight += 1
 
+    def abandon_call(self, session: Session) -> None:
+        """A call that never reached the upstream: undone, and not activity."""
+        session.in_flight = max(0, session.in_flight - 1)
+
     def end_call(self, session: Session) -> None:
         """A call finished: it kept the session alive, and its end is activity too."""
         session.in_flight = max(0, session.in_flight - 1)

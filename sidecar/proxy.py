@@ -201,7 +201,7 @@ class Proxy:
             upstream = await self._forward(request, body, timer)
         except UpstreamError:
             if is_call:  # a failed forward changes nothing about the session (SPEC 2.5)
-                session.in_flight = max(0, session.in_flight - 1)
+                self.manager.abandon_call(session)
             raise
         try:
             if shows_use:
