@@ -131,7 +131,10 @@ class Upstream:
                 )
         except TimeoutError as exc:
             raise UpstreamTimeoutError(
-                f"{url} did not answer within {self.read_timeout:g}s (upstream.read_timeout)"
+                # Path only: a legacy message URL's query holds the whole session id, which
+                # must never reach a log line.
+                f"{url.origin()}{url.path} did not answer within {self.read_timeout:g}s "
+                "(upstream.read_timeout)"
             ) from exc
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             raise
