@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
 from .config import Settings, load_settings, resolve_config_path
 from .errors import ConfigError, SidecarError
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Session lifecycle for MCP servers: expire idle sessions, close them "
         "upstream, keep state in SQLite.",
     )
+    parser.add_argument("--version", action="version", version=f"mcp-sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the sidecar in front of an MCP server")

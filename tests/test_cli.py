@@ -415,3 +415,11 @@ def test_serve_rejects_bad_flags_naming_the_key(tmp_path: Path, flags: Sequence[
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "(from the command line)" in result.stderr
+
+
+def test_version_names_the_package_version() -> None:
+    import sidecar
+
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"mcp-sidecar {sidecar.__version__}"
