@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MAX_STUCK_CLIENTS = 1000
+# Distinct closed ids remembered per client, to count sessions; beyond it only requests are
+# counted. Keeps the worst case (1,000 clients) to a few tens of MB.
+MAX_IDS_PER_CLIENT = 1000
 
 
 def client_identity(authorization: str | None, remote: str | None) -> str:
@@ -69,7 +72,7 @@ class StuckClients:
             entry = StuckClient(label, 0, 0, now, now)
             self._session_ids[label] = set()
         ids = self._session_ids[label]
-        if session_id not in ids and len(ids) < 10_000:
+        if session_id not in ids and len(ids) < MAX_IDS_PER_CLIENT:
             ids.add(session_id)
             entry.sessions += 1
         entry.requests += 1
