@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .app import SERVICE, Service
+from .app import SERVICE, Service, errors_middleware
 from .sessions import CloseReason, Session, State
 from .views import listing, session_view
 
@@ -32,7 +32,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def build_admin_app(service: Service) -> web.Application:
-    app = web.Application(middlewares=[_auth_middleware])
+    app = web.Application(middlewares=[errors_middleware, _auth_middleware])
     app[SERVICE] = service
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -162,7 +162,7 @@ async def set_persistent(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("persistent"), bool):
         return _error(400, 'body must be JSON {"persistent": true} or {"persistent": false}')

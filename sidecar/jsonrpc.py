@@ -79,7 +79,8 @@ def parse(body: bytes) -> Batch:
         return INVALID
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: a few MiB of "[[[[..." nests deeper than the parser's stack.
         return INVALID
     return from_json(data)
 

@@ -182,3 +182,8 @@ def test_error_codes_are_the_documented_ones() -> None:
     assert jsonrpc.SESSION_NOT_FOUND == -32001
     assert jsonrpc.SERVER_ERROR == -32000
     assert jsonrpc.INVALID_REQUEST == -32600
+
+
+def test_deeply_nested_json_is_malformed_not_a_crash() -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    assert jsonrpc.parse(body) is jsonrpc.INVALID
