@@ -30,8 +30,9 @@ from . import jsonrpc
 from .clients import initialize_client
 from .errors import UpstreamError
 from .forwarding import StreamRelay, is_event_stream, relay_stream
+from .intake import Rejected, RequestTimer, request_identity
 from .manager import LimitReachedError, Outcome
-from .proxy import LIMIT_RETRY_AFTER, Proxy, Rejected, RequestTimer, ping_watcher
+from .proxy import LIMIT_RETRY_AFTER, Proxy, ping_watcher
 from .sessions import CloseReason, Session, Transport, short, valid_session_id
 from .sse import Event
 
@@ -75,7 +76,7 @@ class LegacyProxy(Proxy):
         upstream = await self._forward(request, body or None, timer)
         if request.method != "GET" or upstream.status != 200 or not is_event_stream(upstream):
             return await self._relay(request, upstream, None, timer)
-        identity = self._identity(request)
+        identity = request_identity(request)
         try:
             await self.manager.admit(identity)
         except LimitReachedError as exc:
@@ -114,7 +115,7 @@ class LegacyProxy(Proxy):
                     jsonrpc.INVALID_REQUEST, "Invalid session id in the message URL", batch.first_id
                 ),
             )
-        resolution = await self.manager.resolve(session_id, self._identity(request))
+        resolution = await self.manager.resolve(session_id, request_identity(request))
         session = resolution.session
         if session is None or session.transport is not Transport.SSE:
             reason = resolution.outcome.value if session is None else Outcome.UNKNOWN.value

@@ -9,7 +9,6 @@ forwarded, and each one leaves a status, a JSON body, a metric and a (throttled)
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -18,8 +17,8 @@ import aiohttp
 from aiohttp import web
 
 from . import jsonrpc
-from .clients import client_identity, initialize_client
-from .errors import UpstreamError, UpstreamTimeoutError
+from .clients import initialize_client
+from .errors import UpstreamError
 from .forwarding import (
     EventHook,
     StreamRelay,
@@ -29,6 +28,15 @@ from .forwarding import (
     upstream_request_headers,
 )
 from .gone import GonePatterns
+from .intake import (
+    Rejected,
+    RequestTimer,
+    check_origin,
+    credentials,
+    read_body,
+    request_identity,
+    upstream_failure,
+)
 from .log import Throttled
 from .manager import LimitReachedError, Outcome, SessionManager
 from .metrics import Metrics
@@ -38,11 +46,9 @@ from .upstream import PROTOCOL_HEADER, SESSION_HEADER, Upstream
 
 log = logging.getLogger("sidecar.proxy")
 
-CREDENTIAL_HEADERS = ("Authorization", "Cookie")
 # The first protocol revision without sessions; its traffic is passed through untracked.
 SESSIONLESS_SINCE = "2026-07-28"
 LIMIT_RETRY_AFTER = "30"
-JSON = "application/json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,43 +61,7 @@ class ProxyOptions:
     messages_path: str = "/messages/"  # legacy transport, to check the endpoint event against
 
 
-Dispatch = Callable[[web.Request, bytes, "RequestTimer"], Awaitable[web.StreamResponse]]
-
-
-class Rejected(Exception):
-    """Raised inside a handler to answer the client directly."""
-
-    def __init__(
-        self, status: int, reason: str, body: bytes, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.status, self.reason, self.body, self.headers = status, reason, body, headers or {}
-
-
-class RequestTimer:
-    """The sidecar's own time on a request: wall time minus time spent on the upstream.
-
-    Upstream time is waiting for its answer and relaying a streamed body (a GET stream may
-    stay open for hours; none of that is the sidecar's overhead).
-    """
-
-    __slots__ = ("_since", "start", "waiting")
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.waiting = 0.0
-        self._since: float | None = None
-
-    def upstream_begins(self) -> None:
-        self._since = time.perf_counter()
-
-    def upstream_answered(self) -> None:
-        if self._since is not None:
-            self.waiting += time.perf_counter() - self._since
-            self._since = None
-
-    def own_time(self) -> float:
-        return time.perf_counter() - self.start - self.waiting
+Dispatch = Callable[[web.Request, bytes, RequestTimer], Awaitable[web.StreamResponse]]
 
 
 class Proxy:
@@ -119,9 +89,9 @@ class Proxy:
         timer = RequestTimer()
         body = b""
         try:
-            self._check_origin(request)
+            check_origin(request, self.options.allowed_origins)
             if request.method == "POST":
-                body = await self._read_body(request)
+                body = await read_body(request, self.options.max_body_bytes)
             response = await dispatch(request, body, timer)
             outcome = "forwarded"
         except Rejected as rejection:
@@ -138,8 +108,12 @@ class Proxy:
         """Paths other than the MCP endpoint (OAuth metadata, health pages) go through as-is."""
         timer = RequestTimer()
         try:
-            self._check_origin(request)
-            body = await self._read_body(request) if request.can_read_body else None
+            check_origin(request, self.options.allowed_origins)
+            body = (
+                await read_body(request, self.options.max_body_bytes)
+                if request.can_read_body
+                else None
+            )
             upstream = await self._forward(request, body, timer)
             return await relay_stream(request, upstream, StreamRelay(upstream), None)
         except Rejected as rejection:
@@ -168,7 +142,7 @@ class Proxy:
                     batch.first_id,
                 ),
             )
-        identity = self._identity(request)
+        identity = request_identity(request)
         resolution = await self.manager.resolve(session_id, identity)
         session = resolution.session
         if session is None:
@@ -250,7 +224,7 @@ class Proxy:
     async def _initialize(
         self, request: web.Request, body: bytes, initialize: jsonrpc.Message, timer: RequestTimer
     ) -> web.StreamResponse:
-        identity = self._identity(request)
+        identity = request_identity(request)
         try:
             await self.manager.admit(identity)
         except LimitReachedError as exc:
@@ -292,7 +266,7 @@ class Proxy:
             protocol_version=version,
             user_agent=request.headers.get("User-Agent", "")[:200],
             client_info=client_info,
-            credentials=_credentials(request),
+            credentials=credentials(request),
         )
 
     async def _adopt(
@@ -308,7 +282,7 @@ class Proxy:
                 identity,
                 protocol_version=request.headers.get(PROTOCOL_HEADER),
                 user_agent=request.headers.get("User-Agent", "")[:200],
-                credentials=_credentials(request),
+                credentials=credentials(request),
             )
             log.info("adopted session %s already live upstream", short(session_id))
         return await self._relay(request, upstream, session, timer)
@@ -399,43 +373,14 @@ class Proxy:
         raise Rejected(404, "expired", jsonrpc.session_not_found(batch.first_id))
 
     # ---- checks and answers ----------------------------------------------------------------
-    def _check_origin(self, request: web.Request) -> None:
-        origin = request.headers.get("Origin")
-        allowed = self.options.allowed_origins
-        if allowed and origin is not None and origin not in allowed:
-            raise Rejected(
-                403, "origin", jsonrpc.error_body(jsonrpc.SERVER_ERROR, "Origin not allowed")
-            )
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.options.max_body_bytes
-        too_large = Rejected(
-            413,
-            "too_large",
-            jsonrpc.error_body(jsonrpc.INVALID_REQUEST, f"Request body larger than {limit} bytes"),
-        )
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def _identity(self, request: web.Request) -> str:
-        return client_identity(request.headers.get("Authorization"), request.remote)
-
     def _note_client_headers(self, request: web.Request, session: Session) -> None:
         """Remember what a later upstream DELETE must carry (SPEC 2.4)."""
         version = request.headers.get(PROTOCOL_HEADER)
         if version and version != session.protocol_version:
             session.protocol_version = version
-        credentials = _credentials(request)
-        if credentials:
-            session.credentials = credentials
+        used = credentials(request)
+        if used:
+            session.credentials = used
 
     async def _reject(self, request: web.Request, rejection: Rejected) -> web.Response:
         self.metrics.rejected.labels(rejection.reason).inc()
@@ -455,30 +400,14 @@ class Proxy:
         )
         if request.can_read_body:
             await request.release()  # drain, so the connection stays usable for the client
-        return web.Response(
-            status=rejection.status,
-            body=rejection.body,
-            content_type=JSON,
-            headers=rejection.headers,
-        )
+        return rejection.response()
 
     async def _upstream_failed(
         self, request: web.Request, body: bytes, exc: UpstreamError
     ) -> web.Response:
-        timeout = isinstance(exc, UpstreamTimeoutError)
         # Throttled: with the upstream down, every client request would otherwise log a line.
         self._throttled.warning(type(exc).__name__, "%s %s: %s", request.method, request.path, exc)
-        batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
-        message = "Upstream MCP server timed out" if timeout else "Upstream MCP server unreachable"
-        return web.Response(
-            status=504 if timeout else 502,
-            content_type=JSON,
-            body=jsonrpc.error_body(jsonrpc.SERVER_ERROR, message, batch.first_id),
-        )
-
-
-def _credentials(request: web.Request) -> dict[str, str]:
-    return {name: request.headers[name] for name in CREDENTIAL_HEADERS if name in request.headers}
+        return upstream_failure(exc, body)
 
 
 def ping_watcher(session: Session) -> Callable[[Event], None]:
