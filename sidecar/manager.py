@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -33,6 +33,10 @@ from .sessions import (
 from .store import ActivityRow, PendingClose, Store
 
 log = logging.getLogger("sidecar.sessions")
+
+# Closed ids kept in memory to answer 404 and name stuck clients (~300 bytes each, so about
+# 60 MB at the cap); older ones live on in the store until tombstone_ttl.
+MAX_TOMBSTONES_IN_MEMORY = 200_000
 
 Clock = Callable[[], float]
 
@@ -89,7 +93,8 @@ class SessionManager:
         self.tombstone_ttl = tombstone_ttl
         self.clock = clock
         self.live: dict[str, Session] = {}
-        self.tombstones: dict[str, Tombstone] = {}
+        # Oldest first (insertion order is closing order), so expiry and the cap pop the front.
+        self.tombstones: OrderedDict[str, Tombstone] = OrderedDict()
         self.stuck = StuckClients()
         self._per_client: Counter[str] = Counter()
         self._reserved = 0  # initializes admitted but not yet answered (limit accounting)
@@ -275,9 +280,7 @@ class SessionManager:
         self._per_client[session.client] -= 1
         if self._per_client[session.client] <= 0:
             del self._per_client[session.client]
-        self.tombstones[session.id] = Tombstone(
-            session.id, reason, now, session.client, _label(session)
-        )
+        self._remember(Tombstone(session.id, reason, now, session.client, _label(session)))
         for relay in list(session.relays):
             relay.abort()
         session.relays.clear()
@@ -316,10 +319,25 @@ class SessionManager:
         self._forget_old_tombstones(now)
         return sum(len(s) for s in by_reason.values())
 
+    def _remember(self, tombstone: Tombstone) -> None:
+        """Keep a closed id answering 404, within a memory bound.
+
+        Past MAX_TOMBSTONES_IN_MEMORY the oldest are forgotten here (they stay in the store
+        until tombstone_ttl): a forgotten id resolves as unknown, which gets the same 404
+        under `unknown = "reject"`, and is judged by the upstream under "forward".
+        """
+        self.tombstones.pop(tombstone.id, None)
+        self.tombstones[tombstone.id] = tombstone
+        while len(self.tombstones) > MAX_TOMBSTONES_IN_MEMORY:
+            self.tombstones.popitem(last=False)
+
     def _forget_old_tombstones(self, now: float) -> None:
         horizon = now - self.tombstone_ttl
-        for session_id in [k for k, t in self.tombstones.items() if t.closed_at < horizon]:
-            del self.tombstones[session_id]
+        while self.tombstones:
+            oldest = next(iter(self.tombstones.values()))
+            if oldest.closed_at >= horizon:
+                break
+            self.tombstones.popitem(last=False)
 
     async def purge_tombstones(self) -> int:
         count = await self.store.purge_tombstones(self.clock() - self.tombstone_ttl)
@@ -351,15 +369,18 @@ class SessionManager:
     async def restore(self) -> None:
         """Pick up where the last run left off (SPEC 2.6)."""
         now = self.clock()
-        for tombstone_session in await self.store.load(State.CLOSED, now - self.tombstone_ttl):
+        closed = await self.store.load(State.CLOSED, now - self.tombstone_ttl)
+        for tombstone_session in sorted(closed, key=lambda s: s.closed_at or 0.0):
             assert tombstone_session.close_reason is not None
             assert tombstone_session.closed_at is not None
-            self.tombstones[tombstone_session.id] = Tombstone(
-                tombstone_session.id,
-                tombstone_session.close_reason,
-                tombstone_session.closed_at,
-                tombstone_session.client,
-                _label(tombstone_session),
+            self._remember(
+                Tombstone(
+                    tombstone_session.id,
+                    tombstone_session.close_reason,
+                    tombstone_session.closed_at,
+                    tombstone_session.client,
+                    _label(tombstone_session),
+                )
             )
         # Read before closing anything below: those closes schedule their own DELETEs, and
         # reading after would schedule each of them a second time.

@@ -252,6 +252,21 @@ async def test_recreating_a_tombstoned_id_makes_it_live_again(make: Factory) -> 
     assert (await h.manager.resolve("s1", ALICE)).outcome is Outcome.LIVE
 
 
+async def test_tombstones_in_memory_are_capped_oldest_first_and_stay_in_the_store(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sidecar.manager.MAX_TOMBSTONES_IN_MEMORY", 3)
+    h = await make()
+    for n in range(5):
+        h.clock.now = T0 + n
+        await h.manager.close(await h.create(f"s{n}"), CloseReason.ADMIN)
+    assert list(h.manager.tombstones) == ["s2", "s3", "s4"]
+    # A forgotten id is answered as unknown: the same 404 under unknown = "reject".
+    assert (await h.manager.resolve("s0", ALICE)).outcome is Outcome.UNKNOWN
+    assert (await h.manager.resolve("s4", ALICE)).outcome is Outcome.EXPIRED
+    assert h.row("s0")["state"] == "closed"
+
+
 # ---- closing -------------------------------------------------------------------------------------
 
 
