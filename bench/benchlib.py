@@ -32,6 +32,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 HOST = "127.0.0.1"
+
+from tests.peers.processes import ManagedProcess, free_ports  # noqa: E402 - needs sys.path
+
 SESSION_HEADER = "Mcp-Session-Id"
 PROTOCOL_HEADER = "MCP-Protocol-Version"
 MODE_HEADER = "X-Bench-Response"  # fast_upstream.py: json or sse answers for this session
@@ -382,6 +385,24 @@ def sidecar_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return head + (" + uncommitted changes in sidecar/" if dirty else "")
+
+
+def start_upstream(kind: str, workdir: Path) -> tuple[ManagedProcess, str]:
+    """The FastMCP test server (`kind == "fastmcp"`) or `fast_upstream.py`; (process, URL)."""
+    (port,) = free_ports(1)
+    if kind == "fastmcp":
+        # No --log: the test suite's JSONL request log would add a file write per request.
+        args = [sys.executable, "-m", "tests.peers.upstream_server", "--port", str(port)]
+    else:
+        args = [sys.executable, str(REPO_ROOT / "bench" / "fast_upstream.py"), "--port", str(port)]
+    process = ManagedProcess(args, log_path=workdir / f"upstream-{kind}.log", name=kind)
+    process.start()
+    try:
+        process.wait_port(HOST, port)
+    except BaseException:
+        process.stop()
+        raise
+    return process, f"http://{HOST}:{port}/mcp"
 
 
 def run_in_workdir(main: Callable[[Path], Coroutine[Any, Any, None]]) -> int:

@@ -28,7 +28,6 @@ from pathlib import Path
 from aiohttp import web
 from benchlib import (
     HOST,
-    REPO_ROOT,
     CpuWitness,
     LoadResult,
     client_session,
@@ -38,11 +37,12 @@ from benchlib import (
     print_table,
     run_in_workdir,
     run_load,
+    start_upstream,
 )
 
 from sidecar.app import Service, build_proxy_app
 from sidecar.config import load_settings
-from tests.peers.processes import ManagedProcess, free_ports
+from tests.peers.processes import free_ports
 
 FLUSH_METRIC = "mcp_sidecar_store_flush_duration_seconds"
 
@@ -97,19 +97,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(args.requests, args.concurrency, args.sessions) < 1:
         parser.error("--requests, --concurrency and --sessions must be >= 1")
     return args
-
-
-def start_fast_upstream(workdir: Path) -> tuple[ManagedProcess, str]:
-    (port,) = free_ports(1)
-    args = [sys.executable, str(REPO_ROOT / "bench" / "fast_upstream.py"), "--port", str(port)]
-    process = ManagedProcess(args, log_path=workdir / "upstream-fast.log", name="fast-upstream")
-    process.start()
-    try:
-        process.wait_port(HOST, port)
-    except BaseException:
-        process.stop()
-        raise
-    return process, f"http://{HOST}:{port}/mcp"
 
 
 def file_size(path: Path) -> int:
@@ -330,7 +317,7 @@ def report(outcomes: list[Outcome]) -> None:
 
 async def run(args: argparse.Namespace, workdir: Path) -> None:
     witness = CpuWitness()
-    upstream, url = start_fast_upstream(workdir)
+    upstream, url = start_upstream("fast", workdir)
     witness.watch(upstream.pid)
     try:
         outcomes = []

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from benchlib import (
     HOST,
-    REPO_ROOT,
     CpuWitness,
     LoadResult,
     client_session,
@@ -42,6 +41,7 @@ from benchlib import (
     process_cpu_seconds,
     run_in_workdir,
     run_load,
+    start_upstream,
 )
 
 from tests.peers.processes import (
@@ -128,23 +128,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # ---- processes -------------------------------------------------------------------------------
-
-
-def start_upstream(kind: str, workdir: Path) -> tuple[ManagedProcess, str]:
-    (port,) = free_ports(1)
-    if kind == "fastmcp":
-        # No --log: the test suite's JSONL request log would add a file write per request.
-        args = [sys.executable, "-m", "tests.peers.upstream_server", "--port", str(port)]
-    else:
-        args = [sys.executable, str(REPO_ROOT / "bench" / "fast_upstream.py"), "--port", str(port)]
-    process = ManagedProcess(args, log_path=workdir / f"upstream-{kind}.log", name=kind)
-    process.start()
-    try:
-        process.wait_port(HOST, port)
-    except BaseException:
-        process.stop()
-        raise
-    return process, f"http://{HOST}:{port}/mcp"
 
 
 def start_proxy(kind: str, upstream_url: str, workdir: Path, profile: Path | None) -> SidecarHandle:
