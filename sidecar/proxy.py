@@ -177,6 +177,12 @@ class Proxy:
             if is_call:  # a failed forward changes nothing about the session (SPEC 2.5)
                 self.manager.abandon_call(session)
             raise
+        except BaseException:
+            # The client went away (aiohttp cancels the handler) before the upstream's
+            # headers came: the call counts until then, never longer (SPEC 2.5).
+            if is_call:
+                self.manager.end_call(session)
+            raise
         try:
             if shows_use:
                 self.manager.touch(session)
@@ -209,7 +215,8 @@ class Proxy:
             upstream = await self._forward(request, None, timer)
             async with upstream:
                 await upstream.read()
-            answered = True
+            # A 5xx did not close it: the closer retries (SPEC 2.4); 404/405 are final.
+            answered = upstream.status < 500
             status = upstream.status if 200 <= upstream.status < 300 else 200
         except UpstreamError as exc:
             log.warning(

@@ -639,7 +639,56 @@ async def test_client_delete_closes_the_session_whatever_the_upstream_answers(
     assert status == 404
 
 
+@pytest.mark.parametrize("upstream_status", [500, 502, 503])
+async def test_client_delete_the_upstream_failed_is_retried_by_the_closer(
+    make: Make, upstream_status: int
+) -> None:
+    """SPEC 2.4: a 5xx did not close the session upstream, so a DELETE stays owed."""
+    p = await make()
+    session_id = await p.initialize()
+    p.fake.respond = _status(upstream_status)
+    async with p.client.delete("/mcp", headers={SID: session_id}) as response:
+        assert 200 <= response.status < 300
+    assert p.rows("SELECT state, close_reason FROM sessions") == [("closed", "client_delete")]
+    from tests.peers.mcp_clients import eventually
+
+    # The client's DELETE, then the closer's own.
+    await eventually(lambda: len(p.fake.forwarded("DELETE")) >= 2, within=5, interval=0.005)
+    assert all(d.headers[SID] == session_id for d in p.fake.forwarded("DELETE"))
+    await eventually(lambda: p.rows("SELECT session_id FROM pending_closes"), within=5)
+    assert p.rows("SELECT session_id FROM pending_closes") == [(session_id,)]
+
+
 # ---- upstream failures ---------------------------------------------------------------------------
+
+
+async def test_call_dropped_before_the_upstreams_headers_is_no_longer_in_flight(
+    make: Make,
+) -> None:
+    """SPEC 2.5: a call counts until the upstream answers or the client goes, whichever is
+    first; an upstream that sends its headers only at the end must not pin the session."""
+    from tests.peers.mcp_clients import eventually
+
+    p = await make()
+    session_id = await p.initialize()
+    session = p.service.manager.live[session_id]
+    fake = p.fake
+    arrived = asyncio.Event()
+
+    async def hang(request: web.Request, body: bytes) -> web.StreamResponse:
+        arrived.set()
+        await fake.gate.wait()
+        return web.Response()
+
+    fake.respond = hang
+    call = asyncio.ensure_future(p.post(session_id, _rpc("tools/call", 7)))
+    await arrived.wait()
+    assert session.in_flight == 1
+    call.cancel()  # the client gives up: its connection closes
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await eventually(lambda: session.in_flight == 0, within=5, interval=0.005)
+    fake.gate.set()
 
 
 async def test_upstream_slower_than_read_timeout_gets_504_and_changes_nothing(make: Make) -> None:
