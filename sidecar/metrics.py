@@ -31,7 +31,16 @@ OVERHEAD_BUCKETS = (
 )
 WORK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
-REJECT_REASONS = ("expired", "unknown", "binding", "limit", "origin", "too_large", "bad_session_id")
+REJECT_REASONS = (
+    "expired",
+    "unknown",
+    "binding",
+    "limit",
+    "origin",
+    "too_large",
+    "bad_session_id",
+    "ambiguous_session",
+)
 
 
 class Metrics:

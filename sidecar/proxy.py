@@ -27,6 +27,7 @@ from .forwarding import (
     relay_stream,
     upstream_request_headers,
 )
+from .gate import Route, check_one_session, route_of
 from .gone import GonePatterns
 from .intake import (
     Rejected,
@@ -59,6 +60,8 @@ class ProxyOptions:
     max_body_bytes: int = 4 * 1024 * 1024
     unknown: Literal["reject", "forward"] = "reject"
     messages_path: str = "/messages/"  # legacy transport, to check the endpoint event against
+    mcp_path: str = "/mcp"  # the gate routes every spelling of these to their handler
+    sse_path: str = "/sse"
 
 
 Dispatch = Callable[[web.Request, bytes, RequestTimer], Awaitable[web.StreamResponse]]
@@ -89,6 +92,7 @@ class Proxy:
         timer = RequestTimer()
         body = b""
         try:
+            check_one_session(request)
             check_origin(request, self.options.allowed_origins)
             if request.method == "POST":
                 body = await read_body(request, self.options.max_body_bytes)
@@ -105,9 +109,19 @@ class Proxy:
         return response
 
     async def handle_passthrough(self, request: web.Request) -> web.StreamResponse:
-        """Paths other than the MCP endpoint (OAuth metadata, health pages) go through as-is."""
+        """Paths other than the MCP endpoint (OAuth metadata, health pages) go through as-is.
+
+        Unless the upstream could take the path for one of its endpoints, or the request
+        names a session: then it gets that endpoint's (or the MCP endpoint's) rules.
+        """
+        options = self.options
+        route = route_of(request.path, options.mcp_path, options.sse_path, options.messages_path)
+        dispatch = self._dispatch_for(route, request)
+        if dispatch is not None:
+            return await self._handle(request, dispatch)
         timer = RequestTimer()
         try:
+            check_one_session(request)
             check_origin(request, self.options.allowed_origins)
             body = (
                 await read_body(request, self.options.max_body_bytes)
@@ -122,6 +136,12 @@ class Proxy:
             return await self._upstream_failed(request, b"", exc)
 
     # ---- dispatch ------------------------------------------------------------------------
+    def _dispatch_for(self, route: Route | None, request: web.Request) -> Dispatch | None:
+        """The session-checking handler for a path the exact routes missed, if it needs one."""
+        if route is Route.MCP or SESSION_HEADER in request.headers:
+            return self._dispatch
+        return None
+
     async def _dispatch(
         self, request: web.Request, body: bytes, timer: RequestTimer
     ) -> web.StreamResponse:
