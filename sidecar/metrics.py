@@ -98,6 +98,13 @@ class Metrics:
             "Requests passed through untracked (stateless upstream or sessionless protocol).",
             registry=r,
         )
+        self.untracked_sessions = Counter(
+            PREFIX + "untracked_sessions",
+            "Sessions the upstream created for a request the sidecar did not read as an "
+            "initialize, by result (tracked, closed); nonzero means the parser missed one.",
+            ["result"],
+            registry=r,
+        )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)  # export zeros so alerts can use rate() at once
 
