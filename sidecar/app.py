@@ -63,6 +63,8 @@ def options_from(settings: Settings) -> ProxyOptions:
         max_body_bytes=settings.server.max_body_bytes,
         unknown=settings.sessions.unknown,
         messages_path=settings.upstream.messages_path,
+        mcp_path=settings.upstream.path,
+        sse_path=settings.upstream.sse_path,
     )
 
 

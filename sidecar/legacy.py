@@ -30,15 +30,14 @@ from . import jsonrpc
 from .clients import initialize_client
 from .errors import UpstreamError
 from .forwarding import StreamRelay, is_event_stream, relay_stream
+from .gate import SESSION_PARAMS, Route
 from .intake import Rejected, RequestTimer, request_identity
 from .manager import LimitReachedError, Outcome
-from .proxy import LIMIT_RETRY_AFTER, Proxy, ping_watcher
+from .proxy import LIMIT_RETRY_AFTER, Dispatch, Proxy, ping_watcher
 from .sessions import CloseReason, Session, Transport, short, valid_session_id
 from .sse import Event
 
 log = logging.getLogger("sidecar.legacy")
-
-SESSION_PARAMS = ("sessionId", "session_id")
 
 
 def session_id_in(query: str) -> str | None:
@@ -46,7 +45,8 @@ def session_id_in(query: str) -> str | None:
     params = parse_qs(query, keep_blank_values=True)
     for name in SESSION_PARAMS:
         if params.get(name):
-            return params[name][0]
+            # The gate has refused requests naming more than one session, so this is the only.
+            return params[name][-1]
     return None
 
 
@@ -68,6 +68,14 @@ class LegacyProxy(Proxy):
 
     async def handle_message(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, self._legacy_post)
+
+    def _dispatch_for(self, route: Route | None, request: web.Request) -> Dispatch | None:
+        """Legacy spellings of the SSE and message paths, and any path naming a legacy id."""
+        if route is Route.SSE:
+            return self._open_legacy_stream
+        if route is Route.MESSAGE or any(name in request.query for name in SESSION_PARAMS):
+            return self._legacy_post
+        return super()._dispatch_for(route, request)
 
     # ---- the stream ------------------------------------------------------------------------
     async def _open_legacy_stream(

@@ -31,7 +31,16 @@ OVERHEAD_BUCKETS = (
 )
 WORK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
-REJECT_REASONS = ("expired", "unknown", "binding", "limit", "origin", "too_large", "bad_session_id")
+REJECT_REASONS = (
+    "expired",
+    "unknown",
+    "binding",
+    "limit",
+    "origin",
+    "too_large",
+    "bad_session_id",
+    "ambiguous_session",
+)
 
 
 class Metrics:
@@ -87,6 +96,13 @@ class Metrics:
         self.stateless_requests = Counter(
             PREFIX + "stateless_requests",
             "Requests passed through untracked (stateless upstream or sessionless protocol).",
+            registry=r,
+        )
+        self.untracked_sessions = Counter(
+            PREFIX + "untracked_sessions",
+            "Sessions the upstream created for a request the sidecar did not read as an "
+            "initialize, by result (tracked, closed); nonzero means the parser missed one.",
+            ["result"],
             registry=r,
         )
         for reason in REJECT_REASONS:
