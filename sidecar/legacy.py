@@ -179,7 +179,7 @@ class _LegacyStream:
     def release(self) -> None:
         if self._admitted:
             self._admitted = False
-            self.proxy.manager.release()
+            self.proxy.manager.release(self.identity)
 
     async def on_event(self, event: Event) -> bytes:
         if self.session is None and event.event == "endpoint":

@@ -98,6 +98,7 @@ class SessionManager:
         self.stuck = StuckClients()
         self._per_client: Counter[str] = Counter()
         self._reserved = 0  # initializes admitted but not yet answered (limit accounting)
+        self._pending: Counter[str] = Counter()  # the same, per client identity
         self._dirty: set[str] = set()
         metrics.bind_session_counts(
             lambda: {"live": len(self.live), "closed": len(self.tombstones)}
@@ -153,35 +154,66 @@ class SessionManager:
 
     # ---- creation ----------------------------------------------------------------------
     async def admit(self, identity: str) -> None:
-        """Make room for one more session, or raise LimitReachedError (SPEC 2.5)."""
-        for scope, limit, used, owner in (
-            ("max_sessions", self.limits.max_sessions, len(self.live), None),
-            (
-                "max_sessions_per_client",
-                self.limits.max_sessions_per_client,
-                self._per_client[identity],
-                identity,
-            ),
+        """Make room for one more session, or raise LimitReachedError (SPEC 2.5).
+
+        The check, any eviction's in-memory close and the reservation happen with no await
+        in between, so concurrent initializes at the limit can never overshoot it; only the
+        evicted sessions' store write is awaited afterwards.
+        """
+        now = self.clock()
+        victims = self._reserve(identity, now)
+        if victims:
+            try:
+                await uncancellable(self._persist_closes(victims, CloseReason.EVICTED, False, now))
+            except BaseException:
+                self.release(identity)  # the caller only releases what admit() returned from
+                raise
+
+    def _reserve(self, identity: str, now: float) -> list[Session]:
+        """Choose every victim first, close them in memory only if all limits can be met."""
+        victims: list[Session] = []
+        for scope, limit, owner in (
+            ("max_sessions", self.limits.max_sessions, None),
+            ("max_sessions_per_client", self.limits.max_sessions_per_client, identity),
         ):
-            if limit <= 0 or used + self._reserved < limit:
+            freed = sum(1 for v in victims if owner is None or v.client == owner)
+            if limit <= 0 or self._used(owner) - freed < limit:
                 continue
             victim = (
-                self._eviction_candidate(owner) if self.limits.on_limit == "evict_idle" else None
+                self._eviction_candidate(owner, victims)
+                if self.limits.on_limit == "evict_idle"
+                else None
             )
             if victim is None:
                 raise LimitReachedError(scope)
-            await self.close(victim, CloseReason.EVICTED)
+            victims.append(victim)
+        for victim in victims:
+            self._mark_closed(victim, CloseReason.EVICTED, now)
         self._reserved += 1
+        self._pending[identity] += 1
+        return victims
 
-    def release(self) -> None:
-        """The admitted `initialize` is over (session created or not)."""
+    def _used(self, owner: str | None) -> int:
+        """Sessions and admitted-but-unanswered initializes, in all or one client's scope."""
+        if owner is None:
+            return len(self.live) + self._reserved
+        return self._per_client[owner] + self._pending[owner]
+
+    def release(self, identity: str) -> None:
+        """The admitted `initialize` of `identity` is over (session created or not)."""
         self._reserved = max(0, self._reserved - 1)
+        self._pending[identity] -= 1
+        if self._pending[identity] <= 0:
+            del self._pending[identity]
 
-    def _eviction_candidate(self, owner: str | None) -> Session | None:
+    def _eviction_candidate(self, owner: str | None, taken: list[Session]) -> Session | None:
         candidates = [
             s
             for s in self.live.values()
-            if not s.persistent and s.in_flight == 0 and (owner is None or s.client == owner)
+            if not s.persistent
+            and s.in_flight == 0
+            and (owner is None or s.client == owner)
+            and s not in taken
         ]
         return min(candidates, key=lambda s: s.last_activity_at, default=None)
 

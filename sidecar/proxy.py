@@ -281,7 +281,7 @@ class Proxy:
             elif 200 <= upstream.status < 300:
                 self.metrics.stateless_requests.inc()
         finally:
-            self.manager.release()
+            self.manager.release(identity)
         return await self._relay(request, upstream, session, timer)
 
     async def _track_new(
@@ -346,7 +346,7 @@ class Proxy:
                     credentials=credentials(request),
                 )
             finally:
-                self.manager.release()
+                self.manager.release(identity)
         log.info("adopted session %s already live upstream", short(session_id))
         return session
 
@@ -398,7 +398,7 @@ class Proxy:
                 credentials=credentials(request),
             )
         finally:
-            self.manager.release()
+            self.manager.release(identity)
         self.metrics.untracked_sessions.labels("tracked").inc()
         log.warning(
             "upstream created session %s for %s %s, not read as an initialize; tracking it",
