@@ -36,6 +36,7 @@ from .manager import LimitReachedError, Outcome
 from .proxy import LIMIT_RETRY_AFTER, Dispatch, Proxy, ping_watcher
 from .sessions import CloseReason, Session, Transport, short, valid_session_id
 from .sse import Event
+from .upstream import SESSION_HEADER
 
 log = logging.getLogger("sidecar.legacy")
 
@@ -81,6 +82,11 @@ class LegacyProxy(Proxy):
     async def _open_legacy_stream(
         self, request: web.Request, body: bytes, timer: RequestTimer
     ) -> web.StreamResponse:
+        # A request naming a session gets that session's rules here too (no side doors).
+        if SESSION_HEADER in request.headers:
+            return await self._dispatch(request, body, timer)
+        if session_id_in(request.query_string) is not None:
+            return await self._legacy_post(request, body, timer)
         upstream = await self._forward(request, body or None, timer)
         if request.method != "GET" or upstream.status != 200 or not is_event_stream(upstream):
             return await self._relay(request, upstream, None, timer)
@@ -112,6 +118,8 @@ class LegacyProxy(Proxy):
     ) -> web.StreamResponse:
         batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
         session_id = session_id_in(request.query_string)
+        if session_id is None and SESSION_HEADER in request.headers:
+            return await self._dispatch(request, body, timer)  # a Streamable HTTP id, its rules
         if session_id is None:
             upstream = await self._forward(request, body or None, timer)
             return await self._relay(request, upstream, None, timer)

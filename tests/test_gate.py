@@ -148,6 +148,24 @@ async def test_unknown_legacy_id_never_reaches_upstream_on_any_path(
     assert sse_upstream.requests() == []
 
 
+async def test_session_naming_requests_on_legacy_paths_get_the_session_rules(
+    sse_upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    sidecar = sidecar_factory(sse_upstream.url)
+    unknown = "0123456789abcdef0123456789abcdef"
+    async with raw_client() as http:
+        for method, path, headers in (
+            ("GET", f"/sse?session_id={unknown}", _headers()),
+            ("GET", "/sse", _headers(unknown)),
+            ("POST", "/messages/", _headers(unknown)),
+        ):
+            answer = await http.request(
+                method, sidecar.base + path, content=json.dumps(PING), headers=headers
+            )
+            assert answer.status_code == 404, (method, path, answer.text)
+    assert sse_upstream.requests() == []
+
+
 @pytest.mark.parametrize(
     "body",
     [
