@@ -20,6 +20,8 @@ from typing import Literal
 from .aio import uncancellable
 from .clients import StuckClients, client_label
 from .closer import UpstreamCloser
+from .errors import StoreError
+from .log import Throttled
 from .metrics import Metrics
 from .sessions import (
     ACTIVE_WINDOW,
@@ -99,6 +101,9 @@ class SessionManager:
         self._per_client: Counter[str] = Counter()
         self._reserved = 0  # initializes admitted but not yet answered (limit accounting)
         self._pending: Counter[str] = Counter()  # the same, per client identity
+        # Closes the store refused (disk full, locked): rewritten by every flush until it works.
+        self._unpersisted_closes: list[tuple[Session, PendingClose | None]] = []
+        self._store_log = Throttled(log)
         self._dirty: set[str] = set()
         metrics.bind_session_counts(
             lambda: {"live": len(self.live), "closed": len(self.tombstones)}
@@ -289,9 +294,21 @@ class SessionManager:
     async def _persist_closes(
         self, closing: list[Session], reason: CloseReason, upstream_done: bool, now: float
     ) -> None:
-        for session in closing:
-            pending = self._pending_close(session, reason, upstream_done, now)
-            await self.store.mark_closed(session, pending)
+        """One transaction for all of them; the upstream DELETEs go out whatever the disk says.
+
+        When the store refuses the write (disk full, locked), the sessions stay closed in
+        memory, their closes are queued for the flusher to write once the store works again,
+        and the DELETEs owed are handed to the closer now: memory and disk then disagree only
+        while a DELETE is owed, never silently (SPEC 2.5). Should the process die before the
+        retry lands, the restored session is live on disk, expires again and is closed again.
+        """
+        closes = [(s, self._pending_close(s, reason, upstream_done, now)) for s in closing]
+        try:
+            await self.store.mark_closed_many(closes)
+        except StoreError as exc:
+            self.store_failed("close", exc)
+            self._unpersisted_closes.extend(closes)
+        for session, pending in closes:
             if pending is not None:
                 self.closer.schedule(pending, session.credentials)
             session.credentials = {}
@@ -302,6 +319,22 @@ class SessionManager:
                 reason.value,
                 session.idle_seconds(now),
             )
+
+    def store_failed(self, operation: str, exc: StoreError) -> None:
+        """Count and log (throttled) a store write that failed; the caller keeps its data."""
+        self.metrics.store_errors.labels(operation).inc()
+        self._store_log.warning(operation, "store write (%s) failed: %s", operation, exc)
+
+    async def _retry_unpersisted_closes(self) -> None:
+        if not self._unpersisted_closes:
+            return
+        closes, self._unpersisted_closes = self._unpersisted_closes, []
+        try:
+            await self.store.mark_closed_many(closes)
+        except StoreError:
+            self._unpersisted_closes = closes + self._unpersisted_closes
+            raise
+        log.info("store works again: %d closes written", len(closes))
 
     def _mark_closed(self, session: Session, reason: CloseReason, now: float) -> None:
         session.state = State.CLOSED
@@ -381,6 +414,11 @@ class SessionManager:
 
     async def flush(self) -> int:
         """Write all pending activity in one transaction (SPEC 2.6 write-behind)."""
+        try:
+            await uncancellable(self._retry_unpersisted_closes())
+        except StoreError as exc:
+            self.store_failed("close", exc)
+            return 0
         if not self._dirty:
             return 0
         dirty, self._dirty = self._dirty, set()
@@ -392,8 +430,12 @@ class SessionManager:
         start = time.perf_counter()
         try:
             await self.store.write_activity(rows)
-        except Exception:
+        except StoreError as exc:
             self._dirty |= dirty  # try again next time rather than lose the activity
+            self.store_failed("activity", exc)
+            return 0
+        except Exception:
+            self._dirty |= dirty
             raise
         self.metrics.store_flush_duration.observe(time.perf_counter() - start)
         return len(rows)

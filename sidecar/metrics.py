@@ -31,6 +31,7 @@ OVERHEAD_BUCKETS = (
 )
 WORK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
+STORE_OPERATIONS = ("insert", "close", "activity", "pending")
 REJECT_REASONS = (
     "expired",
     "unknown",
@@ -40,6 +41,7 @@ REJECT_REASONS = (
     "too_large",
     "bad_session_id",
     "ambiguous_session",
+    "store_unavailable",
 )
 
 
@@ -105,6 +107,15 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.store_errors = Counter(
+            PREFIX + "store_errors",
+            "Store writes that failed (disk full, locked, I/O error), by operation; the "
+            "sidecar keeps the data and retries (SPEC 2.5).",
+            ["operation"],
+            registry=r,
+        )
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)  # export zeros so alerts can use rate() at once
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import jsonrpc
 from .clients import initialize_client
-from .errors import UpstreamError
+from .errors import StoreError, UpstreamError
 from .forwarding import (
     EventHook,
     StreamRelay,
@@ -51,6 +51,7 @@ log = logging.getLogger("sidecar.proxy")
 # The first protocol revision without sessions; its traffic is passed through untracked.
 SESSIONLESS_SINCE = "2026-07-28"
 LIMIT_RETRY_AFTER = "30"
+STORE_RETRY_AFTER = "5"
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,12 +278,45 @@ class Proxy:
             # Only a successful answer creates a session: the Python SDK's 400 carries a
             # throw-away id that must not be tracked (SPEC 2.1).
             if session_id is not None and 200 <= upstream.status < 300:
-                session = await self._track_new(request, session_id, identity, initialize)
+                session = await self._track_or_undo(
+                    request, upstream, session_id, identity, initialize
+                )
             elif 200 <= upstream.status < 300:
                 self.metrics.stateless_requests.inc()
         finally:
             self.manager.release(identity)
         return await self._relay(request, upstream, session, timer)
+
+    async def _track_or_undo(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        session_id: str,
+        identity: str,
+        initialize: jsonrpc.Message,
+    ) -> Session | None:
+        """Track the new session, or, when the store cannot record it, close it upstream again
+        at once and answer 503: the client never holds an id the sidecar could not commit."""
+        try:
+            return await self._track_new(request, session_id, identity, initialize)
+        except StoreError as exc:
+            self.manager.store_failed("insert", exc)
+            upstream.release()
+            log.warning(
+                "cannot record session %s (store failed); closing it upstream", short(session_id)
+            )
+            await self._delete_orphan(request, session_id)
+            raise Rejected(
+                503,
+                "store_unavailable",
+                jsonrpc.error_body(
+                    jsonrpc.SERVER_ERROR,
+                    "The sidecar cannot record new sessions right now (its store failed); "
+                    "retry later",
+                    initialize.id,
+                ),
+                {"Retry-After": STORE_RETRY_AFTER},
+            ) from exc
 
     async def _track_new(
         self, request: web.Request, session_id: str, identity: str, initialize: jsonrpc.Message
@@ -412,6 +446,10 @@ class Proxy:
         """DELETE a session we cannot track, so it does not live upstream unseen."""
         self.metrics.untracked_sessions.labels("closed").inc()
         log.warning("upstream created session %s beyond the limits; closing it", short(session_id))
+        await self._delete_orphan(request, session_id)
+
+    async def _delete_orphan(self, request: web.Request, session_id: str) -> None:
+        """Close upstream a session the client will never hear of (one attempt, logged)."""
         # Not the client's headers: its Content-Length and body belong to another request.
         headers = {"Host": self.upstream.authority, SESSION_HEADER: session_id}
         headers.update(credentials(request))
