@@ -61,6 +61,7 @@ def options_from(settings: Settings) -> ProxyOptions:
     return ProxyOptions(
         allowed_origins=frozenset(settings.server.allowed_origins),
         max_body_bytes=settings.server.max_body_bytes,
+        body_timeout=settings.server.body_timeout,
         unknown=settings.sessions.unknown,
         messages_path=settings.upstream.messages_path,
         mcp_path=settings.upstream.path,
@@ -145,6 +146,12 @@ class Service:
                 # A kept listener keeps the token rules it started with: a reload that clears
                 # the token must never leave a listener open without one (SPEC 2.5).
                 ("admin.token", old.admin.token, new.admin.token),
+                ("server.header_timeout", old.server.header_timeout, new.server.header_timeout),
+                (
+                    "server.keepalive_timeout",
+                    old.server.keepalive_timeout,
+                    new.server.keepalive_timeout,
+                ),
                 ("store.path", old.store.path, new.store.path),
                 ("upstream.url", old.upstream.url, new.upstream.url),
             )
@@ -163,7 +170,13 @@ class Service:
         sidecar_log.set_level(new.log.level)
         self.settings = new.model_copy(
             update={
-                "server": new.server.model_copy(update={"listen": old.server.listen}),
+                "server": new.server.model_copy(
+                    update={
+                        "listen": old.server.listen,
+                        "header_timeout": old.server.header_timeout,
+                        "keepalive_timeout": old.server.keepalive_timeout,
+                    }
+                ),
                 "admin": new.admin.model_copy(
                     update={"listen": old.admin.listen, "token": old.admin.token}
                 ),

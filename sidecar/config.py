@@ -122,6 +122,21 @@ class ServerSettings(_Section):
         ge=0,
         description="On SIGTERM, how long to wait for in-flight requests to finish.",
     )
+    header_timeout: Duration = Field(
+        default=10.0,
+        ge=0,
+        description="A new connection must send a whole request head within this (0 = off).",
+    )
+    body_timeout: Duration = Field(
+        default=30.0,
+        ge=0,
+        description="A request body must arrive whole within this, else 408 (0 = off).",
+    )
+    keepalive_timeout: Duration = Field(
+        default=75.0,
+        ge=0,
+        description="An idle keep-alive connection is closed after this.",
+    )
 
 
 class UpstreamSettings(_Section):

@@ -10,6 +10,7 @@ request for `request_duration_seconds`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -72,8 +73,24 @@ def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
         )
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to be larger than `limit`."""
+async def read_body(request: web.Request, limit: int, within: float = 0) -> bytes:
+    """The whole body; 413 as soon as it is known to be larger than `limit`, 408 when it has
+    not arrived whole within `within` seconds (0 = no limit; slow clients, SPEC 2.5)."""
+    try:
+        async with asyncio.timeout(within or None):
+            return await _read_limited(request, limit)
+    except TimeoutError:
+        raise Rejected(
+            408,
+            "body_timeout",
+            jsonrpc.error_body(
+                jsonrpc.INVALID_REQUEST,
+                f"Request body not received within {within:g}s (server.body_timeout)",
+            ),
+        ) from None
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
     too_large = Rejected(
         413,
         "too_large",

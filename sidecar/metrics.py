@@ -42,6 +42,9 @@ REJECT_REASONS = (
     "bad_session_id",
     "ambiguous_session",
     "store_unavailable",
+    "malformed_http",
+    "header_timeout",
+    "body_timeout",
 )
 
 

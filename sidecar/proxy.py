@@ -60,6 +60,7 @@ class ProxyOptions:
 
     allowed_origins: frozenset[str] = frozenset()
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout: float = 30.0
     unknown: Literal["reject", "forward"] = "reject"
     messages_path: str = "/messages/"  # legacy transport, to check the endpoint event against
     mcp_path: str = "/mcp"  # the gate routes every spelling of these to their handler
@@ -92,6 +93,10 @@ class Proxy:
     async def handle_mcp(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, self._dispatch)
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        options = self.options
+        return await read_body(request, options.max_body_bytes, options.body_timeout)
+
     async def _handle(self, request: web.Request, dispatch: Dispatch) -> web.StreamResponse:
         """Checks, dispatch, and the one place rejections and upstream failures are answered."""
         timer = RequestTimer()
@@ -100,7 +105,9 @@ class Proxy:
             check_one_session(request)
             check_origin(request, self.options.allowed_origins)
             if request.method == "POST":
-                body = await read_body(request, self.options.max_body_bytes)
+                body = await read_body(
+                    request, self.options.max_body_bytes, self.options.body_timeout
+                )
             response = await dispatch(request, body, timer)
             outcome = "forwarded"
         except Rejected as rejection:
@@ -128,11 +135,7 @@ class Proxy:
         try:
             check_one_session(request)
             check_origin(request, self.options.allowed_origins)
-            body = (
-                await read_body(request, self.options.max_body_bytes)
-                if request.can_read_body
-                else None
-            )
+            body = await self._read_body(request) if request.can_read_body else None
             upstream = await self._forward(request, body, timer)
             await self._backstop(request, upstream)
             return await relay_stream(request, upstream, StreamRelay(upstream), None)
@@ -562,9 +565,13 @@ class Proxy:
             rejection.reason,
             rejection.status,
         )
-        if request.can_read_body:
+        response = rejection.response()
+        if rejection.status in (408, 413):
+            # Never read the rest of a body that is too large or too slow: close instead.
+            response.force_close()
+        elif request.can_read_body:
             await request.release()  # drain, so the connection stays usable for the client
-        return rejection.response()
+        return response
 
     async def _upstream_failed(
         self, request: web.Request, body: bytes, exc: UpstreamError

@@ -21,8 +21,11 @@ from . import log as sidecar_log
 from .admin import build_admin_app
 from .app import Service, build_proxy_app
 from .config import Settings, load_settings, parse_host_port
+from .connections import ConnectionGuard, GuardedAppRunner
 from .errors import ConfigError, SidecarError
 from .notify import Notifier
+
+LINGERING_TIME = 1.0
 
 log = logging.getLogger("sidecar.server")
 
@@ -71,14 +74,21 @@ class Server:
             shutdown_timeout=1.0,
         )
         await self._listen(self._admin, settings.admin.listen, "admin.listen")
-        self._proxy = web.AppRunner(
+        metrics = self.service.metrics
+        self._proxy = GuardedAppRunner(
             build_proxy_app(self.service),
+            header_timeout=settings.server.header_timeout,
+            guard=ConnectionGuard(lambda reason: metrics.rejected.labels(reason).inc()),
             handle_signals=False,
             access_log=None,
             # A client that drops a quiet stream must free it upstream now, not at the
             # upstream's next keepalive (never, for servers that send none).
             handler_cancellation=True,
             shutdown_timeout=settings.server.drain_timeout,
+            keepalive_timeout=settings.server.keepalive_timeout,
+            # After a 413 the rest of an oversized body is read (and dropped) for at most
+            # this long before the connection closes, instead of aiohttp's 10 s.
+            lingering_time=LINGERING_TIME,
         )
         await self._listen(self._proxy, settings.server.listen, "server.listen")
         self.service.ready = True

@@ -1,0 +1,166 @@
+"""Client connections below the request handlers: slow heads and malformed HTTP (SPEC 2.5).
+
+aiohttp parses requests before any handler of ours runs, so two rules need its connection
+class rather than a handler:
+
+* **Header timeout.** A client that opens a connection and trickles its request head (a
+  slowloris) holds a socket and a parser buffer for as long as it likes. A connection that
+  has not delivered one complete request head within `server.header_timeout` is closed.
+  Later requests on a kept-alive connection are bounded by `server.keepalive_timeout`, which
+  aiohttp applies to a connection that is waiting for its next request head.
+* **Malformed HTTP.** aiohttp answers a request it cannot parse (a header line over 8 KiB, bad
+  framing, an invalid method) with a text/plain 400 and logs a full traceback, so anyone could
+  flood the journal. Here the answer is a JSON body, the log is one throttled line without a
+  traceback, and `rejected_total{reason="malformed_http"}` counts it.
+
+The class names below follow aiohttp's (`Server` makes one `RequestHandler` per connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from . import jsonrpc
+from .log import Throttled
+
+log = logging.getLogger("sidecar.connections")
+
+Count = Callable[[str], None]
+
+
+class ClientConnection(RequestHandler):
+    """One client connection, with the header timeout and the quiet malformed-HTTP answer."""
+
+    def __init__(
+        self, manager: web.Server, *, header_timeout: float, guard: ConnectionGuard, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._guard = guard
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._header_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._header_timer = loop.call_later(self._header_timeout, self._head_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is not None and self._request_count > 0:
+            self._header_timer.cancel()  # a whole request head arrived
+            self._header_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _head_too_slow(self) -> None:
+        self._header_timer = None
+        if self._request_count == 0:
+            self._guard.slow_head(self._header_timeout)
+            self.force_close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        self._guard.malformed(request.remote, status, exc)
+        response = web.Response(
+            status=status,
+            content_type="application/json",
+            body=jsonrpc.error_body(
+                jsonrpc.INVALID_REQUEST, f"Malformed HTTP request: {_reason(exc, message)}"
+            ),
+        )
+        response.force_close()
+        return response
+
+
+def _reason(exc: BaseException | None, message: str | None) -> str:
+    text = getattr(exc, "message", None) or message or type(exc).__name__
+    return str(text).splitlines()[0][:200] if text else "unreadable request"
+
+
+class ConnectionGuard:
+    """What the connections report: one throttled line each, and a count."""
+
+    def __init__(self, count: Count) -> None:
+        self._count = count
+        self._log = Throttled(log)
+
+    def malformed(self, peer: str | None, status: int, exc: BaseException | None) -> None:
+        self._count("malformed_http")
+        self._log.info(
+            "malformed",
+            "rejected malformed HTTP from %s status=%d (%s)",
+            peer or "-",
+            status,
+            _reason(exc, None),
+        )
+
+    def slow_head(self, timeout: float) -> None:
+        self._count("header_timeout")
+        self._log.info(
+            "slow_head",
+            "closed a connection that sent no complete request head within %gs "
+            "(server.header_timeout)",
+            timeout,
+        )
+
+
+class GuardedServer(web.Server):
+    """aiohttp's per-listener connection factory, making `ClientConnection`s."""
+
+    def __init__(
+        self, *args: Any, header_timeout: float, guard: ConnectionGuard, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
+        self._guard = guard
+
+    def __call__(self) -> RequestHandler:
+        return ClientConnection(
+            self,
+            loop=self._loop,
+            header_timeout=self._header_timeout,
+            guard=self._guard,
+            **self._kwargs,
+        )
+
+
+class GuardedAppRunner(web.AppRunner):
+    """An AppRunner whose connections are `ClientConnection`s."""
+
+    def __init__(
+        self, app: web.Application, *, header_timeout: float, guard: ConnectionGuard, **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+        self._guard = guard
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()  # runs the application's startup
+        return GuardedServer(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=base._loop,
+            header_timeout=self._header_timeout,
+            guard=self._guard,
+            **base._kwargs,
+        )
