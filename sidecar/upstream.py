@@ -4,11 +4,14 @@ This is the one place aiohttp client errors become `UpstreamError`s (502/504 for
 retry-or-give-up for the closer). Two peer habits shape it:
 
 * The SDK servers (uvicorn) close idle keep-alive connections after 5 s. A request written
-  onto such a connection just as the server closes it fails without having been processed, so
-  a failure on a *reused* pooled connection is retried once on a fresh one (SPEC 2.1). aiohttp
-  already does this for idempotent methods; we add it for POST, and only for reused
-  connections, so a server that crashes mid-request never sees a tool call twice. Pooled
-  connections are also dropped after 3 s idle, below the servers' 5 s, so the race is rare.
+  onto such a connection just as the server closes it fails, so a failure on a *reused*
+  pooled connection is retried once on a fresh one (SPEC 2.1) -- but a POST only when the
+  request provably never reached the upstream: its head was never written to the socket.
+  Once written, the server may have run the tool call before the connection dropped, and a
+  retry would run it twice (nginx's `proxy_next_upstream` rule for non-idempotent methods);
+  the client gets 502 and decides. Idempotent methods (GET, DELETE, ...) are retried once
+  by aiohttp itself. Pooled connections are dropped after 3 s idle, below the servers' 5 s,
+  so the race that leaves a written POST unanswered is rare.
 * Bodies are relayed exactly as sent, so the client session never decompresses.
 """
 
@@ -30,19 +33,40 @@ SESSION_HEADER = "Mcp-Session-Id"
 PROTOCOL_HEADER = "MCP-Protocol-Version"
 
 
-class _Attempt:
-    """Per-request trace context: did aiohttp hand us a pooled connection?"""
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
-    __slots__ = ("reused",)
+
+class _Attempt:
+    """Per-request trace context: a pooled connection? Did the request head go out?"""
+
+    __slots__ = ("reused", "sent")
 
     def __init__(self) -> None:
         self.reused = False
+        self.sent = False
+
+    def may_retry(self, method: str, exc: BaseException) -> bool:
+        """Only a stale pooled connection, and only if nothing of the request was written.
+
+        Idempotent methods are left to aiohttp, which retries them once itself.
+        """
+        if isinstance(exc, aiohttp.ClientConnectorError) or method in IDEMPOTENT:
+            return False
+        return self.reused and not self.sent
 
 
 async def _on_reuse(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: Any) -> None:
     attempt = ctx.trace_request_ctx
     if isinstance(attempt, _Attempt):
         attempt.reused = True
+
+
+async def _on_headers_sent(
+    _session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: Any
+) -> None:
+    attempt = ctx.trace_request_ctx
+    if isinstance(attempt, _Attempt):
+        attempt.sent = True
 
 
 class Upstream:
@@ -65,6 +89,7 @@ class Upstream:
     async def start(self) -> None:
         trace = aiohttp.TraceConfig()
         trace.on_connection_reuseconn.append(_on_reuse)
+        trace.on_request_headers_sent.append(_on_headers_sent)
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_SECONDS),
             timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
@@ -103,9 +128,9 @@ class Upstream:
         try:
             return await self._send(method, url, headers, body, attempt)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if not (attempt.reused and not isinstance(exc, aiohttp.ClientConnectorError)):
+            if not attempt.may_retry(method, exc):
                 raise _unreachable(url, exc) from exc
-        # The pooled connection was closed under us before anything was answered: one retry.
+        # The pooled connection was closed under us before the request could count: one retry.
         try:
             return await self._send(method, url, headers, body, _Attempt())
         except aiohttp.ClientError as exc:
