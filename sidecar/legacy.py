@@ -33,7 +33,7 @@ from .forwarding import StreamRelay, is_event_stream, relay_stream
 from .gate import SESSION_PARAMS, Route
 from .intake import Rejected, RequestTimer, request_identity
 from .manager import LimitReachedError, Outcome
-from .proxy import LIMIT_RETRY_AFTER, Dispatch, Proxy, ping_watcher
+from .proxy import Dispatch, Proxy, limit_rejection, ping_watcher
 from .sessions import CloseReason, Session, Transport, short, valid_session_id
 from .sse import Event
 from .upstream import SESSION_HEADER
@@ -95,12 +95,7 @@ class LegacyProxy(Proxy):
             await self.manager.admit(identity)
         except LimitReachedError as exc:
             upstream.close()  # dropping the stream frees the session the upstream just made
-            raise Rejected(
-                503,
-                "limit",
-                jsonrpc.error_body(jsonrpc.SERVER_ERROR, f"Too many sessions ({exc.scope})"),
-                {"Retry-After": LIMIT_RETRY_AFTER},
-            ) from exc
+            raise limit_rejection(exc) from exc
         stream = _LegacyStream(self, request, upstream, identity)
         try:
             return await relay_stream(

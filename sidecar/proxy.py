@@ -264,16 +264,7 @@ class Proxy:
         try:
             await self.manager.admit(identity)
         except LimitReachedError as exc:
-            raise Rejected(
-                503,
-                "limit",
-                jsonrpc.error_body(
-                    jsonrpc.SERVER_ERROR,
-                    f"Too many sessions ({exc.scope}); retry later",
-                    initialize.id,
-                ),
-                {"Retry-After": LIMIT_RETRY_AFTER},
-            ) from exc
+            raise limit_rejection(exc, initialize.id) from exc
         try:
             upstream = await self._forward(request, body, timer)
             session_id = upstream.headers.get(SESSION_HEADER)
@@ -365,27 +356,27 @@ class Proxy:
                 await self.manager.admit(identity)
             except LimitReachedError as exc:
                 upstream.release()
-                raise Rejected(
-                    503,
-                    "limit",
-                    jsonrpc.error_body(
-                        jsonrpc.SERVER_ERROR, f"Too many sessions ({exc.scope}); retry later"
-                    ),
-                    {"Retry-After": LIMIT_RETRY_AFTER},
-                ) from exc
-            try:
-                session = await self.manager.create(
-                    session_id,
-                    Transport.STREAMABLE_HTTP,
-                    identity,
-                    protocol_version=request.headers.get(PROTOCOL_HEADER),
-                    user_agent=request.headers.get("User-Agent", "")[:200],
-                    credentials=credentials(request),
-                )
-            finally:
-                self.manager.release(identity)
+                raise limit_rejection(exc) from exc
+            session = await self._create_admitted(request, session_id, identity)
         log.info("adopted session %s already live upstream", short(session_id))
         return session
+
+    async def _create_admitted(
+        self, request: web.Request, session_id: str, identity: str
+    ) -> Session:
+        """Create an admitted session known only from its id (adopted, or caught by the
+        backstop); the admission is released whatever happens."""
+        try:
+            return await self.manager.create(
+                session_id,
+                Transport.STREAMABLE_HTTP,
+                identity,
+                protocol_version=request.headers.get(PROTOCOL_HEADER),
+                user_agent=request.headers.get("User-Agent", "")[:200],
+                credentials=credentials(request),
+            )
+        finally:
+            self.manager.release(identity)
 
     async def _sessionless(
         self, request: web.Request, body: bytes, timer: RequestTimer
@@ -417,25 +408,8 @@ class Proxy:
         except LimitReachedError as exc:
             upstream.release()
             await self._close_untracked(request, session_id)
-            raise Rejected(
-                503,
-                "limit",
-                jsonrpc.error_body(
-                    jsonrpc.SERVER_ERROR, f"Too many sessions ({exc.scope}); retry later"
-                ),
-                {"Retry-After": LIMIT_RETRY_AFTER},
-            ) from exc
-        try:
-            session = await self.manager.create(
-                session_id,
-                Transport.STREAMABLE_HTTP,
-                identity,
-                protocol_version=request.headers.get(PROTOCOL_HEADER),
-                user_agent=request.headers.get("User-Agent", "")[:200],
-                credentials=credentials(request),
-            )
-        finally:
-            self.manager.release(identity)
+            raise limit_rejection(exc) from exc
+        session = await self._create_admitted(request, session_id, identity)
         self.metrics.untracked_sessions.labels("tracked").inc()
         log.warning(
             "upstream created session %s for %s %s, not read as an initialize; tracking it",
@@ -579,6 +553,20 @@ class Proxy:
         # Throttled: with the upstream down, every client request would otherwise log a line.
         self._throttled.warning(type(exc).__name__, "%s %s: %s", request.method, request.path, exc)
         return upstream_failure(exc, body)
+
+
+def limit_rejection(
+    exc: LimitReachedError, request_id: jsonrpc.RequestId | None = None
+) -> Rejected:
+    """503 with Retry-After and a JSON-RPC error: a session limit refused a new session."""
+    return Rejected(
+        503,
+        "limit",
+        jsonrpc.error_body(
+            jsonrpc.SERVER_ERROR, f"Too many sessions ({exc.scope}); retry later", request_id
+        ),
+        {"Retry-After": LIMIT_RETRY_AFTER},
+    )
 
 
 def ping_watcher(session: Session) -> Callable[[Event], None]:
