@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import jsonrpc
 from .clients import initialize_client
-from .errors import StoreError, UpstreamError
+from .errors import StoreError, UpstreamError, UpstreamTimeoutError
 from .forwarding import (
     EventHook,
     StreamRelay,
@@ -300,17 +300,7 @@ class Proxy:
                 "cannot record session %s (store failed); closing it upstream", short(session_id)
             )
             await self._delete_orphan(request, session_id)
-            raise Rejected(
-                503,
-                "store_unavailable",
-                jsonrpc.error_body(
-                    jsonrpc.SERVER_ERROR,
-                    "The sidecar cannot record new sessions right now (its store failed); "
-                    "retry later",
-                    initialize.id,
-                ),
-                {"Retry-After": STORE_RETRY_AFTER},
-            ) from exc
+            raise store_rejection(initialize.id) from exc
 
     async def _track_new(
         self, request: web.Request, session_id: str, identity: str, initialize: jsonrpc.Message
@@ -409,7 +399,13 @@ class Proxy:
             upstream.release()
             await self._close_untracked(request, session_id)
             raise limit_rejection(exc) from exc
-        session = await self._create_admitted(request, session_id, identity)
+        try:
+            session = await self._create_admitted(request, session_id, identity)
+        except StoreError as exc:
+            self.manager.store_failed("insert", exc)
+            upstream.release()
+            await self._close_untracked(request, session_id)
+            raise store_rejection(None) from exc
         self.metrics.untracked_sessions.labels("tracked").inc()
         log.warning(
             "upstream created session %s for %s %s, not read as an initialize; tracking it",
@@ -466,11 +462,18 @@ class Proxy:
             await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
         if not is_event_stream(upstream) and upstream.content_length is not None:
             timer.upstream_begins()
+            read_timeout = self.upstream.read_timeout
             try:
-                async with upstream:
+                # A body that stalls after its headers is bounded like the headers were.
+                async with upstream, asyncio.timeout(read_timeout):
                     body = await upstream.read()
             except aiohttp.ClientError as exc:
                 raise UpstreamError(f"upstream answer broke off: {exc}") from exc
+            except TimeoutError as exc:
+                raise UpstreamTimeoutError(
+                    f"the upstream's answer body did not arrive within {read_timeout:g}s "
+                    "(upstream.read_timeout)"
+                ) from exc
             finally:
                 timer.upstream_answered()
             if session is not None and self.gone.matches(upstream.status, body):
@@ -566,6 +569,20 @@ def limit_rejection(
             jsonrpc.SERVER_ERROR, f"Too many sessions ({exc.scope}); retry later", request_id
         ),
         {"Retry-After": LIMIT_RETRY_AFTER},
+    )
+
+
+def store_rejection(request_id: jsonrpc.RequestId | None) -> Rejected:
+    """503 with Retry-After: the store could not record a new session (SPEC 2.5)."""
+    return Rejected(
+        503,
+        "store_unavailable",
+        jsonrpc.error_body(
+            jsonrpc.SERVER_ERROR,
+            "The sidecar cannot record new sessions right now (its store failed); retry later",
+            request_id,
+        ),
+        {"Retry-After": STORE_RETRY_AFTER},
     )
 
 

@@ -126,7 +126,7 @@ class Store:
             self._db = await aiosqlite.connect(
                 self.path, isolation_level=None, timeout=BUSY_TIMEOUT
             )
-            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
             await self._check_integrity()
             await self._migrate()
             # WAL only once the file is known to be ours: switching rewrites its header, and

@@ -788,6 +788,28 @@ async def test_upstream_slower_than_read_timeout_gets_504_and_changes_nothing(ma
     assert p.sample("mcp_sidecar_requests_total", {"method": "POST", "outcome": "upstream_error"})
 
 
+async def test_upstream_body_that_stalls_after_its_headers_gets_504(make: Make) -> None:
+    p = await make(upstream={"read_timeout": 0.2})
+    session_id = await p.initialize()
+    fake = p.fake
+
+    async def stall(request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b'{"jsonrpc"')  # and the other 90 bytes never come
+        await fake.gate.wait()
+        return response
+
+    fake.respond = stall
+    async with asyncio.timeout(5):
+        status, body, _ = await p.post(session_id, _rpc("tools/call", 8))
+    assert status == 504
+    assert json.loads(body)["error"]["message"] == "Upstream MCP server timed out"
+    assert p.service.manager.live[session_id].in_flight == 0
+    fake.gate.set()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
