@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 
 from sidecar.gone import GonePatterns
+from tests.peers.mcp_clients import RawSession, raw_client, rpc_messages
+from tests.peers.ops import Admin
+from tests.peers.processes import SidecarFactory, UpstreamHandle
 
 
 def _rpc_error(message: str, code: int = -32000) -> bytes:
@@ -75,3 +79,33 @@ def test_operator_patterns_add_to_the_built_in_ones() -> None:
     assert patterns.matches(409, b"worker lease lost")
     assert patterns.matches(400, _rpc_error("Bad Request: No valid session ID provided"))
     assert not patterns.matches(409, b"conflict")
+
+
+async def test_fastmcp_error_naming_a_session_expired_prompt_leaves_the_session_live(
+    upstream_factory: Callable[..., UpstreamHandle], sidecar_factory: SidecarFactory
+) -> None:
+    """The finding behind SPEC 2.5's rule, against the real FastMCP (JSON answers, which the
+    sidecar reads whole): its error for an unknown prompt named `session-expired-notice`
+    must reach the client untouched."""
+    upstream = upstream_factory(json_response=True)
+    sidecar = sidecar_factory(upstream.url)
+    async with raw_client() as http:
+        raw = RawSession(http, sidecar.url)
+        assert (await raw.initialize()).status_code == 200
+        for name in ("session-expired-notice", "session not found", "invalid session"):
+            response = await raw.post(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 5,
+                    "method": "prompts/get",
+                    "params": {"name": name},
+                }
+            )
+            assert response.status_code == 200, response.text
+            errors = [m["error"] for m in rpc_messages(response) if "error" in m]
+            assert errors, response.text
+            assert name in errors[0]["message"]  # FastMCP's "Unknown prompt: <name>"
+        assert await raw.call_text("echo", {"text": "alive"}) == "alive"
+    assert raw.session_id is not None
+    view = await Admin(sidecar.admin_url).session(raw.session_id)
+    assert (view["state"], view["close_reason"]) == ("live", None)
