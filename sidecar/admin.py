@@ -51,7 +51,18 @@ def _error(status: int, message: str, **extra: str) -> web.Response:
 
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[SERVICE].settings.admin.token
+    settings = request.app[SERVICE].settings
+    token = settings.admin.token
+    if not token and not _host_is_local(request.host, settings.admin.listen):
+        # Without a token only loopback may ask; a web page that rebinds its DNS name to
+        # 127.0.0.1 still sends its own name as Host (SPEC 2.5, DNS-rebinding protection).
+        log.info(
+            "admin request %s %s refused: Host %r is not this listener or localhost",
+            request.method,
+            request.path,
+            request.host[:100],
+        )
+        return _error(403, "Host not allowed: use localhost or the admin.listen address")
     authorized = not token or _bearer_matches(request.headers.get("Authorization", ""), token)
     request[AUTHORIZED] = authorized
     if not authorized and request.path not in PUBLIC_PATHS:
@@ -66,6 +77,23 @@ async def _auth_middleware(request: web.Request, handler: Handler) -> web.Stream
             **{"WWW-Authenticate": 'Bearer realm="mcp-sidecar"'},
         )
     return await handler(request)
+
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _host_is_local(host_header: str, listen: str) -> bool:
+    """Whether `Host` names loopback or the listener's own address (any port)."""
+    return _hostname(host_header) in LOCAL_HOSTS | {_hostname(listen)}
+
+
+def _hostname(authority: str) -> str:
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:].partition("]")[0]
+    if authority.count(":") == 1:
+        return authority.partition(":")[0]
+    return authority.rstrip(".")
 
 
 def _bearer_matches(header: str, token: str) -> bool:

@@ -63,6 +63,8 @@ def options_from(settings: Settings) -> ProxyOptions:
         max_body_bytes=settings.server.max_body_bytes,
         unknown=settings.sessions.unknown,
         messages_path=settings.upstream.messages_path,
+        mcp_path=settings.upstream.path,
+        sse_path=settings.upstream.sse_path,
     )
 
 
@@ -140,6 +142,9 @@ class Service:
             for key, before, after in (
                 ("server.listen", old.server.listen, new.server.listen),
                 ("admin.listen", old.admin.listen, new.admin.listen),
+                # A kept listener keeps the token rules it started with: a reload that clears
+                # the token must never leave a listener open without one (SPEC 2.5).
+                ("admin.token", old.admin.token, new.admin.token),
                 ("store.path", old.store.path, new.store.path),
                 ("upstream.url", old.upstream.url, new.upstream.url),
             )
@@ -159,7 +164,9 @@ class Service:
         self.settings = new.model_copy(
             update={
                 "server": new.server.model_copy(update={"listen": old.server.listen}),
-                "admin": new.admin.model_copy(update={"listen": old.admin.listen}),
+                "admin": new.admin.model_copy(
+                    update={"listen": old.admin.listen, "token": old.admin.token}
+                ),
                 "store": new.store.model_copy(update={"path": old.store.path}),
                 "upstream": new.upstream.model_copy(update={"url": old.upstream.url}),
             }

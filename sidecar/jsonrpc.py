@@ -102,6 +102,10 @@ def _message(item: Any) -> Message | None:
         return None
     method = item.get("method")
     msg_id = item.get("id")
+    if isinstance(msg_id, float) and msg_id.is_integer():
+        # JavaScript has one number type: the TypeScript SDK takes `"id": 1.0` as the integer 1,
+        # so an `initialize` spelled that way creates a session and must be recognised.
+        msg_id = int(msg_id)
     if method is not None and not isinstance(method, str):
         return None
     if msg_id is not None and (isinstance(msg_id, bool) or not isinstance(msg_id, str | int)):

@@ -30,15 +30,15 @@ from . import jsonrpc
 from .clients import initialize_client
 from .errors import UpstreamError
 from .forwarding import StreamRelay, is_event_stream, relay_stream
+from .gate import SESSION_PARAMS, Route
 from .intake import Rejected, RequestTimer, request_identity
 from .manager import LimitReachedError, Outcome
-from .proxy import LIMIT_RETRY_AFTER, Proxy, ping_watcher
+from .proxy import LIMIT_RETRY_AFTER, Dispatch, Proxy, ping_watcher
 from .sessions import CloseReason, Session, Transport, short, valid_session_id
 from .sse import Event
+from .upstream import SESSION_HEADER
 
 log = logging.getLogger("sidecar.legacy")
-
-SESSION_PARAMS = ("sessionId", "session_id")
 
 
 def session_id_in(query: str) -> str | None:
@@ -46,7 +46,8 @@ def session_id_in(query: str) -> str | None:
     params = parse_qs(query, keep_blank_values=True)
     for name in SESSION_PARAMS:
         if params.get(name):
-            return params[name][0]
+            # The gate has refused requests naming more than one session, so this is the only.
+            return params[name][-1]
     return None
 
 
@@ -69,10 +70,23 @@ class LegacyProxy(Proxy):
     async def handle_message(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, self._legacy_post)
 
+    def _dispatch_for(self, route: Route | None, request: web.Request) -> Dispatch | None:
+        """Legacy spellings of the SSE and message paths, and any path naming a legacy id."""
+        if route is Route.SSE:
+            return self._open_legacy_stream
+        if route is Route.MESSAGE or any(name in request.query for name in SESSION_PARAMS):
+            return self._legacy_post
+        return super()._dispatch_for(route, request)
+
     # ---- the stream ------------------------------------------------------------------------
     async def _open_legacy_stream(
         self, request: web.Request, body: bytes, timer: RequestTimer
     ) -> web.StreamResponse:
+        # A request naming a session gets that session's rules here too (no side doors).
+        if SESSION_HEADER in request.headers:
+            return await self._dispatch(request, body, timer)
+        if session_id_in(request.query_string) is not None:
+            return await self._legacy_post(request, body, timer)
         upstream = await self._forward(request, body or None, timer)
         if request.method != "GET" or upstream.status != 200 or not is_event_stream(upstream):
             return await self._relay(request, upstream, None, timer)
@@ -104,6 +118,8 @@ class LegacyProxy(Proxy):
     ) -> web.StreamResponse:
         batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
         session_id = session_id_in(request.query_string)
+        if session_id is None and SESSION_HEADER in request.headers:
+            return await self._dispatch(request, body, timer)  # a Streamable HTTP id, its rules
         if session_id is None:
             upstream = await self._forward(request, body or None, timer)
             return await self._relay(request, upstream, None, timer)
@@ -171,7 +187,7 @@ class _LegacyStream:
     def release(self) -> None:
         if self._admitted:
             self._admitted = False
-            self.proxy.manager.release()
+            self.proxy.manager.release(self.identity)
 
     async def on_event(self, event: Event) -> bytes:
         if self.session is None and event.event == "endpoint":

@@ -20,6 +20,8 @@ from typing import Literal
 from .aio import uncancellable
 from .clients import StuckClients, client_label
 from .closer import UpstreamCloser
+from .errors import StoreError
+from .log import Throttled
 from .metrics import Metrics
 from .sessions import (
     ACTIVE_WINDOW,
@@ -98,6 +100,10 @@ class SessionManager:
         self.stuck = StuckClients()
         self._per_client: Counter[str] = Counter()
         self._reserved = 0  # initializes admitted but not yet answered (limit accounting)
+        self._pending: Counter[str] = Counter()  # the same, per client identity
+        # Closes the store refused (disk full, locked): rewritten by every flush until it works.
+        self._unpersisted_closes: list[tuple[Session, PendingClose | None]] = []
+        self._store_log = Throttled(log)
         self._dirty: set[str] = set()
         metrics.bind_session_counts(
             lambda: {"live": len(self.live), "closed": len(self.tombstones)}
@@ -153,35 +159,66 @@ class SessionManager:
 
     # ---- creation ----------------------------------------------------------------------
     async def admit(self, identity: str) -> None:
-        """Make room for one more session, or raise LimitReachedError (SPEC 2.5)."""
-        for scope, limit, used, owner in (
-            ("max_sessions", self.limits.max_sessions, len(self.live), None),
-            (
-                "max_sessions_per_client",
-                self.limits.max_sessions_per_client,
-                self._per_client[identity],
-                identity,
-            ),
+        """Make room for one more session, or raise LimitReachedError (SPEC 2.5).
+
+        The check, any eviction's in-memory close and the reservation happen with no await
+        in between, so concurrent initializes at the limit can never overshoot it; only the
+        evicted sessions' store write is awaited afterwards.
+        """
+        now = self.clock()
+        victims = self._reserve(identity, now)
+        if victims:
+            try:
+                await uncancellable(self._persist_closes(victims, CloseReason.EVICTED, False, now))
+            except BaseException:
+                self.release(identity)  # the caller only releases what admit() returned from
+                raise
+
+    def _reserve(self, identity: str, now: float) -> list[Session]:
+        """Choose every victim first, close them in memory only if all limits can be met."""
+        victims: list[Session] = []
+        for scope, limit, owner in (
+            ("max_sessions", self.limits.max_sessions, None),
+            ("max_sessions_per_client", self.limits.max_sessions_per_client, identity),
         ):
-            if limit <= 0 or used + self._reserved < limit:
+            freed = sum(1 for v in victims if owner is None or v.client == owner)
+            if limit <= 0 or self._used(owner) - freed < limit:
                 continue
             victim = (
-                self._eviction_candidate(owner) if self.limits.on_limit == "evict_idle" else None
+                self._eviction_candidate(owner, victims)
+                if self.limits.on_limit == "evict_idle"
+                else None
             )
             if victim is None:
                 raise LimitReachedError(scope)
-            await self.close(victim, CloseReason.EVICTED)
+            victims.append(victim)
+        for victim in victims:
+            self._mark_closed(victim, CloseReason.EVICTED, now)
         self._reserved += 1
+        self._pending[identity] += 1
+        return victims
 
-    def release(self) -> None:
-        """The admitted `initialize` is over (session created or not)."""
+    def _used(self, owner: str | None) -> int:
+        """Sessions and admitted-but-unanswered initializes, in all or one client's scope."""
+        if owner is None:
+            return len(self.live) + self._reserved
+        return self._per_client[owner] + self._pending[owner]
+
+    def release(self, identity: str) -> None:
+        """The admitted `initialize` of `identity` is over (session created or not)."""
         self._reserved = max(0, self._reserved - 1)
+        self._pending[identity] -= 1
+        if self._pending[identity] <= 0:
+            del self._pending[identity]
 
-    def _eviction_candidate(self, owner: str | None) -> Session | None:
+    def _eviction_candidate(self, owner: str | None, taken: list[Session]) -> Session | None:
         candidates = [
             s
             for s in self.live.values()
-            if not s.persistent and s.in_flight == 0 and (owner is None or s.client == owner)
+            if not s.persistent
+            and s.in_flight == 0
+            and (owner is None or s.client == owner)
+            and s not in taken
         ]
         return min(candidates, key=lambda s: s.last_activity_at, default=None)
 
@@ -257,9 +294,21 @@ class SessionManager:
     async def _persist_closes(
         self, closing: list[Session], reason: CloseReason, upstream_done: bool, now: float
     ) -> None:
-        for session in closing:
-            pending = self._pending_close(session, reason, upstream_done, now)
-            await self.store.mark_closed(session, pending)
+        """One transaction for all of them; the upstream DELETEs go out whatever the disk says.
+
+        When the store refuses the write (disk full, locked), the sessions stay closed in
+        memory, their closes are queued for the flusher to write once the store works again,
+        and the DELETEs owed are handed to the closer now: memory and disk then disagree only
+        while a DELETE is owed, never silently (SPEC 2.5). Should the process die before the
+        retry lands, the restored session is live on disk, expires again and is closed again.
+        """
+        closes = [(s, self._pending_close(s, reason, upstream_done, now)) for s in closing]
+        try:
+            await self.store.mark_closed_many(closes)
+        except StoreError as exc:
+            self.store_failed("close", exc)
+            self._unpersisted_closes.extend(closes)
+        for session, pending in closes:
             if pending is not None:
                 self.closer.schedule(pending, session.credentials)
             session.credentials = {}
@@ -270,6 +319,22 @@ class SessionManager:
                 reason.value,
                 session.idle_seconds(now),
             )
+
+    def store_failed(self, operation: str, exc: StoreError) -> None:
+        """Count and log (throttled) a store write that failed; the caller keeps its data."""
+        self.metrics.store_errors.labels(operation).inc()
+        self._store_log.warning(operation, "store write (%s) failed: %s", operation, exc)
+
+    async def _retry_unpersisted_closes(self) -> None:
+        if not self._unpersisted_closes:
+            return
+        closes, self._unpersisted_closes = self._unpersisted_closes, []
+        try:
+            await self.store.mark_closed_many(closes)
+        except StoreError:
+            self._unpersisted_closes = closes + self._unpersisted_closes
+            raise
+        log.info("store works again: %d closes written", len(closes))
 
     def _mark_closed(self, session: Session, reason: CloseReason, now: float) -> None:
         session.state = State.CLOSED
@@ -349,6 +414,11 @@ class SessionManager:
 
     async def flush(self) -> int:
         """Write all pending activity in one transaction (SPEC 2.6 write-behind)."""
+        try:
+            await uncancellable(self._retry_unpersisted_closes())
+        except StoreError as exc:
+            self.store_failed("close", exc)
+            return 0
         if not self._dirty:
             return 0
         dirty, self._dirty = self._dirty, set()
@@ -360,8 +430,12 @@ class SessionManager:
         start = time.perf_counter()
         try:
             await self.store.write_activity(rows)
-        except Exception:
+        except StoreError as exc:
             self._dirty |= dirty  # try again next time rather than lose the activity
+            self.store_failed("activity", exc)
+            return 0
+        except Exception:
+            self._dirty |= dirty
             raise
         self.metrics.store_flush_duration.observe(time.perf_counter() - start)
         return len(rows)

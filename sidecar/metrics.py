@@ -31,7 +31,18 @@ OVERHEAD_BUCKETS = (
 )
 WORK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
-REJECT_REASONS = ("expired", "unknown", "binding", "limit", "origin", "too_large", "bad_session_id")
+STORE_OPERATIONS = ("insert", "close", "activity", "pending")
+REJECT_REASONS = (
+    "expired",
+    "unknown",
+    "binding",
+    "limit",
+    "origin",
+    "too_large",
+    "bad_session_id",
+    "ambiguous_session",
+    "store_unavailable",
+)
 
 
 class Metrics:
@@ -89,6 +100,22 @@ class Metrics:
             "Requests passed through untracked (stateless upstream or sessionless protocol).",
             registry=r,
         )
+        self.untracked_sessions = Counter(
+            PREFIX + "untracked_sessions",
+            "Sessions the upstream created for a request the sidecar did not read as an "
+            "initialize, by result (tracked, closed); nonzero means the parser missed one.",
+            ["result"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            PREFIX + "store_errors",
+            "Store writes that failed (disk full, locked, I/O error), by operation; the "
+            "sidecar keeps the data and retries (SPEC 2.5).",
+            ["operation"],
+            registry=r,
+        )
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)  # export zeros so alerts can use rate() at once
 

@@ -8,6 +8,7 @@ forwarded, and each one leaves a status, a JSON body, a metric and a (throttled)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from . import jsonrpc
 from .clients import initialize_client
-from .errors import UpstreamError
+from .errors import StoreError, UpstreamError
 from .forwarding import (
     EventHook,
     StreamRelay,
@@ -27,6 +28,7 @@ from .forwarding import (
     relay_stream,
     upstream_request_headers,
 )
+from .gate import Route, check_one_session, route_of
 from .gone import GonePatterns
 from .intake import (
     Rejected,
@@ -49,6 +51,7 @@ log = logging.getLogger("sidecar.proxy")
 # The first protocol revision without sessions; its traffic is passed through untracked.
 SESSIONLESS_SINCE = "2026-07-28"
 LIMIT_RETRY_AFTER = "30"
+STORE_RETRY_AFTER = "5"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,8 @@ class ProxyOptions:
     max_body_bytes: int = 4 * 1024 * 1024
     unknown: Literal["reject", "forward"] = "reject"
     messages_path: str = "/messages/"  # legacy transport, to check the endpoint event against
+    mcp_path: str = "/mcp"  # the gate routes every spelling of these to their handler
+    sse_path: str = "/sse"
 
 
 Dispatch = Callable[[web.Request, bytes, RequestTimer], Awaitable[web.StreamResponse]]
@@ -79,6 +84,9 @@ class Proxy:
         self.options = options
         self.gone = gone or GonePatterns()
         self._throttled = Throttled(log)
+        # Adoptions are rare (a deploy in front of live sessions); one lock makes two
+        # concurrent adoptions of one id create one session, counted once.
+        self._adoption_lock = asyncio.Lock()
 
     # ---- entry points ----------------------------------------------------------------------
     async def handle_mcp(self, request: web.Request) -> web.StreamResponse:
@@ -89,6 +97,7 @@ class Proxy:
         timer = RequestTimer()
         body = b""
         try:
+            check_one_session(request)
             check_origin(request, self.options.allowed_origins)
             if request.method == "POST":
                 body = await read_body(request, self.options.max_body_bytes)
@@ -105,9 +114,19 @@ class Proxy:
         return response
 
     async def handle_passthrough(self, request: web.Request) -> web.StreamResponse:
-        """Paths other than the MCP endpoint (OAuth metadata, health pages) go through as-is."""
+        """Paths other than the MCP endpoint (OAuth metadata, health pages) go through as-is.
+
+        Unless the upstream could take the path for one of its endpoints, or the request
+        names a session: then it gets that endpoint's (or the MCP endpoint's) rules.
+        """
+        options = self.options
+        route = route_of(request.path, options.mcp_path, options.sse_path, options.messages_path)
+        dispatch = self._dispatch_for(route, request)
+        if dispatch is not None:
+            return await self._handle(request, dispatch)
         timer = RequestTimer()
         try:
+            check_one_session(request)
             check_origin(request, self.options.allowed_origins)
             body = (
                 await read_body(request, self.options.max_body_bytes)
@@ -115,6 +134,7 @@ class Proxy:
                 else None
             )
             upstream = await self._forward(request, body, timer)
+            await self._backstop(request, upstream)
             return await relay_stream(request, upstream, StreamRelay(upstream), None)
         except Rejected as rejection:
             return await self._reject(request, rejection)
@@ -122,6 +142,12 @@ class Proxy:
             return await self._upstream_failed(request, b"", exc)
 
     # ---- dispatch ------------------------------------------------------------------------
+    def _dispatch_for(self, route: Route | None, request: web.Request) -> Dispatch | None:
+        """The session-checking handler for a path the exact routes missed, if it needs one."""
+        if route is Route.MCP or SESSION_HEADER in request.headers:
+            return self._dispatch
+        return None
+
     async def _dispatch(
         self, request: web.Request, body: bytes, timer: RequestTimer
     ) -> web.StreamResponse:
@@ -177,6 +203,12 @@ class Proxy:
             if is_call:  # a failed forward changes nothing about the session (SPEC 2.5)
                 self.manager.abandon_call(session)
             raise
+        except BaseException:
+            # The client went away (aiohttp cancels the handler) before the upstream's
+            # headers came: the call counts until then, never longer (SPEC 2.5).
+            if is_call:
+                self.manager.end_call(session)
+            raise
         try:
             if shows_use:
                 self.manager.touch(session)
@@ -209,7 +241,8 @@ class Proxy:
             upstream = await self._forward(request, None, timer)
             async with upstream:
                 await upstream.read()
-            answered = True
+            # A 5xx did not close it: the closer retries (SPEC 2.4); 404/405 are final.
+            answered = upstream.status < 500
             status = upstream.status if 200 <= upstream.status < 300 else 200
         except UpstreamError as exc:
             log.warning(
@@ -245,12 +278,45 @@ class Proxy:
             # Only a successful answer creates a session: the Python SDK's 400 carries a
             # throw-away id that must not be tracked (SPEC 2.1).
             if session_id is not None and 200 <= upstream.status < 300:
-                session = await self._track_new(request, session_id, identity, initialize)
+                session = await self._track_or_undo(
+                    request, upstream, session_id, identity, initialize
+                )
             elif 200 <= upstream.status < 300:
                 self.metrics.stateless_requests.inc()
         finally:
-            self.manager.release()
+            self.manager.release(identity)
         return await self._relay(request, upstream, session, timer)
+
+    async def _track_or_undo(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        session_id: str,
+        identity: str,
+        initialize: jsonrpc.Message,
+    ) -> Session | None:
+        """Track the new session, or, when the store cannot record it, close it upstream again
+        at once and answer 503: the client never holds an id the sidecar could not commit."""
+        try:
+            return await self._track_new(request, session_id, identity, initialize)
+        except StoreError as exc:
+            self.manager.store_failed("insert", exc)
+            upstream.release()
+            log.warning(
+                "cannot record session %s (store failed); closing it upstream", short(session_id)
+            )
+            await self._delete_orphan(request, session_id)
+            raise Rejected(
+                503,
+                "store_unavailable",
+                jsonrpc.error_body(
+                    jsonrpc.SERVER_ERROR,
+                    "The sidecar cannot record new sessions right now (its store failed); "
+                    "retry later",
+                    initialize.id,
+                ),
+                {"Retry-After": STORE_RETRY_AFTER},
+            ) from exc
 
     async def _track_new(
         self, request: web.Request, session_id: str, identity: str, initialize: jsonrpc.Message
@@ -275,17 +341,48 @@ class Proxy:
         """`sessions.unknown = "forward"`: let the upstream judge an id we never saw."""
         upstream = await self._forward(request, body, timer)
         session = None
-        if 200 <= upstream.status < 300:
-            session = self.manager.live.get(session_id) or await self.manager.create(
-                session_id,
-                Transport.STREAMABLE_HTTP,
-                identity,
-                protocol_version=request.headers.get(PROTOCOL_HEADER),
-                user_agent=request.headers.get("User-Agent", "")[:200],
-                credentials=credentials(request),
-            )
-            log.info("adopted session %s already live upstream", short(session_id))
+        # A DELETE ends a session, it never adopts one (its 2xx says the session is gone).
+        if 200 <= upstream.status < 300 and request.method != "DELETE":
+            session = await self._adopt_accepted(request, upstream, session_id, identity)
         return await self._relay(request, upstream, session, timer)
+
+    async def _adopt_accepted(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        session_id: str,
+        identity: str,
+    ) -> Session:
+        """Track an id the upstream accepted, within the limits like any new session."""
+        async with self._adoption_lock:
+            session = self.manager.live.get(session_id)
+            if session is not None:
+                return session
+            try:
+                await self.manager.admit(identity)
+            except LimitReachedError as exc:
+                upstream.release()
+                raise Rejected(
+                    503,
+                    "limit",
+                    jsonrpc.error_body(
+                        jsonrpc.SERVER_ERROR, f"Too many sessions ({exc.scope}); retry later"
+                    ),
+                    {"Retry-After": LIMIT_RETRY_AFTER},
+                ) from exc
+            try:
+                session = await self.manager.create(
+                    session_id,
+                    Transport.STREAMABLE_HTTP,
+                    identity,
+                    protocol_version=request.headers.get(PROTOCOL_HEADER),
+                    user_agent=request.headers.get("User-Agent", "")[:200],
+                    credentials=credentials(request),
+                )
+            finally:
+                self.manager.release(identity)
+        log.info("adopted session %s already live upstream", short(session_id))
+        return session
 
     async def _sessionless(
         self, request: web.Request, body: bytes, timer: RequestTimer
@@ -295,7 +392,74 @@ class Proxy:
         if version >= SESSIONLESS_SINCE or request.method == "POST":
             self.metrics.stateless_requests.inc()
         upstream = await self._forward(request, body or None, timer)
-        return await self._relay(request, upstream, None, timer)
+        session = await self._backstop(request, upstream)
+        return await self._relay(request, upstream, session, timer)
+
+    async def _backstop(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> Session | None:
+        """An upstream session born of a request we did not read as `initialize` (SPEC 2.5).
+
+        Whatever the parser thought, the upstream must hold no session the sidecar does not
+        know: track it (limits apply), or close it upstream at once and refuse the client.
+        """
+        session_id = upstream.headers.get(SESSION_HEADER)
+        if session_id is None or not 200 <= upstream.status < 300:
+            return None
+        if session_id in self.manager.live or not valid_session_id(session_id):
+            return None
+        identity = request_identity(request)
+        try:
+            await self.manager.admit(identity)
+        except LimitReachedError as exc:
+            upstream.release()
+            await self._close_untracked(request, session_id)
+            raise Rejected(
+                503,
+                "limit",
+                jsonrpc.error_body(
+                    jsonrpc.SERVER_ERROR, f"Too many sessions ({exc.scope}); retry later"
+                ),
+                {"Retry-After": LIMIT_RETRY_AFTER},
+            ) from exc
+        try:
+            session = await self.manager.create(
+                session_id,
+                Transport.STREAMABLE_HTTP,
+                identity,
+                protocol_version=request.headers.get(PROTOCOL_HEADER),
+                user_agent=request.headers.get("User-Agent", "")[:200],
+                credentials=credentials(request),
+            )
+        finally:
+            self.manager.release(identity)
+        self.metrics.untracked_sessions.labels("tracked").inc()
+        log.warning(
+            "upstream created session %s for %s %s, not read as an initialize; tracking it",
+            session.short_id,
+            request.method,
+            request.path,
+        )
+        return session
+
+    async def _close_untracked(self, request: web.Request, session_id: str) -> None:
+        """DELETE a session we cannot track, so it does not live upstream unseen."""
+        self.metrics.untracked_sessions.labels("closed").inc()
+        log.warning("upstream created session %s beyond the limits; closing it", short(session_id))
+        await self._delete_orphan(request, session_id)
+
+    async def _delete_orphan(self, request: web.Request, session_id: str) -> None:
+        """Close upstream a session the client will never hear of (one attempt, logged)."""
+        # Not the client's headers: its Content-Length and body belong to another request.
+        headers = {"Host": self.upstream.authority, SESSION_HEADER: session_id}
+        headers.update(credentials(request))
+        try:
+            answer = await self.upstream.request(
+                "DELETE", self.upstream.target(self.options.mcp_path), headers, None
+            )
+            answer.release()
+        except UpstreamError as exc:
+            log.warning("closing untracked session %s failed: %s", short(session_id), exc)
 
     # ---- upstream exchange -----------------------------------------------------------------
     async def _forward(

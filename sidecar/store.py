@@ -83,6 +83,11 @@ _COLUMNS = (
 )
 
 
+# How long a write waits for another process's lock before it fails: an `initialize` waits
+# on this write, so it must end in a 503 within a bounded time, not hang (SPEC 2.5).
+BUSY_TIMEOUT = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class PendingClose:
     """An upstream DELETE still owed for a closed session (survives restarts)."""
@@ -118,7 +123,9 @@ class Store:
     async def open(self) -> None:
         self._prepare_directory()
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            self._db = await aiosqlite.connect(
+                self.path, isolation_level=None, timeout=BUSY_TIMEOUT
+            )
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._check_integrity()
             await self._migrate()
@@ -231,23 +238,31 @@ class Store:
 
     async def mark_closed(self, session: Session, pending: PendingClose | None) -> None:
         """Close a session and, in the same transaction, record the upstream DELETE owed."""
-        statements: list[tuple[str, Sequence[Any]]] = [
-            (
-                "UPDATE sessions SET state=?, close_reason=?, closed_at=?, last_activity_at=?, "
-                "requests=? WHERE id=?",
+        await self.mark_closed_many([(session, pending)])
+
+    async def mark_closed_many(self, closes: Sequence[tuple[Session, PendingClose | None]]) -> None:
+        """Close sessions and record the DELETEs they owe, all in one transaction: either
+        every close is on disk or none is (the caller keeps those for a later retry)."""
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for session, pending in closes:
+            statements.append(
                 (
-                    State.CLOSED.value,
-                    session.close_reason,
-                    session.closed_at,
-                    session.last_activity_at,
-                    session.requests,
-                    session.id,
-                ),
+                    "UPDATE sessions SET state=?, close_reason=?, closed_at=?, "
+                    "last_activity_at=?, requests=? WHERE id=?",
+                    (
+                        State.CLOSED.value,
+                        session.close_reason,
+                        session.closed_at,
+                        session.last_activity_at,
+                        session.requests,
+                        session.id,
+                    ),
+                )
             )
-        ]
-        if pending is not None:
-            statements.append(_pending_upsert(pending))
-        await self._write(statements)
+            if pending is not None:
+                statements.append(_pending_upsert(pending))
+        if statements:
+            await self._write(statements)
 
     async def set_persistent(self, session_id: str, persistent: bool) -> None:
         await self._write(

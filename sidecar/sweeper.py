@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from .errors import StoreError
 from .manager import SessionManager
 
 log = logging.getLogger("sidecar.sweeper")
@@ -44,6 +45,9 @@ async def every(
             await work()
         except asyncio.CancelledError:
             raise
+        except StoreError as exc:
+            # Disk full or locked: an operator problem, not a bug; one line, no traceback.
+            log.warning("%s failed (%s); retrying in %gs", what, exc, interval())
         except Exception:
             log.exception("%s failed; retrying in %gs", what, interval())
 

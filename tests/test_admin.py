@@ -404,3 +404,28 @@ async def test_clients_stuck_names_clients_that_keep_using_closed_ids(
     assert stuck["client"] == "stuck-ua/4.2 (stubborn-agent 0.9)"
     assert (stuck["requests"], stuck["sessions"]) == (5, 2)
     assert stuck["first_seen"] <= stuck["last_seen"]
+
+
+async def test_admin_without_a_token_answers_only_loopback_host_names(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    """SPEC 2.5: a page whose DNS name was rebound to 127.0.0.1 sends its own name as Host;
+    without a token the admin API must refuse it, on every path, before any handler runs."""
+    sidecar = sidecar_factory(upstream.url)
+    admin = admin_of(sidecar)
+    port = sidecar.admin_url.rsplit(":", 1)[1]
+    async with mcp_session(sidecar.url, terminate_on_close=False) as client:
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "10.1.2.3"):
+            for method, path in (
+                ("GET", "/sessions"),
+                ("GET", "/healthz"),
+                ("DELETE", f"/sessions/{client.session_id}"),
+            ):
+                response = await admin.request(method, path, headers={"Host": host})
+                assert response.status_code == 403, (host, method, path)
+                assert "Host not allowed" in response.json()["error"]
+        # Nothing reached a handler: the session is still live.
+        assert (await admin.session(client.session_id))["state"] == "live"
+        for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", "[::1]", "LocalHost"):
+            response = await admin.get("/sessions", headers={"Host": host})
+            assert response.status_code == 200, host

@@ -6,11 +6,12 @@ what it must receive (which DELETEs are owed, with what) is exactly what is unde
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -315,7 +316,7 @@ async def _admitted(h: Harness, session_id: str, identity: str = ALICE) -> Sessi
     try:
         return await h.create(session_id, identity)
     finally:
-        h.manager.release()
+        h.manager.release(identity)
 
 
 async def test_reject_at_max_sessions_raises_and_closes_nothing(make: Factory) -> None:
@@ -336,9 +337,55 @@ async def test_admitted_but_unanswered_initializes_count_towards_the_limit(
     await h.manager.admit(ALICE)
     with pytest.raises(LimitReachedError):
         await h.manager.admit(BOB)
-    h.manager.release()
+    h.manager.release(ALICE)
     await h.manager.admit(BOB)
-    h.manager.release()
+    h.manager.release(BOB)
+
+
+async def test_one_clients_pending_initializes_do_not_count_against_another_client(
+    make: Factory,
+) -> None:
+    h = await make(limits=Limits(max_sessions_per_client=1))
+    await h.manager.admit(ALICE)
+    await h.manager.admit(BOB)  # Alice's pending initialize is hers alone
+    with pytest.raises(LimitReachedError) as caught:
+        await h.manager.admit(ALICE)
+    assert caught.value.scope == "max_sessions_per_client"
+    h.manager.release(ALICE)
+    h.manager.release(BOB)
+
+
+@pytest.mark.parametrize("on_limit", ["reject", "evict_idle"])
+async def test_concurrent_initializes_at_the_limit_never_overshoot_it(
+    make: Factory, on_limit: Literal["reject", "evict_idle"]
+) -> None:
+    """Admission is atomic with its eviction: however the admits interleave, live sessions
+    plus pending initializes never exceed max_sessions or max_sessions_per_client."""
+    h = await make(limits=Limits(max_sessions=4, max_sessions_per_client=3, on_limit=on_limit))
+    for n, who in enumerate((ALICE, ALICE, BOB, BOB)):
+        await _admitted(h, f"old{n}", who)
+        h.clock.now += 1
+    clients = [ALICE, BOB, "auth:carol"] * 6
+    admitted: list[str] = []
+
+    async def attempt(who: str) -> None:
+        try:
+            await h.manager.admit(who)
+        except LimitReachedError:
+            return
+        admitted.append(who)
+
+    await asyncio.gather(*(attempt(who) for who in clients))
+    assert len(h.manager.live) + len(admitted) <= 4
+    for who in (ALICE, BOB, "auth:carol"):
+        mine = sum(1 for s in h.manager.live.values() if s.client == who)
+        assert mine + admitted.count(who) <= 3
+    if on_limit == "reject":
+        assert admitted == []
+    else:
+        assert admitted  # evicting made room
+    for who in admitted:
+        h.manager.release(who)
 
 
 async def test_evict_idle_closes_the_least_recently_active_non_persistent_idle_session(

@@ -639,7 +639,127 @@ async def test_client_delete_closes_the_session_whatever_the_upstream_answers(
     assert status == 404
 
 
+@pytest.mark.parametrize("upstream_status", [500, 502, 503])
+async def test_client_delete_the_upstream_failed_is_retried_by_the_closer(
+    make: Make, upstream_status: int
+) -> None:
+    """SPEC 2.4: a 5xx did not close the session upstream, so a DELETE stays owed."""
+    p = await make()
+    session_id = await p.initialize()
+    p.fake.respond = _status(upstream_status)
+    async with p.client.delete("/mcp", headers={SID: session_id}) as response:
+        assert 200 <= response.status < 300
+    assert p.rows("SELECT state, close_reason FROM sessions") == [("closed", "client_delete")]
+    from tests.peers.mcp_clients import eventually
+
+    # The client's DELETE, then the closer's own.
+    await eventually(lambda: len(p.fake.forwarded("DELETE")) >= 2, within=5, interval=0.005)
+    assert all(d.headers[SID] == session_id for d in p.fake.forwarded("DELETE"))
+    await eventually(lambda: p.rows("SELECT session_id FROM pending_closes"), within=5)
+    assert p.rows("SELECT session_id FROM pending_closes") == [(session_id,)]
+
+
+# ---- store faults --------------------------------------------------------------------------------
+
+
+def _lock_store(p: Proxy) -> sqlite3.Connection:
+    """Another process's write lock on the sidecar's database (SPEC 2.5 store faults)."""
+    db = sqlite3.connect(p.service.settings.store.path, isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    return db
+
+
+async def test_initialize_while_the_store_is_locked_gets_503_and_leaves_no_upstream_session(
+    make: Make,
+) -> None:
+    p = await make()
+    live = await p.initialize()
+    lock = _lock_store(p)
+    try:
+        response = await p.client.post("/mcp", data=INITIALIZE, headers=JSON_HEADERS)
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "5"
+        error = json.loads(await response.read())["error"]
+        assert "store" in error["message"]
+        assert SID not in response.headers  # the client never holds the id
+        # The session the upstream made for it was closed again at once.
+        deletes = p.fake.forwarded("DELETE")
+        assert len(deletes) == 1
+        assert deletes[0].headers[SID] != live
+        assert deletes[0].headers[SID] not in p.service.manager.live
+        # Live sessions are still served from memory.
+        status, _, _ = await p.post(live, _rpc("tools/list"))
+        assert status == 200
+        assert p.sample("mcp_sidecar_store_errors_total", {"operation": "insert"}) == 1
+        assert p.sample("mcp_sidecar_rejected_total", {"reason": "store_unavailable"}) == 1
+    finally:
+        lock.rollback()
+        lock.close()
+    # Recovery needs no restart.
+    again = await p.initialize()
+    assert p.rows(f"SELECT state FROM sessions WHERE id='{again}'") == [("live",)]
+
+
+async def test_closes_the_store_refused_are_owed_and_written_once_it_works_again(
+    make: Make,
+) -> None:
+    p = await make()
+    first, second = await p.initialize(), await p.initialize()
+    manager = p.service.manager
+    sessions = [manager.live[first], manager.live[second]]
+    lock = _lock_store(p)
+    try:
+        await manager.close_many(sessions, CloseReason.ADMIN)  # must not raise
+        assert first not in manager.live
+        assert second not in manager.live
+        status, _, _ = await p.post(first, _rpc("tools/list"))
+        assert status == 404
+        await manager.flush()  # still locked: the closes stay queued
+    finally:
+        lock.rollback()
+        lock.close()
+    assert p.sample("mcp_sidecar_store_errors_total", {"operation": "close"}) >= 1
+    # The DELETEs owed went out although the disk had not recorded the closes.
+    await p.closer_idle()
+    assert {d.headers[SID] for d in p.fake.forwarded("DELETE")} == {first, second}
+    assert p.rows("SELECT state FROM sessions ORDER BY id") == [("live",), ("live",)]
+    await manager.flush()
+    assert p.rows("SELECT state, close_reason FROM sessions ORDER BY id") == [
+        ("closed", "admin"),
+        ("closed", "admin"),
+    ]
+
+
 # ---- upstream failures ---------------------------------------------------------------------------
+
+
+async def test_call_dropped_before_the_upstreams_headers_is_no_longer_in_flight(
+    make: Make,
+) -> None:
+    """SPEC 2.5: a call counts until the upstream answers or the client goes, whichever is
+    first; an upstream that sends its headers only at the end must not pin the session."""
+    from tests.peers.mcp_clients import eventually
+
+    p = await make()
+    session_id = await p.initialize()
+    session = p.service.manager.live[session_id]
+    fake = p.fake
+    arrived = asyncio.Event()
+
+    async def hang(request: web.Request, body: bytes) -> web.StreamResponse:
+        arrived.set()
+        await fake.gate.wait()
+        return web.Response()
+
+    fake.respond = hang
+    call = asyncio.ensure_future(p.post(session_id, _rpc("tools/call", 7)))
+    await arrived.wait()
+    assert session.in_flight == 1
+    call.cancel()  # the client gives up: its connection closes
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await eventually(lambda: session.in_flight == 0, within=5, interval=0.005)
+    fake.gate.set()
 
 
 async def test_upstream_slower_than_read_timeout_gets_504_and_changes_nothing(make: Make) -> None:

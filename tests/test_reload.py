@@ -124,3 +124,21 @@ async def test_reload_of_an_invalid_config_is_logged_and_the_old_one_kept(
         sidecar.reload(sessions={"idle_timeout": 45, "max_sessions": 0})
         await reloaded(sidecar, RELOADED + "session lifecycle: idle_timeout=45s")
         assert (await admin.health())["live"] == 2
+
+
+async def test_reload_never_loosens_admin_auth_on_a_kept_listener(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    """A reload that clears admin.token is reported and ignored: the listener keeps the rules
+    it started with (SPEC 2.5), so it can never be left open without a token."""
+    token = "kept-admin-token"
+    sidecar = sidecar_factory(upstream.url, admin={"token": token})
+    sidecar.reload(admin={"token": ""})
+    await reloaded(sidecar, RELOADED)
+    assert "reload: admin.token changed but needs a restart; ignored until then" in (
+        sidecar.output()
+    )
+    anonymous = await Admin(sidecar.admin_url).get("/sessions")
+    assert anonymous.status_code == 401
+    assert (await Admin(sidecar.admin_url, token).get("/sessions")).status_code == 200
+    assert token not in sidecar.output()
