@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.peers.fuzzing import ALICE, FuzzTarget, run_cases
-from tests.peers.mcp_clients import ACCEPT_BOTH
+from tests.peers.mcp_clients import ACCEPT_BOTH, PROTOCOL_VERSION
 from tests.peers.processes import SidecarHandle, UpstreamHandle, start_sidecar, start_upstream
 
 CASES = 1000
@@ -51,11 +51,13 @@ def target(stack: tuple[UpstreamHandle, SidecarHandle]) -> Iterator[FuzzTarget]:
 def test_random_requests_keep_the_session_rules(
     target: FuzzTarget, stack: tuple[UpstreamHandle, SidecarHandle]
 ) -> None:
-    run_cases(target, CASES, check_every=CHECK_EVERY)
+    # Every case runs even after a violation, so one run lists them all; then it fails.
+    run_cases(target, CASES, check_every=CHECK_EVERY, keep_going=True)
     print(target.report())
     assert target.sent >= CASES * 0.9, target.report()  # hypothesis really drew them
     kinds = {kind.split(":")[0] for kind in target.by_kind}
     assert {"no-session", "header", "query", "repeated"} <= kinds, target.by_kind
+    assert target.violations == [], "\n".join([target.report(), *target.violations])
 
 
 def test_the_sidecar_logged_no_traceback(
@@ -67,19 +69,36 @@ def test_the_sidecar_logged_no_traceback(
     assert "Traceback" not in sidecar.output(), sidecar.output()[-5000:]
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/MCP"), ("DELETE", "/mcp/sub")])
-def test_a_404_on_another_path_spelling_leaves_the_session_tracked_or_closed_upstream(
-    method: str, path: str, target: FuzzTarget, stack: tuple[UpstreamHandle, SidecarHandle]
+@pytest.mark.parametrize(
+    ("method", "path", "version"),
+    [
+        ("POST", "/MCP", PROTOCOL_VERSION),  # FastMCP: 404, no such route
+        ("DELETE", "/mcp/sub", PROTOCOL_VERSION),  # FastMCP: 404; client answered 200
+        ("DELETE", "/mcp", "1999-01-01"),  # FastMCP: 400, bad version; client answered 200
+    ],
+)
+def test_an_upstream_refusal_leaves_the_session_tracked_or_closed_upstream(
+    method: str,
+    path: str,
+    version: str,
+    target: FuzzTarget,
+    stack: tuple[UpstreamHandle, SidecarHandle],
 ) -> None:
-    """The minimal request the fuzz found breaking I1: the session's own client names it on a
-    spelling FastMCP (case-sensitive Starlette routes) answers 404. The upstream still holds
-    the session, so the sidecar must keep tracking it live or close it upstream."""
+    """The minimal requests the fuzz found breaking I1: the session's own client names it in a
+    request FastMCP refuses (a path spelling its case-sensitive Starlette routes do not know,
+    a DELETE with a protocol version it rejects). The upstream still holds the session, so
+    the sidecar must keep tracking it live or close it upstream."""
     _, sidecar = stack
     session_id = target._initialize(ALICE)
     answer = target.http.request(
         method,
         sidecar.base + path,
-        headers={"Authorization": ALICE, "Mcp-Session-Id": session_id, **JSON_HEADERS},
+        headers={
+            "Authorization": ALICE,
+            "Mcp-Session-Id": session_id,
+            "MCP-Protocol-Version": version,
+            **JSON_HEADERS,
+        },
         content=b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}' if method == "POST" else None,
     )
     assert answer.status_code != 500, answer.text

@@ -53,7 +53,7 @@ HTTP_TIMEOUT = httpx.Timeout(10.0)
 STREAM_READ_LIMIT = 64 * 1024
 
 PATHS = (
-    "/mcp",
+    *(["/mcp"] * 12),  # the endpoint itself as often as all other spellings together
     "/MCP",
     "/Mcp",
     "/mcp/",
@@ -133,7 +133,7 @@ def _request_id() -> st.SearchStrategy[Any]:
 @st.composite
 def _rpc_message(draw: st.DrawFn) -> dict[str, Any]:
     method = draw(st.sampled_from(RPC_METHODS))
-    message: dict[str, Any] = {"jsonrpc": draw(st.sampled_from(["2.0", "2.0", "1.0", 2]))}
+    message: dict[str, Any] = {"jsonrpc": draw(st.sampled_from(["2.0"] * 6 + ["1.0", 2]))}
     message["method"] = method
     if not method.startswith("notifications/") and draw(st.integers(0, 9)):
         message["id"] = draw(_request_id())
@@ -181,12 +181,14 @@ def _body(draw: st.DrawFn) -> tuple[bytes | None, str]:  # noqa: PLR0911 - a ret
 def _extra_headers(draw: st.DrawFn) -> tuple[tuple[bytes, bytes], ...]:
     headers: list[tuple[bytes, bytes]] = []
     accept = draw(
-        st.sampled_from([ACCEPT_BOTH, "application/json", "text/event-stream", "*/*", None])
+        st.sampled_from([ACCEPT_BOTH] * 4 + ["application/json", "text/event-stream", "*/*", None])
     )
     if accept is not None:
         headers.append((b"Accept", accept.encode()))
     content_type = draw(
-        st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", None])
+        st.sampled_from(
+            ["application/json"] * 4 + ["application/json; charset=utf-8", "text/plain", None]
+        )
     )
     if content_type is not None:
         headers.append((b"Content-Type", content_type.encode()))
@@ -495,6 +497,7 @@ class FuzzTarget:
         upstream's DELETE answer is the event waited for, polled with a deadline)."""
         deadline = time.monotonic() + within
         while missing := self.untracked() - self.reported:
+            self._drop_from_pool(missing)
             if time.monotonic() > deadline:
                 owners = {m: self.view.owner[m] for m in missing}
                 self.reported |= missing
@@ -503,6 +506,12 @@ class FuzzTarget:
                     f"I1: upstream holds {owners}, not tracked live; upstream log: {history}"
                 )
             time.sleep(0.05)
+
+    def _drop_from_pool(self, session_ids: set[str]) -> None:
+        # Sessions the sidecar no longer tracks answer 404 from now on: out of the live pool,
+        # so "own_live" keeps meaning a session the sidecar serves.
+        for ids in self.live.values():
+            ids[:] = [i for i in ids if i not in session_ids]
 
     def held_untracked(self, session_id: str, within: float = 5.0) -> bool:
         """I1 for one session: still live upstream and not tracked live after `within` s."""
