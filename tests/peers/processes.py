@@ -216,7 +216,8 @@ class UpstreamHandle:
 
     def requests(self) -> list[dict[str, Any]]:
         """Every request that got a response so far: method, path, session_id, status,
-        response_session_id (the ``Mcp-Session-Id`` the server answered with)."""
+        response_session_id (the ``Mcp-Session-Id`` the server answered with), authorization,
+        header_session_id (``session_id`` from the header alone, not a query parameter)."""
         try:
             text = self.request_log.read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -4,7 +4,8 @@ Run as ``python -m tests.peers.upstream_server --port N --transport streamable-h
 from the repository root. It is an unmodified FastMCP server of the MCP Python SDK with a
 few tools the tests drive (``echo``, ``add``, ``live_sessions``, ``slow``, ``ping_client``),
 an in-memory event store so ``Last-Event-ID`` resumption works, and an ASGI wrapper that
-appends one JSON line per HTTP request to ``--log`` so a test can assert what reached the
+appends one JSON line per HTTP request (with the ``Authorization`` it arrived with, so a
+test can tell whose request it was) to ``--log`` so a test can assert what reached the
 upstream (and what did not) without trusting the sidecar's own account.
 
 FastMCP 1.x reaps sessions itself after 30 idle minutes (and counts an open GET stream as
@@ -191,6 +192,8 @@ class RequestLog:
                         "session_id": session_id,
                         "status": message["status"],
                         "response_session_id": response_headers.get("mcp-session-id"),
+                        "header_session_id": headers.get("mcp-session-id"),
+                        "authorization": headers.get("authorization"),
                     }
                 )
             await send(message)
