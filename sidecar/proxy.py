@@ -244,8 +244,7 @@ class Proxy:
             upstream = await self._forward(request, None, timer)
             async with upstream:
                 await upstream.read()
-            # A 5xx did not close it: the closer retries (SPEC 2.4); 404/405 are final.
-            answered = upstream.status < 500
+            answered = self._closed_upstream_by(request, upstream.status)
             status = upstream.status if 200 <= upstream.status < 300 else 200
         except UpstreamError as exc:
             log.warning(
@@ -457,7 +456,14 @@ class Proxy:
         long_lived: bool = False,
         request_body: bytes = b"",
     ) -> web.StreamResponse:
-        if session is not None and upstream.status == 404 and session.live:
+        if session is not None:
+            self._note_accepted_version(request, upstream, session)
+        if (
+            session is not None
+            and upstream.status == 404
+            and session.live
+            and self._answers_for_session(request, session)
+        ):
             # The upstream lost the session (restart, its own reaper): stop tracking it.
             await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
         if not is_event_stream(upstream) and upstream.content_length is not None:
@@ -476,7 +482,11 @@ class Proxy:
                 ) from exc
             finally:
                 timer.upstream_answered()
-            if session is not None and self.gone.matches(upstream.status, body):
+            if (
+                session is not None
+                and self._answers_for_session(request, session)
+                and self.gone.matches(upstream.status, body)
+            ):
                 await self._session_gone(session, upstream.status, request_body)
             return await relay_buffered(request, upstream, body)
         relay = StreamRelay(upstream, long_lived)
@@ -494,6 +504,35 @@ class Proxy:
             timer.upstream_answered()
             if session is not None:
                 session.relays.discard(relay)
+
+    @staticmethod
+    def _note_accepted_version(
+        request: web.Request, upstream: aiohttp.ClientResponse, session: Session
+    ) -> None:
+        version = request.headers.get(PROTOCOL_HEADER)
+        if version and 200 <= upstream.status < 300 and version != session.protocol_version:
+            session.protocol_version = version
+
+    def _answers_for_session(self, request: web.Request, session: Session) -> bool:
+        """Whether an upstream "not found" on this request speaks about the session.
+
+        Only the exact MCP endpoint's 404 means "no such session" (SPEC 2.1): the same 404 on
+        another spelling or path is the router's "no such route" (FastMCP's routes are
+        case-sensitive), and believing it would stop tracking a session the upstream still
+        holds. A legacy session is different: closing it cuts its stream, which frees it
+        upstream whatever the 404 meant.
+        """
+        if session.transport is not Transport.STREAMABLE_HTTP:
+            return True
+        return request.path == self.options.mcp_path
+
+    def _closed_upstream_by(self, request: web.Request, status: int) -> bool:
+        """Did the client's own DELETE close the session upstream? Only a 2xx, 404 or 405 from
+        the exact endpoint says so (SPEC 2.4); otherwise (5xx, another 4xx, another path)
+        the closer sends the sidecar's own DELETE, with the negotiated protocol version."""
+        if request.path != self.options.mcp_path:
+            return False
+        return 200 <= status < 300 or status in (404, 405)
 
     def _event_watcher(self, session: Session) -> EventHook:
         watch = ping_watcher(session)
@@ -518,10 +557,9 @@ class Proxy:
 
     # ---- checks and answers ----------------------------------------------------------------
     def _note_client_headers(self, request: web.Request, session: Session) -> None:
-        """Remember what a later upstream DELETE must carry (SPEC 2.4)."""
-        version = request.headers.get(PROTOCOL_HEADER)
-        if version and version != session.protocol_version:
-            session.protocol_version = version
+        """Remember what a later upstream DELETE must carry (SPEC 2.4). The protocol version
+        is taken only from a request the upstream accepted (`_note_accepted_version`): a
+        bogus one the upstream refused must not make the sidecar's own DELETE fail too."""
         used = credentials(request)
         if used:
             session.credentials = used
