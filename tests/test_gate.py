@@ -15,23 +15,20 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.peers.mcp_clients import ACCEPT_BOTH, PROTOCOL_VERSION, RawSession, raw_client
+from tests.peers.mcp_clients import (
+    ACCEPT_BOTH,
+    PROTOCOL_VERSION,
+    RawSession,
+    initialize_message,
+    raw_client,
+)
 from tests.peers.node_peers import node_available, start_server_everything
 from tests.peers.processes import SidecarFactory, UpstreamHandle
 
 MCP_SPELLINGS = ("/MCP", "/Mcp", "/mcp/", "//mcp", "/mcp//", "/%6Dcp")
 MESSAGE_SPELLINGS = ("/messages/", "/messages", "/MESSAGES/", "/messages/x", "/messages//y")
 
-INITIALIZE: dict[str, Any] = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": PROTOCOL_VERSION,
-        "capabilities": {},
-        "clientInfo": {"name": "gate-test", "version": "1.0"},
-    },
-}
+INITIALIZE: dict[str, Any] = initialize_message("gate-test")
 PING = {"jsonrpc": "2.0", "id": 9, "method": "ping"}
 
 

@@ -35,7 +35,7 @@ import httpx
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.peers.mcp_clients import ACCEPT_BOTH, PROTOCOL_VERSION
+from tests.peers.mcp_clients import ACCEPT_BOTH, PROTOCOL_VERSION, initialize_message
 
 SIDECAR_500 = "Internal error in mcp-sidecar"
 ALICE = "Bearer fuzz-alice"
@@ -323,16 +323,7 @@ class FuzzTarget:
         headers = {"Accept": ACCEPT_BOTH, "Content-Type": "application/json"}
         if identity is not None:
             headers["Authorization"] = identity
-        message = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": PROTOCOL_VERSION,
-                "capabilities": {},
-                "clientInfo": {"name": "fuzz-pool", "version": "1.0"},
-            },
-        }
+        message = initialize_message("fuzz-pool")
         answer = self.http.post(self.base + "/mcp", json=message, headers=headers)
         assert answer.status_code == 200, answer.text
         session_id = answer.headers["mcp-session-id"]

@@ -109,6 +109,20 @@ async def live_sessions(session: ClientSession) -> int:
     return int(text_of(await session.call_tool("live_sessions")))
 
 
+def initialize_message(client_name: str, request_id: int = 1) -> dict[str, Any]:
+    """An `initialize` request as the SDK clients send it."""
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": PROTOCOL_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": client_name, "version": "1.0"},
+        },
+    }
+
+
 # ---- the raw client -----------------------------------------------------------------------
 
 
@@ -171,17 +185,7 @@ class RawSession:
         self, client_name: str = "lifecycle-test", *, notify: bool = True
     ) -> httpx.Response:
         """initialize (+ notifications/initialized); keeps the session id from the answer."""
-        message = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": PROTOCOL_VERSION,
-                "capabilities": {},
-                "clientInfo": {"name": client_name, "version": "1.0"},
-            },
-        }
-        response = await self.post(message)
+        response = await self.post(initialize_message(client_name))
         if response.status_code != 200:
             return response
         self.session_id = response.headers["mcp-session-id"]
