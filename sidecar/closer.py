@@ -109,6 +109,7 @@ class UpstreamCloser:
             self._credentials.pop(pending.session_id, None)
             await self.store.drop_pending(pending.session_id)
         except StoreError as exc:
+            self.metrics.store_errors.labels("pending").inc()
             log.error(
                 "could not record the upstream close of %s: %s", short(pending.session_id), exc
             )
