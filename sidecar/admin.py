@@ -125,8 +125,8 @@ async def list_sessions(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     query = request.query
     state = query.get("state", "live")
-    if state not in ("live", "closed"):
-        return _error(400, f"state={state!r} is not allowed; use 'live' or 'closed'")
+    if state not in ("live", "dormant", "closed"):
+        return _error(400, f"state={state!r} is not allowed; use 'live', 'dormant' or 'closed'")
     try:
         limit = _int_param(query.get("limit"), DEFAULT_PAGE, 1, MAX_PAGE, "limit")
         offset = _int_param(query.get("offset"), 0, 0, None, "offset")
@@ -135,6 +135,8 @@ async def list_sessions(request: web.Request) -> web.Response:
     client = query.get("client", "")
     if state == "live":
         sessions = list(service.manager.live.values())
+    elif state == "dormant":
+        sessions = list(service.manager.dormant)
     else:
         sessions = await service.store.load(State.CLOSED)
     matching = listing(sessions, client)
@@ -162,8 +164,14 @@ def _int_param(raw: str | None, default: int, low: int, high: int | None, name: 
     return value
 
 
+def _usable(service: Service, session_id: str) -> Session | None:
+    """A live or dormant session: the ones an admin can still close or pin."""
+    manager = service.manager
+    return manager.live.get(session_id) or manager.dormant.get(session_id)
+
+
 async def _find(service: Service, session_id: str) -> Session | None:
-    return service.manager.live.get(session_id) or await service.store.get(session_id)
+    return _usable(service, session_id) or await service.store.get(session_id)
 
 
 async def show_session(request: web.Request) -> web.Response:
@@ -176,7 +184,7 @@ async def show_session(request: web.Request) -> web.Response:
 
 async def close_session(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    session = service.manager.live.get(request.match_info["id"])
+    session = _usable(service, request.match_info["id"])
     if session is None:
         known = await service.store.get(request.match_info["id"])
         return _error(

@@ -21,14 +21,20 @@ from .closer import UpstreamCloser
 from .config import Settings
 from .errors import StoreError
 from .gone import GonePatterns
-from .legacy import LegacyProxy
 from .manager import Clock, Limits, SessionManager
 from .metrics import Metrics
-from .proxy import ProxyOptions
 from .sessions import Policy
-from .store import Store
+from .store import Store, open_store
 from .sweeper import Sweeper
-from .upstream import Upstream
+from .transports import (
+    Forwarder,
+    LegacySse,
+    ProxyOptions,
+    Resumer,
+    Router,
+    StreamableHttp,
+)
+from .upstream import Upstream, UpstreamPool
 
 log = logging.getLogger("sidecar.app")
 
@@ -43,6 +49,8 @@ def policy_from(settings: Settings) -> Policy:
         open_stream_keeps_alive=s.open_stream_keeps_alive,
         ignore_methods=frozenset(s.ignore_methods),
         call_timeout=settings.upstream.read_timeout,
+        idle_action=s.idle_action,
+        dormant_ttl=s.dormant_ttl,
     )
 
 
@@ -66,6 +74,7 @@ def options_from(settings: Settings) -> ProxyOptions:
         messages_path=settings.upstream.messages_path,
         mcp_path=settings.upstream.path,
         sse_path=settings.upstream.sse_path,
+        recover_lost=settings.upstream.recover_lost,
     )
 
 
@@ -75,10 +84,10 @@ class Service:
     def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.store = Store(settings.store.path)
+        self.store: Store = open_store(settings.store.path)
         up = settings.upstream
-        self.upstream = Upstream(up.url, up.connect_timeout, up.read_timeout, up.headers)
-        self.closer = UpstreamCloser(self.upstream, self.store, self.metrics, clock)
+        self.upstreams = UpstreamPool(up.url, up.connect_timeout, up.read_timeout, up.headers)
+        self.closer = UpstreamCloser(self.upstreams, self.store, self.metrics, clock)
         self.manager = SessionManager(
             self.store,
             self.closer,
@@ -88,13 +97,17 @@ class Service:
             tombstone_ttl=settings.sessions.tombstone_ttl,
             clock=clock,
         )
-        self.proxy = LegacyProxy(
+        self.forwarder = Forwarder(
             self.manager,
-            self.upstream,
+            self.upstreams,
             self.metrics,
             options_from(settings),
             GonePatterns(settings.upstream.session_gone),
         )
+        self.resumer = Resumer(self.forwarder)
+        self.streamable = StreamableHttp(self.forwarder, self.resumer)
+        self.legacy = LegacySse(self.forwarder, self.streamable)
+        self.router = Router(self.forwarder, self.streamable, self.legacy)
         self.sweeper = Sweeper(
             self.manager, settings.sessions.effective_sweep_interval, settings.store.flush_interval
         )
@@ -105,7 +118,7 @@ class Service:
         """Open the store, restore sessions and start the background loops."""
         await self.store.open()
         try:
-            await self.upstream.start()
+            await self.upstreams.start()
             self._tasks.append(asyncio.create_task(self.closer.run(), name="sidecar-closer"))
             await self.manager.restore()
             self._tasks += self.sweeper.tasks()
@@ -128,8 +141,13 @@ class Service:
                 exc,
                 self.settings.store.flush_interval,
             )
-        await self.upstream.close()
+        await self.upstreams.close()
         await self.store.close()
+
+    @property
+    def upstream(self) -> Upstream:
+        """The upstream that answers requests of no session (the only one, so far)."""
+        return self.upstreams.primary
 
     @property
     def tasks(self) -> tuple[asyncio.Task[None], ...]:
@@ -160,13 +178,13 @@ class Service:
         self.manager.policy = policy_from(new)
         self.manager.limits = limits_from(new)
         self.manager.tombstone_ttl = new.sessions.tombstone_ttl
-        self.proxy.options = options_from(new)
-        self.proxy.gone = GonePatterns(new.upstream.session_gone)
+        self.forwarder.options = options_from(new)
+        self.forwarder.gone = GonePatterns(new.upstream.session_gone)
         self.sweeper.sweep_interval = new.sessions.effective_sweep_interval
         self.sweeper.flush_interval = new.store.flush_interval
-        self.upstream.connect_timeout = new.upstream.connect_timeout
-        self.upstream.read_timeout = new.upstream.read_timeout
-        self.upstream.static_headers = dict(new.upstream.headers)
+        self.upstreams.configure(
+            new.upstream.connect_timeout, new.upstream.read_timeout, new.upstream.headers
+        )
         sidecar_log.set_level(new.log.level)
         self.settings = new.model_copy(
             update={
@@ -191,7 +209,10 @@ class Service:
 
         In-flight POST answers are left to finish within `server.drain_timeout`.
         """
-        relays = [r for s in self.manager.live.values() for r in s.relays if r.long_lived]
+        sessions = [*self.manager.live.values(), *self.manager.dormant]
+        relays = [
+            r for s in sessions if s.runtime is not None for r in s.runtime.relays if r.long_lived
+        ]
         for relay in relays:
             relay.abort()
         return len(relays)
@@ -223,15 +244,15 @@ def build_proxy_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app.cleanup_ctx.append(_service_lifecycle)
     app.on_shutdown.append(_end_streams)
-    proxy = service.proxy
+    handle_mcp = service.streamable.handle_mcp
     path = service.settings.upstream.path
-    app.router.add_route("*", path, proxy.handle_mcp)
+    app.router.add_route("*", path, handle_mcp)
     if path != "/" and path.endswith("/"):
-        app.router.add_route("*", path.rstrip("/"), proxy.handle_mcp)
+        app.router.add_route("*", path.rstrip("/"), handle_mcp)
     elif path != "/":
-        app.router.add_route("*", path + "/", proxy.handle_mcp)
+        app.router.add_route("*", path + "/", handle_mcp)
     _add_legacy_routes(app, service)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle_passthrough)
+    app.router.add_route("*", "/{tail:.*}", service.router.handle_passthrough)
     return app
 
 
@@ -240,8 +261,8 @@ def _add_legacy_routes(app: web.Application, service: Service) -> None:
     upstream = service.settings.upstream
     taken = {upstream.path, upstream.path.rstrip("/")}
     for path, handler in (
-        (upstream.sse_path, service.proxy.handle_sse),
-        (upstream.messages_path, service.proxy.handle_message),
+        (upstream.sse_path, service.legacy.handle_sse),
+        (upstream.messages_path, service.legacy.handle_message),
     ):
         for variant in {path, path.rstrip("/") or "/"} - taken:
             app.router.add_route("*", variant, handler)

@@ -24,7 +24,7 @@ from .errors import StoreError, UpstreamError
 from .metrics import Metrics
 from .sessions import short
 from .store import PendingClose, Store
-from .upstream import Upstream
+from .upstream import UpstreamPool
 
 log = logging.getLogger("sidecar.closer")
 
@@ -38,17 +38,17 @@ PARALLEL_CLOSES = 8
 class UpstreamCloser:
     def __init__(
         self,
-        upstream: Upstream,
+        upstreams: UpstreamPool,
         store: Store,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.upstream = upstream
+        self.upstreams = upstreams
         self.store = store
         self.metrics = metrics
         self.clock = clock
         self._queue: list[tuple[float, int, PendingClose]] = []
-        self._credentials: dict[str, Mapping[str, str]] = {}
+        self._credentials: dict[tuple[str, str], Mapping[str, str]] = {}
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(PARALLEL_CLOSES)
@@ -56,7 +56,7 @@ class UpstreamCloser:
 
     def schedule(self, pending: PendingClose, credentials: Mapping[str, str]) -> None:
         if credentials:
-            self._credentials[pending.session_id] = dict(credentials)
+            self._credentials[pending.key] = dict(credentials)
         heapq.heappush(self._queue, (pending.next_attempt_at, next(self._seq), pending))
         self._wake.set()
 
@@ -106,8 +106,8 @@ class UpstreamCloser:
                     pending.attempts + 1,
                     error,
                 )
-            self._credentials.pop(pending.session_id, None)
-            await self.store.drop_pending(pending.session_id)
+            self._credentials.pop(pending.key, None)
+            await self.store.drop_pending(pending)
         except StoreError as exc:
             self.metrics.store_errors.labels("pending").inc()
             log.error(
@@ -117,9 +117,17 @@ class UpstreamCloser:
             self._slots.release()
 
     async def _delete(self, pending: PendingClose) -> tuple[str, str]:
-        credentials = self._credentials.get(pending.session_id, {})
+        credentials = self._credentials.get(pending.key, {})
+        upstream = self.upstreams.member(pending.upstream)
+        if upstream is None:
+            log.warning(
+                "cannot close session %s upstream: its upstream %s is no longer configured",
+                short(pending.session_id),
+                pending.upstream,
+            )
+            return "refused", "upstream no longer configured"
         try:
-            status = await self.upstream.delete_session(
+            status = await upstream.delete_session(
                 pending.session_id, pending.protocol_version, credentials
             )
         except UpstreamError as exc:

@@ -40,6 +40,7 @@ from sidecar.config_render import render_toml
 from sidecar.config_values import (
     BindTo,
     Duration,
+    IdleAction,
     ListenAddress,
     LogFormat,
     LogLevel,
@@ -169,6 +170,11 @@ class UpstreamSettings(_Section):
         default_factory=list,
         description='Extra regexes on "<status> <body>" that mean "session not found" upstream.',
     )
+    recover_lost: bool = Field(
+        default=False,
+        description="Re-create a session the upstream lost (404 or session gone) behind the "
+        "client's id and send the request again, once.",
+    )
 
     @property
     def path(self) -> str:
@@ -226,6 +232,14 @@ class SessionSettings(_Section):
     )
     tombstone_ttl: Duration = Field(
         default=604800.0, ge=0, description="How long a closed session's id keeps getting 404."
+    )
+    idle_action: IdleAction = Field(
+        default="close",
+        description='What an idle session gets: "close" it, or "hibernate" it (the upstream '
+        "session is closed, the client's id kept and resumed on its next request).",
+    )
+    dormant_ttl: Duration = Field(
+        default=604800.0, gt=0, description="How long a hibernated session's id can be resumed."
     )
 
     @property
@@ -331,7 +345,8 @@ class Settings(BaseSettings):
         return (
             f"session lifecycle: idle_timeout={_seconds(s.idle_timeout)} "
             f"sweep_interval={_seconds(s.effective_sweep_interval)} max_lifetime={lifetime} "
-            f"persistent={str(s.persistent).lower()} store={self.store.path}"
+            f"persistent={str(s.persistent).lower()} idle_action={s.idle_action} "
+            f"recover_lost={str(self.upstream.recover_lost).lower()} store={self.store.path}"
         )
 
 

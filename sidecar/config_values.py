@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 OnLimit = Literal["reject", "evict_idle"]
 UnknownSessions = Literal["reject", "forward"]
 BindTo = Literal["identity", "none"]
+IdleAction = Literal["close", "hibernate"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 

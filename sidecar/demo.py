@@ -4,7 +4,9 @@ It starts a real MCP server (the Python SDK's FastMCP, stateful Streamable HTTP,
 idle reaper switched off so only the sidecar expires sessions), the sidecar in front of it
 with a few seconds of idle timeout, and the SDK's own client. The client creates a session,
 calls a tool, goes quiet, gets the 404 that tells it the session expired, and starts a new
-one, while the demo shows what the server itself holds at each step. Needs the `demo` extra
+one, while the demo shows what the server itself holds at each step. Then the same with
+`idle_action = "hibernate"`: the quiet client's session is freed on the server, and the same
+client, never re-initialized, calls a tool again behind its unchanged id. Needs the `demo` extra
 (`pip install 'mcp-sidecar[demo]'`), which brings the MCP SDK.
 """
 
@@ -53,13 +55,16 @@ def _free_port() -> int:
 
 async def _demo(idle_timeout: float) -> int:
     with tempfile.TemporaryDirectory(prefix="mcp-sidecar-demo-") as workdir:
-        async with (
-            _upstream() as (upstream_url, live_upstream_sessions),
-            _sidecar(upstream_url, idle_timeout, Path(workdir)) as sidecar_url,
-        ):
+        async with _upstream() as (upstream_url, live_upstream_sessions):
             say(f"1. MCP server (FastMCP, Streamable HTTP) at {upstream_url}")
-            say(f"2. mcp-sidecar in front of it at {sidecar_url} (idle_timeout={idle_timeout:g}s)")
-            await _client_story(sidecar_url, idle_timeout, live_upstream_sessions)
+            async with _sidecar(upstream_url, idle_timeout, Path(workdir) / "a.db") as url:
+                say(f"2. mcp-sidecar in front of it at {url} (idle_timeout={idle_timeout:g}s)")
+                await _client_story(url, idle_timeout, live_upstream_sessions)
+            async with _sidecar(
+                upstream_url, idle_timeout, Path(workdir) / "b.db", idle_action="hibernate"
+            ) as url:
+                say(f'10. now a sidecar with idle_action="hibernate" at {url}')
+                await _hibernate_story(url, idle_timeout, live_upstream_sessions)
     return 0
 
 
@@ -95,7 +100,33 @@ async def _client_story(url: str, idle_timeout: float, live: Any) -> None:
             f"the server holds {live()} session(s)"
         )
     await asyncio.sleep(STEP_PAUSE)
-    say("9. done: one session expired, closed upstream, and re-created by the client")
+    say("9. one session expired, closed upstream, and re-created by the client")
+
+
+async def _hibernate_story(url: str, idle_timeout: float, live: Any) -> None:
+    """A client that never re-initializes (as many IDEs): hibernated, then resumed."""
+    async with _client(url) as (client, session_id):
+        first_id = session_id()
+        result = await client.call_tool("shout", {"text": "hello"})
+        say(
+            f"11. client session {short(first_id)}: shout('hello') -> {_text(result)}; "
+            f"the server holds {live()} session(s)"
+        )
+        wait = idle_timeout + 2
+        say(f"12. the client goes quiet for {wait:g}s...")
+        await asyncio.sleep(wait)
+        say(
+            f"13. the sidecar hibernated the session: closed upstream with DELETE, the server "
+            f"holds {live()} session(s), the client's id {short(first_id)} is kept dormant"
+        )
+        result = await client.call_tool("shout", {"text": "still there?"})
+        same = "unchanged" if session_id() == first_id else "CHANGED"
+        say(
+            f"14. the same client, without re-initializing: shout('still there?') -> "
+            f"{_text(result)}; its session id is {same}; the server holds {live()} session(s)"
+        )
+    await asyncio.sleep(STEP_PAUSE)
+    say("15. done: the server's memory was freed while the client idled, and it never noticed")
 
 
 def _text(result: Any) -> str:
@@ -153,7 +184,9 @@ async def _upstream() -> AsyncIterator[tuple[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def _sidecar(upstream_url: str, idle_timeout: float, workdir: Path) -> AsyncIterator[str]:
+async def _sidecar(
+    upstream_url: str, idle_timeout: float, db: Path, idle_action: str = "close"
+) -> AsyncIterator[str]:
     port = _free_port()
     settings = load_settings(
         None,
@@ -161,14 +194,18 @@ async def _sidecar(upstream_url: str, idle_timeout: float, workdir: Path) -> Asy
         overrides={
             "server": {"listen": f"127.0.0.1:{port}"},
             "upstream": {"url": upstream_url},
-            "sessions": {"idle_timeout": idle_timeout, "sweep_interval": 0.5},
-            "store": {"path": str(workdir / "sessions.db"), "flush_interval": 0.5},
+            "sessions": {
+                "idle_timeout": idle_timeout,
+                "sweep_interval": 0.5,
+                "idle_action": idle_action,
+            },
+            "store": {"path": str(db), "flush_interval": 0.5},
             "admin": {"listen": f"127.0.0.1:{_free_port()}"},
         },
     )
     server = Server(settings)
     logging.getLogger("sidecar").setLevel(logging.WARNING)
-    for name in ("sidecar.sessions", "sidecar.closer"):
+    for name in ("sidecar.sessions", "sidecar.closer", "sidecar.resume"):
         logging.getLogger(name).setLevel(logging.INFO)
     await server.start()
     try:

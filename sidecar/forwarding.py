@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .sse import Event, EventSplitter
+from .upstream.client import SESSION_HEADER
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -73,8 +74,15 @@ def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     headers[name] = f"{existing}, {value}" if existing else value
 
 
-def client_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    return _end_to_end(upstream.headers)
+def client_response_headers(
+    upstream: aiohttp.ClientResponse, session_id: str | None = None
+) -> CIMultiDict[str]:
+    """The answer's headers for the client; an upstream session id becomes the client's own
+    (behind a resumed session the two differ, SPEC 2.7)."""
+    headers = _end_to_end(upstream.headers)
+    if session_id is not None and SESSION_HEADER in headers:
+        headers[SESSION_HEADER] = session_id
+    return headers
 
 
 def is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
@@ -105,14 +113,17 @@ class StreamRelay:
 
 
 async def relay_buffered(
-    request: web.Request, upstream: aiohttp.ClientResponse, body: bytes
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    body: bytes,
+    session_id: str | None = None,
 ) -> web.Response:
     """Relay a response whose body was already read (JSON-RPC answers, errors)."""
     response = web.Response(
         status=upstream.status,
         reason=upstream.reason,
         body=body,
-        headers=client_response_headers(upstream),
+        headers=client_response_headers(upstream, session_id),
     )
     await response.prepare(request)
     return response
@@ -123,14 +134,16 @@ async def relay_stream(
     upstream: aiohttp.ClientResponse,
     relay: StreamRelay,
     on_event: EventHook | None,
+    *,
     on_prepared: Callable[[], None] | None = None,
+    session_id: str | None = None,
 ) -> web.StreamResponse:
     """Relay a streaming response; SSE event by event so each reaches the client whole.
 
     Returns when the upstream ends, the relay is aborted, or the client goes away; the
     client's side is always ended cleanly so an SDK client sees its stream finish.
     """
-    headers = client_response_headers(upstream)
+    headers = client_response_headers(upstream, session_id)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     inspect = is_event_stream(upstream) and is_identity_encoded(upstream)
     if inspect:
@@ -138,9 +151,21 @@ async def relay_stream(
     await response.prepare(request)
     if on_prepared is not None:
         on_prepared()
+    return await pump_into(response, upstream, relay, on_event if inspect else None, inspect)
+
+
+async def pump_into(
+    response: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    relay: StreamRelay,
+    on_event: EventHook | None,
+    inspect: bool = True,
+) -> web.StreamResponse:
+    """Copy an upstream stream into a client response already prepared (a relayed stream, or
+    a held one joined to the upstream once its session resumed), and end it cleanly."""
     client_gone = False
     try:
-        await _pump(upstream, response, on_event if inspect else None, inspect)
+        await _pump(upstream, response, on_event, inspect)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         client_gone = relay.client_gone = True
     except asyncio.CancelledError:

@@ -1,44 +1,56 @@
-"""The session table and every decision about it: look up, admit, create, touch, close.
+"""The session table and every decision about it: look up, admit, create, touch, close,
+hibernate and resume.
 
-The proxy, the sweeper and the admin API all act through one `SessionManager`, so a rule
-(expiry, binding, limits, closing) is written once. The per-request methods (`resolve`,
-`touch`, `begin_call`) are synchronous and touch no SQL: activity is marked dirty and written
-behind by `flush()`. Creating and closing await the store, because SPEC 2.6 wants both
-committed before the client hears about them.
+The transports, the sweeper and the admin API all act through one `SessionManager`, so a rule
+(expiry, binding, limits, closing) is written once, and nothing else changes a session's
+fields. Limit accounting lives in `admission.py`, closed and dormant ids in `tombstones.py`.
+The per-request methods (`resolve`, `touch`, `begin_call`) are synchronous and touch no SQL:
+activity is marked dirty and written behind by `flush()`. Creating, closing, hibernating and
+resuming await the store, because SPEC 2.6 wants them committed before the client hears.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
 
+from .activity import Use
+from .admission import Admission, LimitReachedError, Limits
 from .aio import uncancellable
 from .clients import StuckClients, client_label
 from .closer import UpstreamCloser
 from .errors import StoreError
+from .jsonrpc import RequestId
 from .log import Throttled
 from .metrics import Metrics
 from .sessions import (
     ACTIVE_WINDOW,
+    Binding,
     CloseReason,
     Policy,
+    ResumeState,
     Session,
     State,
     Tombstone,
     Transport,
 )
 from .store import ActivityRow, PendingClose, Store
+from .tombstones import MAX_TOMBSTONES_IN_MEMORY, DormantSessions, Tombstones
 
 log = logging.getLogger("sidecar.sessions")
 
-# Closed ids kept in memory to answer 404 and name stuck clients (~300 bytes each, so about
-# 60 MB at the cap); older ones live on in the store until tombstone_ttl.
-MAX_TOMBSTONES_IN_MEMORY = 200_000
+__all__ = [
+    "MAX_TOMBSTONES_IN_MEMORY",
+    "Clock",
+    "LimitReachedError",
+    "Limits",
+    "Outcome",
+    "Resolution",
+    "SessionManager",
+]
 
 Clock = Callable[[], float]
 
@@ -50,29 +62,13 @@ class Outcome(StrEnum):
     EXPIRED = "expired"  # expired now, or closed earlier (tombstone)
     UNKNOWN = "unknown"
     BINDING = "binding"  # exists, but belongs to another client identity
+    DORMANT = "dormant"  # hibernated: the next request resumes it (SPEC 2.7)
 
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
     outcome: Outcome
     session: Session | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_sessions: int = 0
-    max_sessions_per_client: int = 0
-    on_limit: Literal["reject", "evict_idle"] = "reject"
-    bind_to: Literal["identity", "none"] = "identity"
-    persistent_default: bool = False
-
-
-class LimitReachedError(Exception):
-    """`initialize` refused: the session limit is reached and `on_limit` is "reject"."""
-
-    def __init__(self, scope: str) -> None:
-        self.scope = scope
-        super().__init__(f"session limit reached ({scope})")
 
 
 class SessionManager:
@@ -94,29 +90,34 @@ class SessionManager:
         self.limits = limits
         self.tombstone_ttl = tombstone_ttl
         self.clock = clock
-        self.live: dict[str, Session] = {}
-        # Oldest first (insertion order is closing order), so expiry and the cap pop the front.
-        self.tombstones: OrderedDict[str, Tombstone] = OrderedDict()
+        self.live: dict[str, Session] = {}  # sessions with an upstream binding
+        self.dormant = DormantSessions()
+        self.tombstones = Tombstones()
         self.stuck = StuckClients()
-        self._per_client: Counter[str] = Counter()
-        self._reserved = 0  # initializes admitted but not yet answered (limit accounting)
-        self._pending: Counter[str] = Counter()  # the same, per client identity
+        self.admission = Admission()
         # Closes the store refused (disk full, locked): rewritten by every flush until it works.
         self._unpersisted_closes: list[tuple[Session, PendingClose | None]] = []
         self._store_log = Throttled(log)
         self._dirty: set[str] = set()
+        self._resume_dirty: set[str] = set()
         metrics.bind_session_counts(
-            lambda: {"live": len(self.live), "closed": len(self.tombstones)}
+            lambda: {
+                "live": len(self.live),
+                "dormant": len(self.dormant),
+                "closed": len(self.tombstones),
+            }
         )
 
     # ---- request path ------------------------------------------------------------------
     async def resolve(self, session_id: str, identity: str) -> Resolution:
-        """Map a request's session id to a live session, closing it if it just expired.
+        """Map a request's session id to a live (or dormant) session, ending it if it just
+        expired.
 
         Expiry is decided here, at request time, so an expired id never reaches the upstream
-        even if the sweeper has not run yet (SPEC 2.4).
+        even if the sweeper has not run yet (SPEC 2.4). A live session that went idle under
+        `idle_action = "hibernate"` is hibernated here and resolves as dormant.
         """
-        session = self.live.get(session_id)
+        session = self.live.get(session_id) or self.dormant.get(session_id)
         if session is None:
             tombstone = self.tombstones.get(session_id)
             if tombstone is None:
@@ -126,14 +127,27 @@ class SessionManager:
         if self.limits.bind_to == "identity" and session.client != identity:
             return Resolution(Outcome.BINDING)
         now = self.clock()
-        if session.pending_calls:
-            session.forget_stale_calls(now, self.policy)
+        session.forget_stale_calls(now, self.policy)
         reason = session.expiry_reason(self.policy, now)
-        if reason is not None:
+        if reason is not None and self._hibernates(session, reason):
+            await self.hibernate_many([session])
+        elif reason is not None:
             await self.close(session, reason)
             self.stuck.record(_label(session), session_id, self.clock())
             return Resolution(Outcome.EXPIRED)
+        if session.dormant:
+            return Resolution(Outcome.DORMANT, session)
         return Resolution(Outcome.LIVE, session)
+
+    def _hibernates(self, session: Session, reason: CloseReason) -> bool:
+        """SPEC 2.7: an idle Streamable HTTP session that can be re-created is hibernated."""
+        return (
+            reason is CloseReason.IDLE_TIMEOUT
+            and self.policy.idle_action == "hibernate"
+            and session.live
+            and session.transport is Transport.STREAMABLE_HTTP
+            and session.resume is not None
+        )
 
     def touch(self, session: Session) -> None:
         """Record client activity (SPEC 2.3); written to the store by the next flush."""
@@ -144,8 +158,53 @@ class SessionManager:
         session.requests += 1
         self._dirty.add(session.id)
 
+    def note_use(self, session: Session, use: Use) -> None:
+        """What a client POST meant (`activity.classify`): answers to relayed server pings
+        are forgotten (they were not use), and use moves the clock."""
+        if use.ping_answers and session.runtime is not None:
+            for request_id in use.ping_answers:
+                session.runtime.server_pings.pop(request_id, None)
+        if use.counts:
+            self.touch(session)
+
+    def remember_server_ping(self, session: Session, request_id: RequestId) -> None:
+        session.remember_server_ping(request_id)
+
+    def note_credentials(self, session: Session, used: dict[str, str]) -> None:
+        """What a later upstream DELETE (or resume) must carry (SPEC 2.4); memory only."""
+        if used:
+            session.credentials = used
+
+    def note_protocol_version(self, session: Session, version: str) -> None:
+        if version != session.protocol_version:
+            session.protocol_version = version
+            self._dirty.add(session.id)
+
+    def note_client_info(self, session: Session, client_info: str, version: str | None) -> None:
+        """The legacy transport's initialize arrives after the session exists: label it then."""
+        session.client_info = session.client_info or client_info
+        session.protocol_version = version or session.protocol_version
+        self._dirty.add(session.id)
+
+    def note_setup(self, session: Session, resume: ResumeState) -> None:
+        """The client changed session-scoped setup a resume must replay (written behind)."""
+        session.resume = resume
+        self._dirty.add(session.id)
+        self._resume_dirty.add(session.id)
+
     def begin_call(self, session: Session) -> None:
         session.in_flight += 1
+
+    def begin_legacy_calls(self, session: Session, call_ids: Iterable[RequestId]) -> None:
+        """Legacy transport: each call is in flight until its answer shows on the stream."""
+        now = self.clock()
+        for call_id in call_ids:
+            session.call_started(call_id, now)
+
+    def end_legacy_calls(self, session: Session, call_ids: Iterable[RequestId]) -> bool:
+        """Answered (or refused): True if any was in flight. An answer is activity."""
+        ended = [call_id for call_id in call_ids if session.call_answered(call_id)]
+        return bool(ended)
 
     def abandon_call(self, session: Session) -> None:
         """A call that never reached the upstream: undone, and not activity."""
@@ -194,22 +253,15 @@ class SessionManager:
             victims.append(victim)
         for victim in victims:
             self._mark_closed(victim, CloseReason.EVICTED, now)
-        self._reserved += 1
-        self._pending[identity] += 1
+        self.admission.reserve(identity)
         return victims
 
     def _used(self, owner: str | None) -> int:
-        """Sessions and admitted-but-unanswered initializes, in all or one client's scope."""
-        if owner is None:
-            return len(self.live) + self._reserved
-        return self._per_client[owner] + self._pending[owner]
+        return self.admission.used(owner, len(self.live))
 
     def release(self, identity: str) -> None:
-        """The admitted `initialize` of `identity` is over (session created or not)."""
-        self._reserved = max(0, self._reserved - 1)
-        self._pending[identity] -= 1
-        if self._pending[identity] <= 0:
-            del self._pending[identity]
+        """The admitted `initialize` (or resume) of `identity` is over, whatever came of it."""
+        self.admission.release(identity)
 
     def _eviction_candidate(self, owner: str | None, taken: list[Session]) -> Session | None:
         candidates = [
@@ -233,6 +285,8 @@ class SessionManager:
         client_info: str = "",
         credentials: dict[str, str] | None = None,
         upstream_endpoint: str | None = None,
+        resume: ResumeState | None = None,
+        upstream: str = "",
     ) -> Session:
         """Track a session the upstream just created; committed before this returns.
 
@@ -251,17 +305,19 @@ class SessionManager:
             user_agent=user_agent,
             client_info=client_info,
             requests=1,
-            credentials=credentials or {},
             upstream_endpoint=upstream_endpoint,
+            binding=Binding(upstream, session_id),
+            resume=resume,
         )
+        session.credentials = credentials or {}
         return await uncancellable(self._register(session))
 
     async def _register(self, session: Session) -> Session:
         await self.store.insert(session)
         session_id, identity = session.id, session.client
-        self.tombstones.pop(session_id, None)
+        self.tombstones.forget(session_id)
         self.live[session_id] = session
-        self._per_client[identity] += 1
+        self.admission.bound(identity)
         self.metrics.sessions_created.inc()
         log.info(
             "created session %s transport=%s client=%s",
@@ -286,7 +342,7 @@ class SessionManager:
         404; the store write then makes the close durable before callers acknowledge it.
         """
         now = self.clock()
-        closing = [s for s in sessions if s.live]
+        closing = [s for s in sessions if s.usable]
         for session in closing:
             self._mark_closed(session, reason, now)
         await uncancellable(self._persist_closes(closing, reason, upstream_done, now))
@@ -311,7 +367,8 @@ class SessionManager:
         for session, pending in closes:
             if pending is not None:
                 self.closer.schedule(pending, session.credentials)
-            session.credentials = {}
+            if session.runtime is not None:
+                session.runtime.credentials = {}
             self.metrics.sessions_closed.labels(reason.value).inc()
             log.info(
                 "closed session %s reason=%s idle=%ds",
@@ -337,18 +394,28 @@ class SessionManager:
         log.info("store works again: %d closes written", len(closes))
 
     def _mark_closed(self, session: Session, reason: CloseReason, now: float) -> None:
+        was_live = session.live
         session.state = State.CLOSED
         session.close_reason = reason
         session.closed_at = now
-        self.live.pop(session.id, None)
+        self._unlist(session, was_live)
+        self.tombstones.remember(
+            Tombstone(session.id, reason, now, session.client, _label(session))
+        )
+
+    def _unlist(self, session: Session, was_live: bool) -> None:
+        """Out of the table (or the dormant set), its streams aborted."""
+        if was_live:
+            self.live.pop(session.id, None)
+            self.admission.unbound(session.client)
+        else:
+            self.dormant.remove(session.id)
         self._dirty.discard(session.id)
-        self._per_client[session.client] -= 1
-        if self._per_client[session.client] <= 0:
-            del self._per_client[session.client]
-        self._remember(Tombstone(session.id, reason, now, session.client, _label(session)))
-        for relay in list(session.relays):
-            relay.abort()
-        session.relays.clear()
+        self._resume_dirty.discard(session.id)
+        if session.runtime is not None:
+            for relay in list(session.runtime.relays):
+                relay.abort()
+            session.runtime.relays.clear()
 
     def _pending_close(
         self, session: Session, reason: CloseReason, upstream_done: bool, now: float
@@ -361,48 +428,105 @@ class SessionManager:
         """
         if upstream_done or session.transport is not Transport.STREAMABLE_HTTP:
             return None
-        if reason is CloseReason.UPSTREAM_GONE:
-            return None
-        return PendingClose(session.id, session.protocol_version, 0, now)
+        if reason is CloseReason.UPSTREAM_GONE or session.binding is None:
+            return None  # gone upstream already, or dormant: nothing is left to close there
+        binding = session.binding
+        return PendingClose(binding.session_id, session.protocol_version, 0, now, binding.upstream)
 
     async def set_persistent(self, session: Session, persistent: bool) -> None:
         await self.store.set_persistent(session.id, persistent)
         session.persistent = persistent
 
+    # ---- hibernation and resume (SPEC 2.7) ------------------------------------------------
+    async def hibernate_many(self, sessions: Iterable[Session]) -> None:
+        """Free the upstream as a close does (DELETE owed, streams aborted), keep the id.
+
+        Memory flips first, as for a close; if the store refuses the write, the sessions are
+        closed instead (their DELETEs owed as usual), because a dormant id that is live on
+        disk would be restored bound to an upstream session that no longer exists.
+        """
+        now = self.clock()
+        going = [s for s in sessions if s.live]
+        entries = []
+        for session in going:
+            pending = self._pending_close(session, CloseReason.IDLE_TIMEOUT, False, now)
+            entries.append((session, pending))
+            self._unlist(session, was_live=True)
+            session.state = State.DORMANT
+            session.dormant_since = now
+            session.binding = None
+            self.dormant.add(session)
+        try:
+            await uncancellable(self.store.hibernate_many(entries))
+        except StoreError as exc:
+            self.store_failed("hibernate", exc)
+            for session, _ in entries:
+                self.dormant.remove(session.id)
+                session.state = State.CLOSED
+                session.close_reason = CloseReason.IDLE_TIMEOUT
+                session.closed_at = now
+                self.tombstones.remember(
+                    Tombstone(
+                        session.id, CloseReason.IDLE_TIMEOUT, now, session.client, _label(session)
+                    )
+                )
+            self._unpersisted_closes.extend(entries)
+        for session, pending in entries:
+            if pending is not None:
+                self.closer.schedule(pending, session.credentials)
+            if session.runtime is not None and not session.runtime.relays:
+                session.runtime = None  # a dormant session costs only its record
+            self.metrics.sessions_hibernated.inc()
+            log.info(
+                "hibernated session %s reason=idle_timeout idle=%.1fs took=%.1fms",
+                session.short_id,
+                session.idle_seconds(now),
+                (self.clock() - now) * 1000,
+            )
+
+    async def rebind(self, session: Session, binding: Binding, cause: str) -> None:
+        """A resume succeeded: the session is live again behind a new upstream session.
+
+        Committed before the request that woke it is forwarded, so a crash right after
+        cannot restore it dormant while its new upstream session lives on unseen.
+        """
+        was_dormant = session.dormant
+        previous = session.binding
+        session.binding = binding
+        session.resumes += 1
+        try:
+            await uncancellable(self.store.rebind(session))
+        except BaseException:
+            session.binding = previous
+            session.resumes -= 1
+            raise
+        session.state = State.LIVE
+        session.dormant_since = None
+        if was_dormant:
+            self.dormant.remove(session.id)
+            self.live[session.id] = session
+            self.admission.bound(session.client)
+        self.metrics.sessions_resumed.labels(cause).inc()
+
     # ---- background work (sweeper, flusher, start-up) ------------------------------------
     async def sweep(self) -> int:
-        """Close every expired session; returns how many were closed."""
+        """End (or hibernate) every expired session; returns how many were ended."""
         now = self.clock()
         by_reason: dict[CloseReason, list[Session]] = {}
-        for session in list(self.live.values()):
+        hibernating: list[Session] = []
+        for session in [*self.live.values(), *self.dormant]:
             session.forget_stale_calls(now, self.policy)
             reason = session.expiry_reason(self.policy, now)
-            if reason is not None:
+            if reason is not None and self._hibernates(session, reason):
+                hibernating.append(session)
+            elif reason is not None:
                 by_reason.setdefault(reason, []).append(session)
+        if hibernating:
+            await self.hibernate_many(hibernating)
         for reason, sessions in by_reason.items():
             await self.close_many(sessions, reason)
-        self._forget_old_tombstones(now)
-        return sum(len(s) for s in by_reason.values())
-
-    def _remember(self, tombstone: Tombstone) -> None:
-        """Keep a closed id answering 404, within a memory bound.
-
-        Past MAX_TOMBSTONES_IN_MEMORY the oldest are forgotten here (they stay in the store
-        until tombstone_ttl): a forgotten id resolves as unknown, which gets the same 404
-        under `unknown = "reject"`, and is judged by the upstream under "forward".
-        """
-        self.tombstones.pop(tombstone.id, None)
-        self.tombstones[tombstone.id] = tombstone
-        while len(self.tombstones) > MAX_TOMBSTONES_IN_MEMORY:
-            self.tombstones.popitem(last=False)
-
-    def _forget_old_tombstones(self, now: float) -> None:
-        horizon = now - self.tombstone_ttl
-        while self.tombstones:
-            oldest = next(iter(self.tombstones.values()))
-            if oldest.closed_at >= horizon:
-                break
-            self.tombstones.popitem(last=False)
+        self.tombstones.forget_older_than(now - self.tombstone_ttl)
+        return sum(len(s) for s in by_reason.values()) + len(hibernating)
 
     async def purge_tombstones(self) -> int:
         count = await self.store.purge_tombstones(self.clock() - self.tombstone_ttl)
@@ -422,8 +546,16 @@ class SessionManager:
         if not self._dirty:
             return 0
         dirty, self._dirty = self._dirty, set()
+        resume_dirty, self._resume_dirty = self._resume_dirty, set()
         rows = [
-            ActivityRow(s.id, s.last_activity_at, s.requests, s.protocol_version, s.client_info)
+            ActivityRow(
+                s.id,
+                s.last_activity_at,
+                s.requests,
+                s.protocol_version,
+                s.client_info,
+                s.resume.to_json() if s.resume is not None and s.id in resume_dirty else None,
+            )
             for s in (self.live.get(i) for i in dirty)
             if s is not None
         ]
@@ -432,10 +564,12 @@ class SessionManager:
             await self.store.write_activity(rows)
         except StoreError as exc:
             self._dirty |= dirty  # try again next time rather than lose the activity
+            self._resume_dirty |= resume_dirty
             self.store_failed("activity", exc)
             return 0
         except Exception:
             self._dirty |= dirty
+            self._resume_dirty |= resume_dirty
             raise
         self.metrics.store_flush_duration.observe(time.perf_counter() - start)
         return len(rows)
@@ -447,7 +581,7 @@ class SessionManager:
         for tombstone_session in sorted(closed, key=lambda s: s.closed_at or 0.0):
             assert tombstone_session.close_reason is not None
             assert tombstone_session.closed_at is not None
-            self._remember(
+            self.tombstones.remember(
                 Tombstone(
                     tombstone_session.id,
                     tombstone_session.close_reason,
@@ -462,15 +596,19 @@ class SessionManager:
         restored = await self.store.load(State.LIVE)
         for session in restored:
             self.live[session.id] = session
-            self._per_client[session.client] += 1
+            self.admission.bound(session.client)
+        for session in await self.store.load(State.DORMANT):
+            self.dormant.add(session)
         legacy = [s for s in restored if s.transport is Transport.SSE]
         await self.close_many(legacy, CloseReason.RESTART)
         expired = await self.sweep()
         for pending in owed:
             self.closer.schedule(pending, {})
         log.info(
-            "restored %d live sessions (%d expired while stopped, %d legacy closed), %d tombstones",
+            "restored %d live and %d dormant sessions (%d expired while stopped, %d legacy "
+            "closed), %d tombstones",
             len(self.live),
+            len(self.dormant),
             expired,
             len(legacy),
             len(self.tombstones),
@@ -488,7 +626,8 @@ class SessionManager:
             "active": active,
             "idle": len(live) - active,
             "persistent": sum(1 for s in live if s.persistent),
-            "by_client": dict(self._per_client),
+            "dormant": len(self.dormant),
+            "by_client": dict(self.admission.per_client),
         }
 
 

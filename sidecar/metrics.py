@@ -31,7 +31,8 @@ OVERHEAD_BUCKETS = (
 )
 WORK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
-STORE_OPERATIONS = ("insert", "close", "activity", "pending")
+STORE_OPERATIONS = ("insert", "close", "activity", "pending", "hibernate", "resume")
+RESUME_CAUSES = ("hibernated", "upstream_lost")
 REJECT_REASONS = (
     "expired",
     "unknown",
@@ -117,14 +118,35 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.sessions_hibernated = Counter(
+            PREFIX + "sessions_hibernated",
+            "Idle sessions hibernated: upstream session closed, client id kept (SPEC 2.7).",
+            registry=r,
+        )
+        self.sessions_resumed = Counter(
+            PREFIX + "sessions_resumed",
+            "Upstream sessions re-created behind a client's unchanged id, by cause "
+            "(hibernated, upstream_lost).",
+            ["cause"],
+            registry=r,
+        )
+        self.resume_failures = Counter(
+            PREFIX + "resume_failures",
+            "Resumes that could not complete (replayed initialize refused, another protocol "
+            "version, upstream unreachable), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for cause in RESUME_CAUSES:
+            self.sessions_resumed.labels(cause)
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)  # export zeros so alerts can use rate() at once
 
     def bind_session_counts(self, counts: Callable[[], dict[str, int]]) -> None:
-        """Read the live/closed gauges from the session table at scrape time."""
-        for state in ("live", "closed"):
+        """Read the live/dormant/closed gauges from the session table at scrape time."""
+        for state in ("live", "dormant", "closed"):
             self.sessions.labels(state).set_function(_reader(counts, state))
 
     def render(self) -> bytes:

@@ -1,19 +1,25 @@
 """The session model: what the sidecar knows about one MCP session, and when it expires.
 
-A `Session` is plain data plus the rules that only need that data (expiry, activity). The
-fields above the marker are persisted by `store.py`; the ones below live only in memory:
-credentials (never written to disk, SPEC 2.4), the streams being relayed, and the ids of
-server-initiated pings whose answers must not count as activity (SPEC 2.3).
+A `Session` is the persisted record plus the rules that only need that data (expiry). Its
+`runtime` holds what lives only in this process: credentials (never written to disk, SPEC
+2.4), the streams being relayed, calls in flight, and the ids of server-initiated pings whose
+answers must not count as activity (SPEC 2.3). The runtime is allocated on first use, so a
+session nobody is using costs only its record.
+
+The id a client holds is the session's key; the upstream session behind it is a `Binding`
+that resuming can replace (SPEC 2.7). A dormant session has no binding: its upstream session
+was closed, and the next request re-creates one from the stored `ResumeState`.
 """
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
-from .jsonrpc import Batch, RequestId
+from .jsonrpc import RequestId
 
 # How many unanswered server ping ids to remember per session; a server that pings far more
 # often than the client answers must not grow memory without bound.
@@ -29,6 +35,7 @@ class Transport(StrEnum):
 
 class State(StrEnum):
     LIVE = "live"
+    DORMANT = "dormant"  # hibernated: no upstream session, the client's id still answers
     CLOSED = "closed"
 
 
@@ -40,6 +47,8 @@ class CloseReason(StrEnum):
     EVICTED = "evicted"
     UPSTREAM_GONE = "upstream_gone"
     RESTART = "restart"
+    DORMANT_TTL = "dormant_ttl"
+    RESUME_FAILED = "resume_failed"
 
 
 class Relay(Protocol):
@@ -61,6 +70,98 @@ class Policy:
     # A legacy-transport call whose answer never arrives on the stream stops keeping its
     # session alive after this long (upstream.read_timeout).
     call_timeout: float = 300.0
+    # SPEC 2.7: "close" ends an idle session; "hibernate" frees the upstream and keeps the id.
+    idle_action: Literal["close", "hibernate"] = "close"
+    dormant_ttl: float = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """The upstream session behind a client's id: which upstream, and the id it issued."""
+
+    upstream: str  # the upstream's name in the pool ("" = the only or first one)
+    session_id: str
+
+
+class ResumeState:
+    """What re-creating the upstream session needs (SPEC 2.7), never credentials.
+
+    `initialize` is the params object of the client's `initialize` request (protocol version,
+    capabilities, `clientInfo`); the rest is the session-scoped setup the client sent after
+    it, replayed in this order: the logging level, then each resource subscription. The
+    params are held as compact JSON text: parsed, they cost several times the memory, and
+    they are needed only on the rare resume.
+    """
+
+    __slots__ = ("initialize_json", "log_level", "subscriptions")
+
+    def __init__(
+        self,
+        initialize: dict[str, Any] | str,
+        log_level: str | None = None,
+        subscriptions: list[str] | None = None,
+    ) -> None:
+        self.initialize_json = initialize if isinstance(initialize, str) else _compact(initialize)
+        self.log_level = log_level
+        self.subscriptions = list(subscriptions or [])
+
+    @property
+    def initialize(self) -> dict[str, Any]:
+        params = json.loads(self.initialize_json)
+        return params if isinstance(params, dict) else {}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ResumeState):
+            return NotImplemented
+        return (self.initialize, self.log_level, self.subscriptions) == (
+            other.initialize,
+            other.log_level,
+            other.subscriptions,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: equal by value, never a key
+
+    def __repr__(self) -> str:
+        return (
+            f"ResumeState(initialize={self.initialize_json}, log_level={self.log_level!r}, "
+            f"subscriptions={self.subscriptions!r})"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ResumeState:
+        return ResumeState(self.initialize_json, self.log_level, self.subscriptions)
+
+    def to_json(self) -> str:
+        setup = _compact({"log_level": self.log_level, "subscriptions": self.subscriptions})
+        return '{"initialize":' + self.initialize_json + "," + setup[1:]
+
+    @classmethod
+    def from_json(cls, text: str | None) -> ResumeState | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        initialize = data.get("initialize")
+        return cls(
+            initialize=initialize if isinstance(initialize, dict) else {},
+            log_level=data.get("log_level"),
+            subscriptions=list(data.get("subscriptions") or []),
+        )
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(eq=False, slots=True)
+class Runtime:
+    """A session's state in this process only; gone on restart, never persisted."""
+
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
+    in_flight: int = 0
+    open_streams: int = 0
+    relays: set[Relay] = field(default_factory=set, repr=False)
+    server_pings: OrderedDict[RequestId, None] = field(default_factory=OrderedDict, repr=False)
+    # Legacy transport: calls answered on the SSE stream, not on their POST (id -> start).
+    pending_calls: dict[RequestId, float] = field(default_factory=dict, repr=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -80,22 +181,86 @@ class Session:
     closed_at: float | None = None
     # For the legacy transport: the upstream message URL the endpoint event named.
     upstream_endpoint: str | None = None
-    # ---- in memory only -------------------------------------------------------------
-    credentials: dict[str, str] = field(default_factory=dict, repr=False)
-    in_flight: int = 0
-    open_streams: int = 0
-    relays: set[Relay] = field(default_factory=set, repr=False)
-    server_pings: OrderedDict[RequestId, None] = field(default_factory=OrderedDict, repr=False)
-    # Legacy transport: calls answered on the SSE stream, not on their POST (id -> start).
-    pending_calls: dict[RequestId, float] = field(default_factory=dict, repr=False)
+    # None while dormant; at creation the upstream's id is the client's (SPEC 2.7).
+    binding: Binding | None = None
+    resume: ResumeState | None = None
+    dormant_since: float | None = None
+    resumes: int = 0
+    runtime: Runtime | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.binding is None and self.state is State.LIVE:
+            self.binding = Binding("", self.id)
+
+    # ---- the runtime, allocated on first use --------------------------------------------
+    @property
+    def rt(self) -> Runtime:
+        if self.runtime is None:
+            self.runtime = Runtime()
+        return self.runtime
+
+    @property
+    def in_flight(self) -> int:
+        return 0 if self.runtime is None else self.runtime.in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self.rt.in_flight = value
+
+    @property
+    def open_streams(self) -> int:
+        return 0 if self.runtime is None else self.runtime.open_streams
+
+    @open_streams.setter
+    def open_streams(self, value: int) -> None:
+        self.rt.open_streams = value
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        return {} if self.runtime is None else self.runtime.credentials
+
+    @credentials.setter
+    def credentials(self, value: dict[str, str]) -> None:
+        if value or self.runtime is not None:
+            self.rt.credentials = value
+
+    @property
+    def relays(self) -> set[Relay]:
+        return self.rt.relays
+
+    @property
+    def server_pings(self) -> OrderedDict[RequestId, None]:
+        return self.rt.server_pings
+
+    @property
+    def pending_calls(self) -> dict[RequestId, float]:
+        return self.rt.pending_calls
+
+    @property
+    def has_pending_calls(self) -> bool:
+        return self.runtime is not None and bool(self.runtime.pending_calls)
+
+    # ---- the record's rules -------------------------------------------------------------
     @property
     def live(self) -> bool:
         return self.state is State.LIVE
 
     @property
+    def dormant(self) -> bool:
+        return self.state is State.DORMANT
+
+    @property
+    def usable(self) -> bool:
+        """Live or dormant: the client's id still answers."""
+        return self.state is not State.CLOSED
+
+    @property
     def short_id(self) -> str:
         return short(self.id)
+
+    @property
+    def upstream_id(self) -> str | None:
+        return None if self.binding is None else self.binding.session_id
 
     def idle_seconds(self, now: float) -> float:
         return max(0.0, now - self.last_activity_at)
@@ -106,6 +271,8 @@ class Session:
 
     def expires_at(self, policy: Policy) -> float | None:
         """When this session expires if nothing happens; None if it never does by time."""
+        if self.dormant:
+            return self._dormant_deadline(policy)
         if self.persistent or not self.live:
             return None
         deadline = None if self.kept_alive(policy) else self.last_activity_at + policy.idle_timeout
@@ -114,12 +281,24 @@ class Session:
             deadline = lifetime_end if deadline is None else min(deadline, lifetime_end)
         return deadline
 
+    def _dormant_deadline(self, policy: Policy) -> float:
+        end = (self.dormant_since or self.last_activity_at) + policy.dormant_ttl
+        if policy.max_lifetime > 0:
+            end = min(end, self.created_at + policy.max_lifetime)
+        return end
+
     def expiry_reason(self, policy: Policy, now: float) -> CloseReason | None:
-        """Why this session is expired at `now`, or None while it is still usable."""
-        if self.persistent or not self.live:
+        """Why this session is expired at `now`, or None while it is still usable.
+
+        A dormant session ends for good at `max_lifetime` or `dormant_ttl`; a live one at
+        `max_lifetime`, or goes idle (to be closed, or hibernated, by `idle_action`).
+        """
+        if self.state is State.CLOSED or (self.persistent and self.live):
             return None
         if policy.max_lifetime > 0 and now - self.created_at >= policy.max_lifetime:
             return CloseReason.MAX_LIFETIME
+        if self.dormant:
+            return CloseReason.DORMANT_TTL if now >= self._dormant_deadline(policy) else None
         if not self.kept_alive(policy) and now - self.last_activity_at > policy.idle_timeout:
             return CloseReason.IDLE_TIMEOUT
         return None
@@ -143,24 +322,11 @@ class Session:
 
     def forget_stale_calls(self, now: float, policy: Policy) -> None:
         """A call the upstream never answered must not keep the session alive forever."""
+        if not self.has_pending_calls:
+            return
         for request_id, started in list(self.pending_calls.items()):
             if now - started > policy.call_timeout:
                 self.call_answered(request_id)
-
-    def shows_use(self, batch: Batch, policy: Policy) -> bool:
-        """SPEC 2.3: does this client POST move last activity?
-
-        Requests and notifications count unless their method is ignored; responses count
-        unless they answer a server `ping` the sidecar relayed (those ids are consumed here).
-        """
-        counts = any(m.method not in policy.ignore_methods for m in batch.calls)
-        for response in batch.responses:
-            assert response.id is not None
-            if response.id in self.server_pings:
-                del self.server_pings[response.id]
-            else:
-                counts = True
-        return counts
 
 
 @dataclass(frozen=True, slots=True)

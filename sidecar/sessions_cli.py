@@ -18,7 +18,7 @@ from typing import Any
 from .config import Settings, load_settings, parse_host_port, resolve_config_path
 from .errors import AdminClientError
 from .sessions import Policy, State
-from .store import read_sessions
+from .store.sqlite import read_sessions
 from .views import details, listing, session_view, table
 
 HTTP_TIMEOUT = 10.0
@@ -28,7 +28,7 @@ def add_sessions_parser(commands: Any) -> None:
     sessions = commands.add_parser("sessions", help="list, show, close, pin or unpin sessions")
     actions = sessions.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="list sessions")
-    listing.add_argument("--state", choices=("live", "closed"), default="live")
+    listing.add_argument("--state", choices=("live", "dormant", "closed"), default="live")
     listing.add_argument("--client", default="", help="identity, or part of the client label")
     listing.add_argument("--limit", type=int, default=100)
     listing.add_argument("--offset", type=int, default=0)
@@ -67,7 +67,13 @@ def run_sessions(args: argparse.Namespace) -> int:
 
 def _from_database(args: argparse.Namespace, settings: Settings) -> Any:
     s = settings.sessions
-    policy = Policy(s.idle_timeout, s.max_lifetime, s.open_stream_keeps_alive)
+    policy = Policy(
+        s.idle_timeout,
+        s.max_lifetime,
+        s.open_stream_keeps_alive,
+        idle_action=s.idle_action,
+        dormant_ttl=s.dormant_ttl,
+    )
     now = time.time()
     if args.action == "show":
         found = [x for x in read_sessions(args.db) if x.id == args.id]

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .clients import client_label
-from .sessions import Policy, Session
+from .sessions import Policy, Session, State, short
 
 TABLE_COLUMNS = ("id", "state", "transport", "idle", "requests", "persistent", "client")
 
@@ -27,11 +27,17 @@ def session_view(session: Session, policy: Policy, now: float) -> dict[str, Any]
         "client_label": client_label(session.user_agent, session.client_info),
         "created_at": iso(session.created_at),
         "last_activity_at": iso(session.last_activity_at),
-        "idle_seconds": round(session.idle_seconds(now), 3) if session.live else None,
+        "idle_seconds": round(session.idle_seconds(now), 3) if session.usable else None,
         "expires_at": iso(expires) if expires is not None else None,
         "persistent": session.persistent,
         "requests": session.requests,
         "in_flight": session.in_flight,
+        # Shortened: the upstream's id is a credential to the upstream session (SPEC 2.7).
+        "upstream_id": short(session.upstream_id) if session.upstream_id else None,
+        # The pool member's name; "" (the only upstream) is shown as none.
+        "upstream": session.binding.upstream or None if session.binding is not None else None,
+        "resumes": session.resumes,
+        "dormant_since": iso(session.dormant_since) if session.dormant_since else None,
         "close_reason": session.close_reason.value if session.close_reason else None,
         "closed_at": iso(session.closed_at) if session.closed_at is not None else None,
     }
@@ -48,7 +54,9 @@ def listing(sessions: Iterable[Session], client: str = "") -> list[Session]:
         or client == s.client
         or query in client_label(s.user_agent, s.client_info).lower()
     ]
-    return sorted(chosen, key=lambda s: -(s.closed_at or 0.0) if not s.live else s.created_at)
+    return sorted(
+        chosen, key=lambda s: -(s.closed_at or 0.0) if s.state is State.CLOSED else s.created_at
+    )
 
 
 def iso(timestamp: float) -> str:
@@ -69,7 +77,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def _cells(row: dict[str, Any]) -> tuple[str, ...]:
     idle = row.get("idle_seconds")
-    state = row["state"] if row["state"] == "live" else f"closed:{row.get('close_reason')}"
+    state = row["state"] if row["state"] != "closed" else f"closed:{row.get('close_reason')}"
     return (
         row["id"],
         state,

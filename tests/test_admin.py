@@ -64,6 +64,7 @@ async def test_healthz_counts_live_active_idle_persistent_and_clients(
         "active": 0,
         "idle": 0,
         "persistent": 0,
+        "dormant": 0,
         "by_client": {},
     }
     async with AsyncExitStack() as stack:
@@ -97,6 +98,7 @@ async def test_healthz_counts_live_active_idle_persistent_and_clients(
         "active": 0,
         "idle": 0,
         "persistent": 0,
+        "dormant": 0,
         "by_client": {},
     }
 
@@ -126,6 +128,7 @@ async def test_healthz_idle_counts_sessions_quiet_for_a_minute(
         "active": 1,
         "idle": 1,
         "persistent": 0,
+        "dormant": 0,
         "by_client": {"ip:127.0.0.1": 2},
     }
     assert (await admin.session(quiet.session_id))["idle_seconds"] >= 119

@@ -22,8 +22,9 @@ from aiohttp.test_utils import TestServer
 from sidecar import closer as closer_module
 from sidecar.closer import UpstreamCloser
 from sidecar.metrics import Metrics
-from sidecar.store import PendingClose, Store
-from sidecar.upstream import Upstream
+from sidecar.store import PendingClose
+from sidecar.store.sqlite import SqliteStore as Store
+from sidecar.upstream import UpstreamPool
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 STATIC = {"X-Static-Token": "static-value"}
@@ -136,7 +137,7 @@ async def start(db_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Harnes
         store = Store(str(db_path))
         await store.open()
         metrics = Metrics()
-        upstream = Upstream(url, connect_timeout=1.0, read_timeout=2.0, static_headers=STATIC)
+        upstream = UpstreamPool(url, connect_timeout=1.0, read_timeout=2.0, static_headers=STATIC)
         await upstream.start()
         closer = UpstreamCloser(upstream, store, metrics)
         task = asyncio.create_task(closer.run(), name="test-closer")
@@ -337,7 +338,7 @@ async def test_cancelling_run_cancels_attempts_in_progress(
     server = await aiohttp_server(app)
     store = Store(str(db_path))
     await store.open()
-    upstream = Upstream(str(server.make_url("/mcp")), 1.0, 60.0)
+    upstream = UpstreamPool(str(server.make_url("/mcp")), 1.0, 60.0)
     await upstream.start()
     closer = UpstreamCloser(upstream, store, Metrics())
     task = asyncio.create_task(closer.run())

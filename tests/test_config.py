@@ -413,7 +413,8 @@ def test_parse_host_port_refuses(value: str) -> None:
 def test_summary_line_with_defaults() -> None:
     assert load_settings(environ={}).summary_line() == (
         "session lifecycle: idle_timeout=1800s sweep_interval=600s max_lifetime=off "
-        "persistent=false store=/var/lib/mcp-sidecar/sessions.db"
+        "persistent=false idle_action=close recover_lost=false "
+        "store=/var/lib/mcp-sidecar/sessions.db"
     )
 
 
@@ -425,7 +426,7 @@ def test_summary_line_with_a_lifetime(tmp_path: Path) -> None:
     )
     assert s.summary_line() == (
         "session lifecycle: idle_timeout=90s sweep_interval=30s max_lifetime=3600s "
-        "persistent=true store=/tmp/s.db"
+        "persistent=true idle_action=close recover_lost=false store=/tmp/s.db"
     )
 
 

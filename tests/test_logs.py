@@ -48,7 +48,7 @@ async def test_text_log_says_what_is_enforced_and_each_close_without_whole_ids(
     store = sidecar.db_path
     assert (
         f"session lifecycle: idle_timeout=1s sweep_interval=1s max_lifetime=off "
-        f"persistent=false store={store}"
+        f"persistent=false idle_action=close recover_lost=false store={store}"
     ) in output
     closed = re.search(
         rf"closed session {re.escape(session_id[:8])}… reason=idle_timeout idle=(\d+)s", output

@@ -18,7 +18,8 @@ import pytest
 from sidecar.manager import LimitReachedError, Limits, Outcome, SessionManager
 from sidecar.metrics import Metrics
 from sidecar.sessions import CloseReason, Policy, Session, State, Transport
-from sidecar.store import PendingClose, Store
+from sidecar.store import PendingClose
+from sidecar.store.sqlite import SqliteStore as Store
 
 T0 = 1_700_000_000.0
 IDLE = 600.0
@@ -256,7 +257,7 @@ async def test_recreating_a_tombstoned_id_makes_it_live_again(make: Factory) -> 
 async def test_tombstones_in_memory_are_capped_oldest_first_and_stay_in_the_store(
     make: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("sidecar.manager.MAX_TOMBSTONES_IN_MEMORY", 3)
+    monkeypatch.setattr("sidecar.tombstones.MAX_TOMBSTONES_IN_MEMORY", 3)
     h = await make()
     for n in range(5):
         h.clock.now = T0 + n
@@ -574,7 +575,7 @@ async def test_restore_picks_up_where_the_last_run_left_off(make: Factory, tmp_p
     await first.manager.close(ancient, CloseReason.ADMIN)
     # An upstream DELETE still owed from the last run, with its retry count.
     await first.store.save_pending(PendingClose("tomb", "2025-06-18", 4, T0 + 30))
-    await first.store.drop_pending("ancient")
+    await first.store.drop_pending(PendingClose("ancient", None, 0, T0))
     first.clock.now = T0 + IDLE - 10
     first.manager.touch(live)
     await first.manager.flush()

@@ -36,6 +36,9 @@ DOCUMENTED = [
     "sweep_duration_seconds",
     "store_flush_duration_seconds",
     "stateless_requests",
+    "sessions_hibernated",
+    "sessions_resumed",
+    "resume_failures",
 ]
 
 

@@ -78,6 +78,7 @@ class FakeUpstream:
     respond: Respond | None = None
     init_status: int = 200
     issued: int = 0
+    version: str | None = None  # the protocol version it negotiates; None: the client's
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # released at teardown
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -86,8 +87,13 @@ class FakeUpstream:
         message = _json(body)
         if isinstance(message, dict) and message.get("method") == "initialize":
             self.issued += 1
+            params = message.get("params") or {}
+            result = {
+                "capabilities": {},
+                "protocolVersion": self.version or params.get("protocolVersion"),
+            }
             return web.json_response(
-                {"jsonrpc": "2.0", "id": message.get("id"), "result": {"capabilities": {}}},
+                {"jsonrpc": "2.0", "id": message.get("id"), "result": result},
                 status=self.init_status,
                 headers={SID: f"upstream-session-{self.issued:04d}"},
             )
@@ -1032,3 +1038,94 @@ async def test_retry_happens_only_once(
     with pytest.raises(UpstreamUnreachableError):
         await _get(upstream)
     assert [(c, n) for c, n, _ in raw.requests] == [(1, 1), (1, 2), (2, 1)]
+
+
+# ---- hibernation and resume (SPEC 2.7), against a fake upstream for the fault cases ---------
+
+
+async def _dormant(p: Proxy) -> str:
+    """A session created, used, then idle past the timeout and hibernated by the sweeper."""
+    session_id = await p.initialize()
+    status, _, _ = await p.post(session_id, _rpc("tools/list", 1))
+    assert status == 200
+    p.clock.now += IDLE + 1
+    await p.service.manager.sweep()
+    assert session_id in {s.id for s in p.service.manager.dormant}
+    return session_id
+
+
+async def test_resumed_session_speaks_the_new_upstream_id_up_and_the_client_id_down(
+    make: Make,
+) -> None:
+    p = await make(sessions={"idle_action": "hibernate"})
+    session_id = await _dormant(p)
+    await p.closer_idle()
+    assert [s.headers[SID] for s in p.fake.forwarded("DELETE")] == [session_id]
+
+    async def answer_with_id(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = json.loads(body)
+        if "id" not in message:
+            return web.Response(status=202)
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": message["id"], "result": {}},
+            headers={SID: request.headers[SID]},
+        )
+
+    p.fake.respond = answer_with_id
+    status, _, headers = await p.post(session_id, _rpc("tools/list", 7))
+    assert status == 200
+    assert headers[SID] == session_id  # the client sees its own id
+    new_id = "upstream-session-0002"
+    last = p.fake.forwarded("POST")[-1]
+    assert (last.headers[SID], json.loads(last.body)["method"]) == (new_id, "tools/list")
+    shown = p.service.manager.live[session_id]
+    assert shown.binding is not None
+    assert shown.binding.session_id == new_id
+    assert p.rows("SELECT state, upstream_session_id FROM sessions") == [("live", new_id)]
+
+
+async def test_resume_answered_with_another_protocol_version_closes_with_404(
+    make: Make,
+) -> None:
+    p = await make(sessions={"idle_action": "hibernate"})
+    session_id = await _dormant(p)
+    p.fake.version = "2099-01-01"
+    status, body, _ = await p.post(session_id, _rpc("tools/list", 5))
+    assert status == 404
+    assert json.loads(body)["error"]["code"] == -32001
+    await p.closer_idle()
+    # The upstream session the failed resume created is closed again at once.
+    assert "upstream-session-0002" in [s.headers[SID] for s in p.fake.forwarded("DELETE")]
+    assert p.rows("SELECT state, close_reason FROM sessions") == [("closed", "resume_failed")]
+    assert p.sample("mcp_sidecar_resume_failures_total", {"reason": "protocol_version"}) == 1
+
+
+async def test_resume_whose_initialize_is_refused_closes_with_404(make: Make) -> None:
+    p = await make(sessions={"idle_action": "hibernate"})
+    session_id = await _dormant(p)
+    p.fake.init_status = 400
+    status, _, _ = await p.post(session_id, _rpc("tools/list", 5))
+    assert status == 404
+    assert p.rows("SELECT state, close_reason FROM sessions") == [("closed", "resume_failed")]
+    assert p.sample("mcp_sidecar_resume_failures_total", {"reason": "refused"}) == 1
+
+
+async def test_a_dormant_session_counts_in_no_limit_and_resuming_obeys_them(make: Make) -> None:
+    p = await make(sessions={"idle_action": "hibernate", "max_sessions": 1})
+    first = await _dormant(p)
+    second = await p.initialize()  # the dormant one does not count
+    assert second != first
+    status, body, headers = await p.post(first, _rpc("tools/list", 3))
+    assert status == 503, body
+    assert headers["Retry-After"]
+    assert first in {s.id for s in p.service.manager.dormant}
+
+
+async def test_dormant_ttl_and_max_lifetime_end_a_dormant_session_for_good(make: Make) -> None:
+    p = await make(sessions={"idle_action": "hibernate", "dormant_ttl": 60})
+    session_id = await _dormant(p)
+    p.clock.now += 61
+    await p.service.manager.sweep()
+    assert p.rows("SELECT state, close_reason FROM sessions") == [("closed", "dormant_ttl")]
+    status, _, _ = await p.post(session_id, _rpc("tools/list", 2))
+    assert status == 404

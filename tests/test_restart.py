@@ -101,7 +101,7 @@ async def test_session_that_expired_while_sidecar_was_down_is_closed_upstream_at
     row = session_row(sidecar.db_path, session_id)
     assert row is not None
     assert (row["state"], row["close_reason"]) == ("closed", "idle_timeout")
-    assert "restored 0 live sessions (1 expired while stopped" in sidecar.output()
+    assert "restored 0 live and 0 dormant sessions (1 expired while stopped" in sidecar.output()
 
 
 async def test_session_survives_sigkill_once_its_initialize_was_answered(

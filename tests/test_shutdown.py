@@ -56,7 +56,7 @@ async def test_sigterm_lets_a_slow_call_finish_exits_0_and_keeps_the_session(
         view = await admin.session(client.session_id)
         assert (view["state"], view["close_reason"]) == ("live", None)
         assert await client.echo("after restart") == "after restart"
-    assert "restored 1 live sessions" in sidecar.output()
+    assert "restored 1 live and 0 dormant sessions" in sidecar.output()
 
 
 async def test_drain_is_bounded_by_drain_timeout(

@@ -13,7 +13,9 @@ import pytest
 
 from sidecar.errors import StoreCorruptError, StoreError, StoreTooNewError
 from sidecar.sessions import CloseReason, Session, State, Transport
-from sidecar.store import SCHEMA_VERSION, ActivityRow, PendingClose, Store, read_sessions
+from sidecar.store import ActivityRow, PendingClose
+from sidecar.store.sqlite import SCHEMA_VERSION, read_sessions
+from sidecar.store.sqlite import SqliteStore as Store
 
 T0 = 1_700_000_000.0
 
@@ -29,10 +31,11 @@ def _session(session_id: str = "sess-1", **kw: object) -> Session:
         "user_agent": "python-httpx/0.28",
         "client_info": "my-ide 1.2",
         "requests": 3,
-        "credentials": {"Authorization": "Bearer secret"},
     }
     fields.update(kw)
-    return Session(**fields)  # type: ignore[arg-type]
+    session = Session(**fields)  # type: ignore[arg-type]
+    session.credentials = {"Authorization": "Bearer secret"}  # in memory: never stored
+    return session
 
 
 def _rows(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -79,7 +82,7 @@ async def test_open_creates_the_directory_and_schema_in_wal_mode(
 ) -> None:
     assert _is_file(db_path)
     with sqlite3.connect(db_path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"sessions", "pending_closes"}
@@ -192,6 +195,11 @@ async def test_insert_writes_every_persisted_field_and_no_credentials(
             None,
             None,
             None,
+            "",  # bound to the only upstream,
+            "sess-1",  # whose session id is the client's at creation (SPEC 2.7)
+            None,
+            None,
+            0,
         )
     ]
     assert b"secret" not in _read(db_path)
@@ -221,7 +229,7 @@ async def test_insert_mark_closed_write_activity_load_round_trip(
     b.closed_at = T0 + 100
     b.last_activity_at = T0 + 61
     b.requests = 10
-    await store.mark_closed(b, None)
+    await store.mark_closed_many([(b, None)])
     assert _rows(
         db_path,
         "SELECT state, close_reason, closed_at, last_activity_at, requests FROM sessions "
@@ -275,10 +283,10 @@ async def test_mark_closed_records_the_pending_close_in_the_same_transaction(
     session.close_reason = CloseReason.ADMIN
     session.closed_at = T0 + 5
     before = store.transactions
-    await store.mark_closed(session, PendingClose("sess-1", "2025-06-18", 0, T0 + 5))
+    await store.mark_closed_many([(session, PendingClose("sess-1", "2025-06-18", 0, T0 + 5))])
     assert store.transactions == before + 1
     assert _rows(db_path, "SELECT * FROM pending_closes") == [
-        ("sess-1", "2025-06-18", 0, T0 + 5, None)
+        ("", "sess-1", "2025-06-18", 0, T0 + 5, None)
     ]
     assert _rows(db_path, "SELECT state, close_reason FROM sessions") == [("closed", "admin")]
 
@@ -288,16 +296,16 @@ async def test_pending_closes_save_update_and_drop(store: Store, db_path: Path) 
     await store.save_pending(PendingClose("y", "2025-03-26", 0, T0))
     await store.save_pending(PendingClose("x", None, 3, T0 + 8), "HTTP 503")
     assert _rows(db_path, "SELECT * FROM pending_closes ORDER BY session_id") == [
-        ("x", None, 3, T0 + 8, "HTTP 503"),
-        ("y", "2025-03-26", 0, T0, None),
+        ("", "x", None, 3, T0 + 8, "HTTP 503"),
+        ("", "y", "2025-03-26", 0, T0, None),
     ]
     assert sorted(await store.pending_closes(), key=lambda p: p.session_id) == [
         PendingClose("x", None, 3, T0 + 8),
         PendingClose("y", "2025-03-26", 0, T0),
     ]
-    await store.drop_pending("x")
+    await store.drop_pending(PendingClose("x", None, 0, 0.0))
     assert await store.pending_closes() == [PendingClose("y", "2025-03-26", 0, T0)]
-    await store.drop_pending("not-there")  # dropping twice is harmless
+    await store.drop_pending(PendingClose("not-there", None, 0, 0.0))  # dropping twice is harmless
     assert len(await store.pending_closes()) == 1
 
 
@@ -317,7 +325,7 @@ async def _closed(store: Store, session_id: str, closed_at: float) -> None:
     session.state = State.CLOSED
     session.close_reason = CloseReason.IDLE_TIMEOUT
     session.closed_at = closed_at
-    await store.mark_closed(session, None)
+    await store.mark_closed_many([(session, None)])
 
 
 async def test_purge_tombstones_keeps_recent_ones_live_ones_and_those_owing_a_close(
@@ -337,7 +345,7 @@ async def test_purge_tombstones_keeps_recent_ones_live_ones_and_those_owing_a_cl
     before = store.transactions
     assert await store.purge_tombstones(older_than=T0 + 50) == 0
     assert store.transactions == before  # nothing to delete: no write transaction
-    await store.drop_pending("old-owed")
+    await store.drop_pending(PendingClose("old-owed", None, 0, 0.0))
     assert await store.purge_tombstones(older_than=T0 + 50) == 1
     assert _rows(db_path, "SELECT id FROM sessions ORDER BY id") == [("live",), ("recent",)]
 
@@ -352,7 +360,7 @@ async def test_transactions_count_each_commit_and_skip_empty_flushes(store: Stor
     await store.write_activity([ActivityRow(i, T0 + 9, 1, None) for i in ("a", "b")])
     assert store.transactions == 3
     await store.save_pending(PendingClose("a", None, 0, T0))
-    await store.drop_pending("a")
+    await store.drop_pending(PendingClose("a", None, 0, 0.0))
     await store.set_persistent("a", True)
     assert store.transactions == 6
 
@@ -486,10 +494,11 @@ def test_activity_flush_looks_sessions_up_by_id_not_by_scanning_the_batch() -> N
     """The flush is one UPDATE ... FROM json_each. If SQLite drove it from the state index it
     would scan the whole JSON batch once per live session (quadratic: 1,000 dirty sessions
     took half a second); the plan must walk the batch and look each id up."""
-    from sidecar.store import _FLUSH_SQL, MIGRATIONS
+    from sidecar.store.sqlite import _FLUSH_SQL, MIGRATIONS
 
     db = sqlite3.connect(":memory:")
-    db.executescript(MIGRATIONS[0])
+    for migration in MIGRATIONS:
+        db.executescript(migration)
     plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + _FLUSH_SQL, ("[]",)))
     assert plan.startswith("SCAN j"), plan
     assert "SEARCH s USING INDEX sqlite_autoindex_sessions_1 (id=?)" in plan, plan

@@ -141,6 +141,26 @@ def build_server(*, stateless: bool, json_response: bool) -> tuple[FastMCP, Sess
                 return "done"
             await asyncio.sleep(min(PROGRESS_INTERVAL, seconds - elapsed))
 
+    # Session-scoped setup a resumed session must get again (SPEC 2.7): accepted, and logged
+    # by the request log like every other request.
+    @mcp._mcp_server.set_logging_level()  # type: ignore[misc]
+    async def set_level(level: str) -> None:
+        return None
+
+    @mcp._mcp_server.subscribe_resource()  # type: ignore[misc]
+    async def subscribe(uri: Any) -> None:
+        return None
+
+    @mcp._mcp_server.unsubscribe_resource()  # type: ignore[misc]
+    async def unsubscribe(uri: Any) -> None:
+        return None
+
+    @mcp.tool()
+    async def notify_me(ctx: Context[Any, Any, Any]) -> str:
+        """Send a resource-list-changed notification on the session's GET stream."""
+        await ctx.session.send_resource_list_changed()
+        return "sent"
+
     @mcp.tool()
     async def ping_client(ctx: Context[Any, Any, Any]) -> str:
         """Send the client a server-initiated ping and answer "pong" once it replies."""
@@ -148,6 +168,16 @@ def build_server(*, stateless: bool, json_response: bool) -> tuple[FastMCP, Sess
         return "pong"
 
     return mcp, counter
+
+
+def _rpc_methods(body: bytes) -> list[str]:
+    """The JSON-RPC methods a request body carried (responses have none), for the log."""
+    try:
+        data = json.loads(body) if body else []
+    except ValueError:
+        return []
+    items = data if isinstance(data, list) else [data]
+    return [m["method"] for m in items if isinstance(m, dict) and isinstance(m.get("method"), str)]
 
 
 class RequestLog:
@@ -174,6 +204,13 @@ class RequestLog:
         )
 
         started = False
+        body = bytearray()
+
+        async def recording_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and len(body) < 65536:
+                body.extend(message.get("body", b""))
+            return message
 
         async def logging_send(message: Message) -> None:
             nonlocal started
@@ -194,11 +231,12 @@ class RequestLog:
                         "response_session_id": response_headers.get("mcp-session-id"),
                         "header_session_id": headers.get("mcp-session-id"),
                         "authorization": headers.get("authorization"),
+                        "rpc_methods": _rpc_methods(bytes(body)),
                     }
                 )
             await send(message)
 
-        await self.app(scope, receive, logging_send)
+        await self.app(scope, recording_receive, logging_send)
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -1,4 +1,4 @@
-"""The SQLite store: the only module that knows SQL.
+"""The SQLite store (the default backend): the only module that knows SQL.
 
 Durability rules (SPEC 2.6): creating and closing a session are committed before the client
 sees the answer; activity times are written behind, all dirty sessions in one transaction per
@@ -19,19 +19,19 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from .aio import uncancellable
-from .errors import StoreCorruptError, StoreError, StoreTooNewError
-from .sessions import CloseReason, Session, State, Transport
+from ..aio import uncancellable
+from ..errors import StoreCorruptError, StoreError, StoreTooNewError
+from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
+from .records import ActivityRow, PendingClose
 
 log = logging.getLogger("sidecar.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry upgrades the schema from version i to i+1 (index 0: empty file -> 1).
 MIGRATIONS: tuple[str, ...] = (
@@ -61,26 +61,56 @@ MIGRATIONS: tuple[str, ...] = (
         last_error       TEXT
     );
     """,
+    # v2 (SPEC 2.7): the client's id is the key, the upstream session behind it a binding
+    # that resuming replaces; what a resume replays; dormant sessions. Every v1 session keeps
+    # its id as its upstream id. Owed DELETEs are keyed by the upstream session they close.
+    """
+    ALTER TABLE sessions ADD COLUMN upstream TEXT;
+    ALTER TABLE sessions ADD COLUMN upstream_session_id TEXT;
+    ALTER TABLE sessions ADD COLUMN resume TEXT;
+    ALTER TABLE sessions ADD COLUMN dormant_since REAL;
+    ALTER TABLE sessions ADD COLUMN resumes INTEGER NOT NULL DEFAULT 0;
+    UPDATE sessions SET upstream = '', upstream_session_id = id;
+    CREATE TABLE pending_closes_v2 (
+        upstream         TEXT NOT NULL DEFAULT '',
+        session_id       TEXT NOT NULL,
+        protocol_version TEXT,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  REAL NOT NULL,
+        last_error       TEXT,
+        PRIMARY KEY (upstream, session_id)
+    );
+    INSERT INTO pending_closes_v2
+        (upstream, session_id, protocol_version, attempts, next_attempt_at, last_error)
+        SELECT '', session_id, protocol_version, attempts, next_attempt_at, last_error
+        FROM pending_closes;
+    DROP TABLE pending_closes;
+    ALTER TABLE pending_closes_v2 RENAME TO pending_closes;
+    """,
 )
 
 # The write-behind flush: each JSON element is [last_activity_at, requests, protocol_version,
-# client_info, id]; NULL or empty values keep what the row has. The unary `+` keeps SQLite from
-# using the state index, which would make it scan the JSON array once per live row
+# client_info, id, resume]; NULL or empty values keep what the row has. The unary `+` keeps
+# SQLite from using the state index, which would make it scan the JSON array once per live row
 # (1,000 rows: 570 ms); this way it walks the array and looks each id up (2 ms).
 _FLUSH_SQL = """
     UPDATE sessions AS s SET
         last_activity_at = json_extract(j.value, '$[0]'),
         requests = json_extract(j.value, '$[1]'),
         protocol_version = COALESCE(json_extract(j.value, '$[2]'), s.protocol_version),
-        client_info = COALESCE(NULLIF(json_extract(j.value, '$[3]'), ''), s.client_info)
+        client_info = COALESCE(NULLIF(json_extract(j.value, '$[3]'), ''), s.client_info),
+        resume = COALESCE(json_extract(j.value, '$[5]'), s.resume)
     FROM json_each(?) AS j
     WHERE s.id = json_extract(j.value, '$[4]') AND +s.state = 'live'
 """
 
 _COLUMNS = (
     "id, transport, client, user_agent, client_info, protocol_version, created_at, "
-    "last_activity_at, requests, persistent, state, close_reason, closed_at, upstream_endpoint"
+    "last_activity_at, requests, persistent, state, close_reason, closed_at, upstream_endpoint, "
+    "upstream, upstream_session_id, resume, dormant_since, resumes"
 )
+_PLACEHOLDERS = ", ".join("?" * (_COLUMNS.count(",") + 1))
+_V1_COLUMNS = _COLUMNS.split(", upstream,", maxsplit=1)[0] + ", '', id, NULL, NULL, 0"
 
 
 # How long a write waits for another process's lock before it fails: an `initialize` waits
@@ -88,27 +118,7 @@ _COLUMNS = (
 BUSY_TIMEOUT = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class PendingClose:
-    """An upstream DELETE still owed for a closed session (survives restarts)."""
-
-    session_id: str
-    protocol_version: str | None
-    attempts: int
-    next_attempt_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class ActivityRow:
-    session_id: str
-    last_activity_at: float
-    requests: int
-    protocol_version: str | None
-    # Legacy sessions learn their client only from the first POST, after creation.
-    client_info: str = ""
-
-
-class Store:
+class SqliteStore:
     """Async access to the session database through one aiosqlite connection."""
 
     def __init__(self, path: str) -> None:
@@ -133,13 +143,18 @@ class Store:
             # a refused file (corrupt, newer schema) must be left exactly as it was.
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError as exc:
+            await self.close()
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise _unusable(self.path, exc) from exc
+            # A healthy file that another process holds locked is not damaged: say so.
+            raise StoreError(
+                f"{self.path} is locked by another process ({exc}); stop whatever holds it "
+                "(another mcp-sidecar on the same store.path?) and start again"
+            ) from exc
         except sqlite3.DatabaseError as exc:
             await self.close()
-            raise StoreCorruptError(
-                f"{self.path} is not a usable SQLite database ({exc}). Nothing was changed. "
-                "Restore it from a backup, or move it aside to start with an empty store "
-                "(store.path)."
-            ) from exc
+            raise _unusable(self.path, exc) from exc
         except StoreError:
             await self.close()
             raise
@@ -230,15 +245,11 @@ class Store:
         await self._write(
             [
                 (
-                    f"INSERT OR REPLACE INTO sessions ({_COLUMNS}) VALUES ({', '.join('?' * 14)})",
+                    f"INSERT OR REPLACE INTO sessions ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
                     _row(session),
                 )
             ]
         )
-
-    async def mark_closed(self, session: Session, pending: PendingClose | None) -> None:
-        """Close a session and, in the same transaction, record the upstream DELETE owed."""
-        await self.mark_closed_many([(session, pending)])
 
     async def mark_closed_many(self, closes: Sequence[tuple[Session, PendingClose | None]]) -> None:
         """Close sessions and record the DELETEs they owe, all in one transaction: either
@@ -264,6 +275,51 @@ class Store:
         if statements:
             await self._write(statements)
 
+    async def hibernate_many(self, sessions: Sequence[tuple[Session, PendingClose | None]]) -> None:
+        """Dormant: no upstream binding, the DELETE of the old one owed, in one transaction."""
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for session, pending in sessions:
+            statements.append(
+                (
+                    "UPDATE sessions SET state=?, dormant_since=?, upstream=NULL, "
+                    "upstream_session_id=NULL, last_activity_at=?, requests=?, resume=? "
+                    "WHERE id=?",
+                    (
+                        State.DORMANT.value,
+                        session.dormant_since,
+                        session.last_activity_at,
+                        session.requests,
+                        _resume_json(session),
+                        session.id,
+                    ),
+                )
+            )
+            if pending is not None:
+                statements.append(_pending_upsert(pending))
+        if statements:
+            await self._write(statements)
+
+    async def rebind(self, session: Session) -> None:
+        """A resumed session: live again, bound to the upstream session just created."""
+        binding = session.binding
+        assert binding is not None
+        await self._write(
+            [
+                (
+                    "UPDATE sessions SET state=?, dormant_since=NULL, upstream=?, "
+                    "upstream_session_id=?, protocol_version=?, resumes=? WHERE id=?",
+                    (
+                        State.LIVE.value,
+                        binding.upstream,
+                        binding.session_id,
+                        session.protocol_version,
+                        session.resumes,
+                        session.id,
+                    ),
+                )
+            ]
+        )
+
     async def set_persistent(self, session_id: str, persistent: bool) -> None:
         await self._write(
             [("UPDATE sessions SET persistent=? WHERE id=?", (int(persistent), session_id))]
@@ -282,14 +338,21 @@ class Store:
     async def save_pending(self, pending: PendingClose, error: str | None = None) -> None:
         await self._write([_pending_upsert(pending, error)])
 
-    async def drop_pending(self, session_id: str) -> None:
-        await self._write([("DELETE FROM pending_closes WHERE session_id=?", (session_id,))])
+    async def drop_pending(self, pending: PendingClose) -> None:
+        await self._write(
+            [
+                (
+                    "DELETE FROM pending_closes WHERE upstream=? AND session_id=?",
+                    (pending.upstream, pending.session_id),
+                )
+            ]
+        )
 
     async def purge_tombstones(self, older_than: float) -> int:
         """Delete closed sessions closed before `older_than` that owe no upstream DELETE."""
         async with self.db.execute(
-            "SELECT COUNT(*) FROM sessions WHERE state='closed' AND closed_at < ? AND id NOT IN "
-            "(SELECT session_id FROM pending_closes)",
+            "SELECT COUNT(*) FROM sessions WHERE state='closed' AND closed_at < ? AND "
+            "COALESCE(upstream_session_id, id) NOT IN (SELECT session_id FROM pending_closes)",
             (older_than,),
         ) as cursor:
             row = await cursor.fetchone()
@@ -298,7 +361,8 @@ class Store:
             await self._write(
                 [
                     (
-                        "DELETE FROM sessions WHERE state='closed' AND closed_at < ? AND id NOT IN "
+                        "DELETE FROM sessions WHERE state='closed' AND closed_at < ? AND "
+                        "COALESCE(upstream_session_id, id) NOT IN "
                         "(SELECT session_id FROM pending_closes)",
                         (older_than,),
                     )
@@ -308,6 +372,7 @@ class Store:
 
     # ---- reads -------------------------------------------------------------------------
     async def load(self, state: State, since: float | None = None) -> list[Session]:
+        """Sessions in `state`; for closed ones, only those closed at or after `since`."""
         sql = f"SELECT {_COLUMNS} FROM sessions WHERE state=?"
         params: list[Any] = [state.value]
         if since is not None:
@@ -325,21 +390,39 @@ class Store:
 
     async def pending_closes(self) -> list[PendingClose]:
         async with self.db.execute(
-            "SELECT session_id, protocol_version, attempts, next_attempt_at FROM pending_closes"
+            "SELECT session_id, protocol_version, attempts, next_attempt_at, upstream "
+            "FROM pending_closes"
         ) as cursor:
-            return [PendingClose(r[0], r[1], int(r[2]), float(r[3])) async for r in cursor]
+            return [
+                PendingClose(r[0], r[1], int(r[2]), float(r[3]), r[4] or "") async for r in cursor
+            ]
+
+
+def _unusable(path: str, exc: sqlite3.Error) -> StoreCorruptError:
+    return StoreCorruptError(
+        f"{path} is not a usable SQLite database ({exc}). Nothing was changed. "
+        "Restore it from a backup, or move it aside to start with an empty store (store.path)."
+    )
 
 
 def _activity_params(r: ActivityRow) -> tuple[Any, ...]:
-    return (r.last_activity_at, r.requests, r.protocol_version, r.client_info, r.session_id)
+    return (
+        r.last_activity_at,
+        r.requests,
+        r.protocol_version,
+        r.client_info,
+        r.session_id,
+        r.resume,
+    )
 
 
 def _pending_upsert(pending: PendingClose, error: str | None = None) -> tuple[str, Sequence[Any]]:
     return (
         "INSERT OR REPLACE INTO pending_closes "
-        "(session_id, protocol_version, attempts, next_attempt_at, last_error) "
-        "VALUES (?, ?, ?, ?, ?)",
+        "(upstream, session_id, protocol_version, attempts, next_attempt_at, last_error) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
         (
+            pending.upstream,
             pending.session_id,
             pending.protocol_version,
             pending.attempts,
@@ -365,7 +448,20 @@ def _row(s: Session) -> tuple[Any, ...]:
         s.close_reason,
         s.closed_at,
         s.upstream_endpoint,
+        None if s.binding is None else s.binding.upstream,
+        None if s.binding is None else s.binding.session_id,
+        _resume_json(s),
+        s.dormant_since,
+        s.resumes,
     )
+
+
+def _resume_json(s: Session) -> str | None:
+    return None if s.resume is None else s.resume.to_json()
+
+
+def _binding(upstream: str | None, session_id: str | None) -> Binding | None:
+    return None if session_id is None else Binding(upstream or "", session_id)
 
 
 def _session(row: Sequence[Any]) -> Session:
@@ -384,6 +480,10 @@ def _session(row: Sequence[Any]) -> Session:
         close_reason=CloseReason(row[11]) if row[11] else None,
         closed_at=float(row[12]) if row[12] is not None else None,
         upstream_endpoint=row[13],
+        binding=_binding(row[14], row[15]),
+        resume=ResumeState.from_json(row[16]),
+        dormant_since=float(row[17]) if row[17] is not None else None,
+        resumes=int(row[18] or 0),
     )
 
 
@@ -403,7 +503,10 @@ def read_sessions(path: str, state: State | None = None) -> list[Session]:
                     f"{path} has schema version {version}; this "
                     f"mcp-sidecar reads up to {SCHEMA_VERSION}. Upgrade it."
                 )
-            sql = f"SELECT {_COLUMNS} FROM sessions"
+            # A v1 file (not yet opened by this version) lacks the binding columns: a v1
+            # session's upstream id is its own id, as the migration would make it.
+            columns = _COLUMNS if version >= 2 else _V1_COLUMNS
+            sql = f"SELECT {columns} FROM sessions"
             params: tuple[str, ...] = ()
             if state is not None:
                 sql += " WHERE state=?"

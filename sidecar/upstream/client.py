@@ -1,4 +1,4 @@
-"""The HTTP client side: talking to the MCP server the sidecar fronts.
+"""The HTTP client for one upstream MCP server.
 
 This is the one place aiohttp client errors become `UpstreamError`s (502/504 for the proxy,
 retry-or-give-up for the closer). Two peer habits shape it:
@@ -26,7 +26,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from .errors import UpstreamTimeoutError, UpstreamUnreachableError
+from ..errors import UpstreamTimeoutError, UpstreamUnreachableError
 
 POOL_IDLE_SECONDS = 3.0
 SESSION_HEADER = "Mcp-Session-Id"

@@ -26,17 +26,21 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 from aiohttp import web
 
-from . import jsonrpc
-from .clients import initialize_client
-from .errors import UpstreamError
-from .forwarding import StreamRelay, is_event_stream, relay_stream
-from .gate import SESSION_PARAMS, Route
-from .intake import Rejected, RequestTimer, request_identity
-from .manager import LimitReachedError, Outcome
-from .proxy import Dispatch, Proxy, limit_rejection, ping_watcher
-from .sessions import CloseReason, Session, Transport, short, valid_session_id
-from .sse import Event
-from .upstream import SESSION_HEADER
+from .. import jsonrpc
+from ..activity import classify
+from ..admission import LimitReachedError
+from ..clients import initialize_client
+from ..errors import UpstreamError
+from ..forwarding import StreamRelay, is_event_stream, relay_stream
+from ..gate import SESSION_PARAMS
+from ..intake import RequestTimer, credentials, request_identity
+from ..manager import Outcome
+from ..sessions import CloseReason, Session, Transport, short, valid_session_id
+from ..sse import Event
+from ..upstream import SESSION_HEADER
+from .forwarder import Forwarder, ping_watcher
+from .rejections import bad_session_id, limit_rejection, not_found
+from .streamable import StreamableHttp
 
 log = logging.getLogger("sidecar.legacy")
 
@@ -61,35 +65,36 @@ def relative_endpoint(data: str, prefix: str) -> tuple[str, str] | None:
     return session_id, f"{prefix.rstrip('/')}{path}?{url.query}"
 
 
-class LegacyProxy(Proxy):
-    """Adds the legacy SSE stream and message endpoints to the Streamable HTTP proxy."""
+class LegacySse:
+    """The legacy SSE stream and message endpoints, on the forwarder both transports share.
+
+    A request on these paths that names a Streamable HTTP session (an `Mcp-Session-Id`
+    header) is handed to that transport: its session's rules apply wherever it is sent.
+    """
+
+    def __init__(self, forwarder: Forwarder, streamable: StreamableHttp) -> None:
+        self.fw = forwarder
+        self.manager = forwarder.manager
+        self.streamable = streamable
 
     async def handle_sse(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, self._open_legacy_stream)
+        return await self.fw.handle(request, self.open_stream)
 
     async def handle_message(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, self._legacy_post)
-
-    def _dispatch_for(self, route: Route | None, request: web.Request) -> Dispatch | None:
-        """Legacy spellings of the SSE and message paths, and any path naming a legacy id."""
-        if route is Route.SSE:
-            return self._open_legacy_stream
-        if route is Route.MESSAGE or any(name in request.query for name in SESSION_PARAMS):
-            return self._legacy_post
-        return super()._dispatch_for(route, request)
+        return await self.fw.handle(request, self.post)
 
     # ---- the stream ------------------------------------------------------------------------
-    async def _open_legacy_stream(
+    async def open_stream(
         self, request: web.Request, body: bytes, timer: RequestTimer
     ) -> web.StreamResponse:
         # A request naming a session gets that session's rules here too (no side doors).
         if SESSION_HEADER in request.headers:
-            return await self._dispatch(request, body, timer)
+            return await self.streamable.dispatch(request, body, timer)
         if session_id_in(request.query_string) is not None:
-            return await self._legacy_post(request, body, timer)
-        upstream = await self._forward(request, body or None, timer)
+            return await self.post(request, body, timer)
+        upstream = await self.fw.forward(request, body or None, timer)
         if request.method != "GET" or upstream.status != 200 or not is_event_stream(upstream):
-            return await self._relay(request, upstream, None, timer)
+            return await self.fw.relay(request, upstream, None, timer)
         identity = request_identity(request)
         try:
             await self.manager.admit(identity)
@@ -108,29 +113,24 @@ class LegacyProxy(Proxy):
             await stream.finish()
 
     # ---- messages --------------------------------------------------------------------------
-    async def _legacy_post(
+    async def post(
         self, request: web.Request, body: bytes, timer: RequestTimer
     ) -> web.StreamResponse:
         batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
         session_id = session_id_in(request.query_string)
         if session_id is None and SESSION_HEADER in request.headers:
-            return await self._dispatch(request, body, timer)  # a Streamable HTTP id, its rules
+            # A Streamable HTTP id: its rules.
+            return await self.streamable.dispatch(request, body, timer)
         if session_id is None:
-            upstream = await self._forward(request, body or None, timer)
-            return await self._relay(request, upstream, None, timer)
+            upstream = await self.fw.forward(request, body or None, timer)
+            return await self.fw.relay(request, upstream, None, timer)
         if not valid_session_id(session_id):
-            raise Rejected(
-                400,
-                "bad_session_id",
-                jsonrpc.error_body(
-                    jsonrpc.INVALID_REQUEST, "Invalid session id in the message URL", batch.first_id
-                ),
-            )
+            raise bad_session_id("session id in the message URL", batch.first_id)
         resolution = await self.manager.resolve(session_id, request_identity(request))
         session = resolution.session
         if session is None or session.transport is not Transport.SSE:
             reason = resolution.outcome.value if session is None else Outcome.UNKNOWN.value
-            raise Rejected(404, reason, jsonrpc.session_not_found(batch.first_id))
+            raise not_found(reason, batch.first_id)
         return await self._forward_message(request, body, batch, session, timer)
 
     async def _forward_message(
@@ -141,35 +141,32 @@ class LegacyProxy(Proxy):
         session: Session,
         timer: RequestTimer,
     ) -> web.StreamResponse:
-        self._note_client_headers(request, session)
-        _note_client_info(session, batch)
-        shows_use = batch.valid and session.shows_use(batch, self.manager.policy)
-        ignored = self.manager.policy.ignore_methods
-        calls: list[jsonrpc.RequestId] = []
-        if shows_use:
-            calls = [m.id for m in batch.requests if m.id is not None and m.method not in ignored]
-        now = self.manager.clock()
+        manager = self.manager
+        manager.note_credentials(session, credentials(request))
+        initialize = batch.find("initialize")
+        if initialize is not None:
+            manager.note_client_info(session, *initialize_client(initialize.params))
+        use = classify(batch, manager.policy, session.server_pings)
+        calls = list(use.calls)
         # Started before forwarding: a server may answer on the stream before its 202.
-        for call_id in calls:
-            session.call_started(call_id, now)
+        manager.begin_legacy_calls(session, calls)
         try:
-            upstream = await self._forward(request, body, timer)
+            upstream = await self.fw.forward(request, body, timer, session)
         except UpstreamError:
-            _calls_dropped(session, calls)
+            manager.end_legacy_calls(session, calls)
             raise
         if not 200 <= upstream.status < 300:
-            _calls_dropped(session, calls)  # refused: no answer will come on the stream
-        if shows_use:
-            self.manager.touch(session)
-        self.manager.count_request(session)
-        return await self._relay(request, upstream, session, timer, request_body=body)
+            manager.end_legacy_calls(session, calls)  # refused: no answer will come
+        manager.note_use(session, use)
+        manager.count_request(session)
+        return await self.fw.relay(request, upstream, session, timer, request_body=body)
 
 
 class _LegacyStream:
     """One relayed legacy SSE stream and the session it carries."""
 
     def __init__(
-        self, proxy: LegacyProxy, request: web.Request, upstream: aiohttp.ClientResponse, who: str
+        self, proxy: LegacySse, request: web.Request, upstream: aiohttp.ClientResponse, who: str
     ) -> None:
         self.proxy = proxy
         self.request = request
@@ -201,7 +198,7 @@ class _LegacyStream:
             return event.raw
         session_id, client_url = parsed
         upstream_url = urlsplit(event.data.strip())
-        expected = self.proxy.options.messages_path
+        expected = self.proxy.fw.options.messages_path
         if upstream_url.path.rstrip("/") != expected.rstrip("/"):
             # The client will post where the upstream said, a path the sidecar passes through
             # untracked: the session would look idle while in use and expire.
@@ -222,14 +219,15 @@ class _LegacyStream:
         self.release()
         self.session.relays.add(self.relay)
         self.session.open_streams += 1
-        self._watch = ping_watcher(self.session)
+        self._watch = ping_watcher(self.proxy.manager, self.session)
         return f"event: endpoint\ndata: {client_url}\n\n".encode()
 
     def _calls_answered(self, session: Session, event: Event) -> None:
         if not session.pending_calls:
             return
         batch = jsonrpc.parse(event.data.encode())
-        if any(session.call_answered(m.id) for m in batch.responses if m.id is not None):
+        answered = [m.id for m in batch.responses if m.id is not None]
+        if self.proxy.manager.end_legacy_calls(session, answered):
             self.proxy.manager.touch(session)  # the end of a call is activity (SPEC 2.3)
 
     async def finish(self) -> None:
@@ -244,18 +242,3 @@ class _LegacyStream:
         reason = CloseReason.CLIENT_DELETE if self.relay.client_gone else CloseReason.UPSTREAM_GONE
         log.debug("legacy stream of %s ended; closing it (%s)", short(session.id), reason.value)
         await self.proxy.manager.close(session, reason, upstream_done=True)
-
-
-def _calls_dropped(session: Session, calls: list[jsonrpc.RequestId]) -> None:
-    for call_id in calls:
-        session.call_answered(call_id)
-
-
-def _note_client_info(session: Session, batch: jsonrpc.Batch) -> None:
-    """The legacy transport's initialize arrives after the session exists: label it then."""
-    initialize = batch.find("initialize")
-    if initialize is None:
-        return
-    client_info, version = initialize_client(initialize.params)
-    session.client_info = session.client_info or client_info
-    session.protocol_version = version or session.protocol_version

@@ -1,0 +1,70 @@
+"""Where sessions are kept: the interface every backend implements.
+
+The manager is the store's only writer and sees records (`Session`, `PendingClose`,
+`ActivityRow`), never rows or keys. Backends: `sqlite.py` (the default, embedded; the only
+module that knows SQL) and `memory.py` (for unit tests, and to show what the contract is
+without a database). A shared backend for several sidecars is a new file here, checked by the
+same contract tests (`tests/test_store_contract.py`).
+
+The durability contract (SPEC 2.6): every `async` write below is durable when it returns,
+or raises `StoreError` having changed nothing; `write_activity` is the write-behind flush.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..sessions import Session, State
+from .records import ActivityRow, PendingClose
+
+
+class Store(Protocol):
+    """What the sidecar needs of a session store."""
+
+    transactions: int  # write transactions committed: for metrics and benchmarks
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def insert(self, session: Session) -> None:
+        """A new session, live and bound to its upstream session."""
+
+    async def mark_closed_many(self, closes: Sequence[tuple[Session, PendingClose | None]]) -> None:
+        """Close sessions (all or none) and record the upstream DELETEs they owe."""
+
+    async def hibernate_many(self, sessions: Sequence[tuple[Session, PendingClose | None]]) -> None:
+        """Make sessions dormant (all or none) and record the DELETEs of their old bindings."""
+
+    async def rebind(self, session: Session) -> None:
+        """A dormant or lost session resumed: live again with its new binding."""
+
+    async def set_persistent(self, session_id: str, persistent: bool) -> None: ...
+
+    async def write_activity(self, rows: Sequence[ActivityRow]) -> None:
+        """The write-behind flush: every row in one transaction."""
+
+    async def save_pending(self, pending: PendingClose, error: str | None = None) -> None: ...
+
+    async def drop_pending(self, pending: PendingClose) -> None: ...
+
+    async def purge_tombstones(self, older_than: float) -> int:
+        """Forget closed sessions closed before `older_than`; returns how many."""
+
+    async def load(self, state: State, since: float | None = None) -> list[Session]:
+        """Sessions in `state`; closed ones only if closed at or after `since`."""
+
+    async def get(self, session_id: str) -> Session | None: ...
+
+    async def pending_closes(self) -> list[PendingClose]: ...
+
+
+def open_store(path: str) -> Store:
+    """The configured backend (`store.backend`; SQLite is the one so far)."""
+    from .sqlite import SqliteStore  # noqa: PLC0415 - a backend's libraries load only when chosen
+
+    return SqliteStore(path)
+
+
+__all__ = ["ActivityRow", "PendingClose", "Store", "open_store"]

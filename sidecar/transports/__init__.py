@@ -1,0 +1,20 @@
+"""The client-facing side: one handler per MCP transport over one shared forwarder.
+
+* `forwarder.py`: what every request passes (checks, the upstream exchange, the relay of its
+  answer, rejections and upstream failures answered in one place);
+* `streamable.py`: Streamable HTTP (2025-03-26 and later);
+* `legacy.py`: HTTP+SSE (2024-11-05);
+* `resume.py`: re-creating an upstream session behind the client's id (SPEC 2.7);
+* `routing.py`: paths the exact routes missed, sent to the transport whose rules apply;
+* `rejections.py`: the sidecar's own answers.
+"""
+
+from __future__ import annotations
+
+from .forwarder import Forwarder, ProxyOptions
+from .legacy import LegacySse
+from .resume import Resumer
+from .routing import Router
+from .streamable import StreamableHttp
+
+__all__ = ["Forwarder", "LegacySse", "ProxyOptions", "Resumer", "Router", "StreamableHttp"]

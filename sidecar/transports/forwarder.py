@@ -1,0 +1,333 @@
+"""What both transports share: the checks every request passes, the upstream exchange, the
+relay of its answer, and the one place rejections and upstream failures are answered.
+
+The forwarder speaks for the client's id on the way up and back: a request of a session goes
+to the upstream its binding names, carrying the binding's session id; an answer reaches the
+client with the client's id (SPEC 2.7). It watches each answer for what changes the session
+(an upstream 404 or "session gone", a server ping) and reports it to the manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+from aiohttp import web
+
+from .. import jsonrpc
+from ..errors import UpstreamError, UpstreamTimeoutError
+from ..forwarding import (
+    EventHook,
+    StreamRelay,
+    is_event_stream,
+    relay_buffered,
+    relay_stream,
+    upstream_request_headers,
+)
+from ..gate import check_one_session
+from ..gone import GonePatterns
+from ..intake import (
+    Rejected,
+    RequestTimer,
+    check_origin,
+    credentials,
+    read_body,
+    upstream_failure,
+)
+from ..log import Throttled
+from ..manager import SessionManager
+from ..metrics import Metrics
+from ..sessions import CloseReason, Session, Transport, short
+from ..sse import Event
+from ..upstream import PROTOCOL_HEADER, SESSION_HEADER, Upstream, UpstreamPool
+from .rejections import not_found
+
+log = logging.getLogger("sidecar.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOptions:
+    """The transports' share of the config; replaced whole on reload."""
+
+    allowed_origins: frozenset[str] = frozenset()
+    max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout: float = 30.0
+    unknown: Literal["reject", "forward"] = "reject"
+    messages_path: str = "/messages/"  # legacy transport, to check the endpoint event against
+    mcp_path: str = "/mcp"  # the gate routes every spelling of these to their handler
+    sse_path: str = "/sse"
+    recover_lost: bool = False
+
+
+Dispatch = Callable[[web.Request, bytes, RequestTimer], Awaitable[web.StreamResponse]]
+
+
+class SessionLostError(Exception):
+    """The upstream no longer holds a session the sidecar holds live, and `recover_lost` may
+    re-create it: raised before anything of the answer reached the client."""
+
+
+class Forwarder:
+    def __init__(
+        self,
+        manager: SessionManager,
+        upstreams: UpstreamPool,
+        metrics: Metrics,
+        options: ProxyOptions,
+        gone: GonePatterns | None = None,
+    ) -> None:
+        self.manager = manager
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.options = options
+        self.gone = gone or GonePatterns()
+        self._throttled = Throttled(log)
+
+    # ---- one request, start to end ---------------------------------------------------------
+    async def handle(self, request: web.Request, dispatch: Dispatch) -> web.StreamResponse:
+        """Checks, dispatch, and the one place rejections and upstream failures are answered."""
+        timer = RequestTimer()
+        body = b""
+        try:
+            self.check(request)
+            if request.method == "POST":
+                body = await self.read_body(request)
+            response = await dispatch(request, body, timer)
+            outcome = "forwarded"
+        except Rejected as rejection:
+            response = await self.reject(request, rejection)
+            outcome = "rejected"
+        except UpstreamError as exc:
+            response = await self.upstream_failed(request, body, exc)
+            outcome = "upstream_error"
+        self.metrics.requests.labels(request.method, outcome).inc()
+        self.metrics.request_duration.observe(timer.own_time())
+        return response
+
+    def check(self, request: web.Request) -> None:
+        check_one_session(request)
+        check_origin(request, self.options.allowed_origins)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        options = self.options
+        return await read_body(request, options.max_body_bytes, options.body_timeout)
+
+    # ---- the upstream exchange -------------------------------------------------------------
+    def upstream_of(self, session: Session | None) -> Upstream:
+        """The member a request goes to: its session's binding, else the pool's primary."""
+        if session is not None and session.binding is not None:
+            member = self.upstreams.member(session.binding.upstream)
+            if member is not None:
+                return member
+        return self.upstreams.primary
+
+    async def forward(
+        self,
+        request: web.Request,
+        body: bytes | None,
+        timer: RequestTimer,
+        session: Session | None = None,
+    ) -> aiohttp.ClientResponse:
+        upstream = self.upstream_of(session)
+        headers = upstream_request_headers(request, upstream.authority)
+        if session is not None and session.binding is not None and SESSION_HEADER in headers:
+            headers[SESSION_HEADER] = session.binding.session_id
+        timer.upstream_begins()
+        try:
+            return await upstream.request(
+                request.method, upstream.target(request.path_qs), headers, body
+            )
+        finally:
+            timer.upstream_answered()
+
+    async def relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        session: Session | None,
+        timer: RequestTimer,
+        *,
+        long_lived: bool = False,
+        request_body: bytes = b"",
+        may_recover: bool = False,
+    ) -> web.StreamResponse:
+        """Relay the answer, acting on what it says about the session first.
+
+        With `may_recover`, an answer that says the upstream lost the session raises
+        `SessionLostError` instead of closing it, before any of it reached the client.
+        """
+        client_id = None if session is None else session.id
+        if session is not None:
+            self._note_accepted_version(request, upstream, session)
+        if (
+            session is not None
+            and upstream.status == 404
+            and session.live
+            and self.answers_for_session(request, session)
+        ):
+            if may_recover:
+                upstream.release()
+                raise SessionLostError
+            # The upstream lost the session (restart, its own reaper): stop tracking it.
+            await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
+        if not is_event_stream(upstream) and upstream.content_length is not None:
+            body = await self._read_answer(upstream, timer)
+            if (
+                session is not None
+                and self.answers_for_session(request, session)
+                and self.gone.matches(upstream.status, body)
+            ):
+                if may_recover and session.live:
+                    raise SessionLostError
+                await self.session_gone(session, upstream.status, request_body)
+            return await relay_buffered(request, upstream, body, client_id)
+        relay = StreamRelay(upstream, long_lived)
+        if session is not None:
+            session.relays.add(relay)
+        try:
+            return await relay_stream(
+                request,
+                upstream,
+                relay,
+                None if session is None else self.event_watcher(session),
+                on_prepared=timer.upstream_begins,
+                session_id=client_id,
+            )
+        finally:
+            timer.upstream_answered()
+            if session is not None:
+                session.relays.discard(relay)
+
+    async def _read_answer(self, upstream: aiohttp.ClientResponse, timer: RequestTimer) -> bytes:
+        timer.upstream_begins()
+        read_timeout = self.upstreams.primary.read_timeout
+        try:
+            # A body that stalls after its headers is bounded like the headers were.
+            async with upstream, asyncio.timeout(read_timeout):
+                return await upstream.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream answer broke off: {exc}") from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(
+                f"the upstream's answer body did not arrive within {read_timeout:g}s "
+                "(upstream.read_timeout)"
+            ) from exc
+        finally:
+            timer.upstream_answered()
+
+    def _note_accepted_version(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, session: Session
+    ) -> None:
+        version = request.headers.get(PROTOCOL_HEADER)
+        if version and 200 <= upstream.status < 300:
+            self.manager.note_protocol_version(session, version)
+
+    def answers_for_session(self, request: web.Request, session: Session) -> bool:
+        """Whether an upstream "not found" on this request speaks about the session.
+
+        Only the exact MCP endpoint's 404 means "no such session" (SPEC 2.1): the same 404 on
+        another spelling or path is the router's "no such route" (FastMCP's routes are
+        case-sensitive), and believing it would stop tracking a session the upstream still
+        holds. A legacy session is different: closing it cuts its stream, which frees it
+        upstream whatever the 404 meant.
+        """
+        if session.transport is not Transport.STREAMABLE_HTTP:
+            return True
+        return request.path == self.options.mcp_path
+
+    def closed_upstream_by(self, request: web.Request, status: int) -> bool:
+        """Did the client's own DELETE close the session upstream? Only a 2xx, 404 or 405 from
+        the exact endpoint says so (SPEC 2.4); otherwise (5xx, another 4xx, another path)
+        the closer sends the sidecar's own DELETE, with the negotiated protocol version."""
+        if request.path != self.options.mcp_path:
+            return False
+        return 200 <= status < 300 or status in (404, 405)
+
+    def event_watcher(self, session: Session) -> EventHook:
+        watch = ping_watcher(self.manager, session)
+
+        async def hook(event: Event) -> bytes:
+            watch(event)
+            return event.raw
+
+        return hook
+
+    async def session_gone(self, session: Session, status: int, request_body: bytes) -> None:
+        """A non-compliant "session not found": close it and answer the spec's 404."""
+        if session.live:
+            log.info(
+                "upstream answered %d meaning session %s is gone; answering 404",
+                status,
+                session.short_id,
+            )
+            await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
+        batch = jsonrpc.parse(request_body) if request_body else jsonrpc.INVALID
+        raise not_found("expired", batch.first_id)
+
+    async def delete_orphan(
+        self, request: web.Request, session_id: str, upstream: Upstream | None = None
+    ) -> None:
+        """Close upstream a session the client will never hear of (one attempt, logged)."""
+        member = upstream or self.upstreams.primary
+        # Not the client's headers: its Content-Length and body belong to another request.
+        headers = {"Host": member.authority, SESSION_HEADER: session_id}
+        headers.update(member.static_headers)
+        headers.update(credentials(request))
+        try:
+            answer = await member.request("DELETE", member.url, headers, None)
+            answer.release()
+        except UpstreamError as exc:
+            log.warning("closing untracked session %s failed: %s", short(session_id), exc)
+
+    # ---- answers ---------------------------------------------------------------------------
+    async def reject(self, request: web.Request, rejection: Rejected) -> web.Response:
+        self.metrics.rejected.labels(rejection.reason).inc()
+        # Legacy (2024-11-05) message URLs carry the id in the query, not in a header.
+        query = request.query
+        session_id = (
+            request.headers.get(SESSION_HEADER) or query.get("sessionId") or query.get("session_id")
+        )
+        self._throttled.info(
+            rejection.reason,
+            "rejected %s %s session=%s reason=%s status=%d",
+            request.method,
+            request.path,
+            short(session_id) if session_id else "-",
+            rejection.reason,
+            rejection.status,
+        )
+        response = rejection.response()
+        if rejection.status in (408, 413):
+            # Never read the rest of a body that is too large or too slow: close instead.
+            response.force_close()
+        elif request.can_read_body:
+            await request.release()  # drain, so the connection stays usable for the client
+        return response
+
+    async def upstream_failed(
+        self, request: web.Request, body: bytes, exc: UpstreamError
+    ) -> web.Response:
+        # Throttled: with the upstream down, every client request would otherwise log a line.
+        self._throttled.warning(type(exc).__name__, "%s %s: %s", request.method, request.path, exc)
+        return upstream_failure(exc, body)
+
+
+def ping_watcher(manager: SessionManager, session: Session) -> Callable[[Event], None]:
+    """Remember server-initiated pings so the client's answers do not count (SPEC 2.3)."""
+
+    def watch(event: Event) -> None:
+        if '"ping"' not in event.data:  # cheap pre-filter: most events are not pings
+            return
+        try:
+            batch = jsonrpc.parse(event.data.encode())
+        except ValueError:
+            return
+        for message in batch.messages:
+            if message.method == "ping" and message.id is not None:
+                manager.remember_server_ping(session, message.id)
+
+    return watch

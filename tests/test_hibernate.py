@@ -1,0 +1,263 @@
+"""Hibernation and recovery end to end (SPEC 2.7): real FastMCP, real sidecar, real clients.
+
+What each test reads: what the client got (its answers and its unchanged session id), what
+reached the upstream (its own request log: which session each request named, and which
+JSON-RPC methods it carried, in order), and what the sidecar shows (admin API, database).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from mcp.shared.exceptions import McpError
+
+from tests.peers.mcp_clients import (
+    RawSession,
+    eventually,
+    live_sessions,
+    open_stream,
+    raw_client,
+    sdk_session,
+    session_row,
+    text_of,
+)
+from tests.peers.processes import SidecarFactory, SidecarHandle, UpstreamHandle
+
+IDLE = 1.5
+SWEEP = 0.3
+
+
+def hibernating(
+    factory: SidecarFactory, upstream: UpstreamHandle, **upstream_opts: Any
+) -> SidecarHandle:
+    return factory(
+        upstream.url,
+        sessions={"idle_timeout": IDLE, "sweep_interval": SWEEP, "idle_action": "hibernate"},
+        upstream={"recover_lost": False, **upstream_opts},
+        store={"flush_interval": 0.2},
+    )
+
+
+async def admin_get(sidecar: SidecarHandle, path: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return await http.get(f"{sidecar.admin_url}{path}")
+
+
+async def state_of(sidecar: SidecarHandle, session_id: str) -> dict[str, Any]:
+    response = await admin_get(sidecar, f"/sessions/{session_id}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def wait_state(sidecar: SidecarHandle, session_id: str, state: str) -> dict[str, Any]:
+    async def reached() -> bool:
+        return (await state_of(sidecar, session_id))["state"] == state
+
+    await eventually(reached, within=15, what=f"session {session_id[:8]} {state}")
+    return await state_of(sidecar, session_id)
+
+
+def new_upstream_sessions(upstream: UpstreamHandle, known: set[str | None]) -> list[str]:
+    """Session ids the upstream issued that are not in `known`, in order."""
+    issued = [r["response_session_id"] for r in upstream.requests() if r["response_session_id"]]
+    return [s for s in dict.fromkeys(issued) if s not in known]
+
+
+def methods_of(upstream: UpstreamHandle, session_id: str) -> list[str]:
+    """The JSON-RPC methods the upstream received for a session, its initialize included."""
+    requests = [
+        r for r in upstream.requests() if session_id in (r["session_id"], r["response_session_id"])
+    ]
+    return [m for r in requests for m in r.get("rpc_methods", [])]
+
+
+async def test_sdk_client_resumes_behind_its_unchanged_id_with_its_setup_replayed(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    sidecar = hibernating(sidecar_factory, upstream)
+    async with sdk_session(sidecar.url) as (session, get_id):
+        assert text_of(await session.call_tool("echo", {"text": "one"})) == "one"
+        await session.set_logging_level("warning")
+        session_id = get_id()
+        assert session_id is not None
+
+        # Idle past the timeout: the upstream gets its DELETE, the id stays dormant.
+        await eventually(lambda: session_id in upstream.deletes(), within=15, what="DELETE")
+        dormant = await wait_state(sidecar, session_id, "dormant")
+        assert dormant["upstream_id"] is None
+        before = {r["session_id"] for r in upstream.requests()} | {session_id}
+
+        # The same ClientSession, never re-initialized: its next call just works.
+        assert text_of(await session.call_tool("echo", {"text": "two"})) == "two"
+        assert get_id() == session_id
+        # The upstream holds exactly one session: the new one behind the client's id.
+        assert await live_sessions(session) == 1
+
+    created = new_upstream_sessions(upstream, before)
+    assert len(created) == 1, created
+    new_id = created[0]
+    assert new_id != session_id
+    methods = methods_of(upstream, new_id)
+    # The replayed handshake and setup came first, then the client's own call.
+    assert methods[:4] == [
+        "initialize",
+        "notifications/initialized",
+        "logging/setLevel",
+        "tools/call",
+    ], methods
+    shown = await state_of(sidecar, session_id)
+    assert shown["resumes"] == 1
+    metrics = (await admin_get(sidecar, "/metrics")).text
+    assert 'mcp_sidecar_sessions_resumed_total{cause="hibernated"} 1.0' in metrics
+    assert "mcp_sidecar_sessions_hibernated_total 1.0" in metrics
+    assert "resumed session" in sidecar.output()
+    assert "hibernated session" in sidecar.output()
+    assert new_id not in sidecar.output()  # ids are shortened in the log
+
+
+async def test_held_stream_on_dormant_id_wakes_nothing_and_joins_the_resumed_session(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    sidecar = hibernating(sidecar_factory, upstream)
+    async with raw_client() as http:
+        raw = RawSession(http, sidecar.url)
+        assert (await raw.initialize()).status_code == 200
+        session_id = raw.session_id
+        assert session_id is not None
+        assert await raw.call_text("echo", {"text": "x"}) == "x"
+        await wait_state(sidecar, session_id, "dormant")
+        requests_before = len(upstream.requests())
+
+        async with open_stream(raw) as stream:
+            assert stream.status == 200
+            # The sidecar answered the GET itself: nothing reached the upstream for it.
+            assert len(upstream.requests()) == requests_before
+            assert (await state_of(sidecar, session_id))["state"] == "dormant"
+
+            # A call resumes the session; the server's notification on its new GET stream
+            # reaches the client's held stream.
+            assert await raw.call_text("notify_me") == "sent"
+            message = await eventually_message(stream.messages)
+            assert message["method"] == "notifications/resources/list_changed"
+        assert (await state_of(sidecar, session_id))["state"] == "live"
+
+
+async def eventually_message(queue: Any, within: float = 10.0) -> dict[str, Any]:
+    import asyncio
+
+    async with asyncio.timeout(within):
+        message: dict[str, Any] = await queue.get()
+        return message
+
+
+async def test_recover_lost_recreates_a_session_the_upstream_lost_in_a_restart(
+    upstream_factory: Callable[..., UpstreamHandle],
+    sidecar_factory: SidecarFactory,
+) -> None:
+    upstream = upstream_factory()
+    sidecar = sidecar_factory(upstream.url, upstream={"recover_lost": True})
+    async with sdk_session(sidecar.url) as (session, get_id):
+        assert text_of(await session.call_tool("echo", {"text": "before"})) == "before"
+        session_id = get_id()
+        upstream.stop()
+        restarted = upstream_factory(port=upstream.port)
+        assert text_of(await session.call_tool("echo", {"text": "after"})) == "after"
+        assert get_id() == session_id
+        shown = await state_of(sidecar, session_id)
+        assert (shown["state"], shown["resumes"]) == ("live", 1)
+    # The restarted server answered the old id 404 (the call, and perhaps the client's GET
+    # stream reconnecting), then served one new session behind the client's id.
+    assert {r["status"] for r in restarted.requests_for(session_id)} == {404}
+    created = new_upstream_sessions(restarted, {session_id})
+    assert len(created) == 1
+
+
+async def test_without_recover_lost_a_lost_session_still_gets_404(
+    upstream_factory: Callable[..., UpstreamHandle],
+    sidecar_factory: SidecarFactory,
+) -> None:
+    upstream = upstream_factory()
+    sidecar = sidecar_factory(upstream.url)
+    async with sdk_session(sidecar.url) as (session, _):
+        await session.call_tool("echo", {"text": "before"})
+        upstream.stop()
+        upstream_factory(port=upstream.port)
+        with pytest.raises(McpError):
+            await session.call_tool("echo", {"text": "after"})
+    assert (await admin_get(sidecar, "/metrics")).text.count(
+        'mcp_sidecar_sessions_resumed_total{cause="upstream_lost"} 0.0'
+    ) == 1
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+async def test_dormant_ids_survive_a_sidecar_restart_and_resume_after_it(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory, stop: str
+) -> None:
+    sidecar = hibernating(sidecar_factory, upstream)
+    async with raw_client() as http:
+        raw = RawSession(http, sidecar.url)
+        assert (await raw.initialize()).status_code == 200
+        session_id = raw.session_id
+        assert session_id is not None
+        await wait_state(sidecar, session_id, "dormant")
+        if stop == "sigterm":
+            sidecar.terminate()
+        else:
+            sidecar.send_signal(signal.SIGKILL)
+            sidecar.proc.popen.wait(10)
+        row = session_row(sidecar.db_path, session_id)
+        assert row is not None
+        assert row["state"] == "dormant"
+        sidecar.restart()
+        assert (await state_of(sidecar, session_id))["state"] == "dormant"
+        assert await raw.call_text("echo", {"text": "back"}) == "back"
+        assert (await state_of(sidecar, session_id))["state"] == "live"
+
+
+@pytest.mark.parametrize("ender", ["client_delete", "admin"])
+async def test_delete_or_admin_close_ends_a_dormant_id_for_good_without_waking_it(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory, ender: str
+) -> None:
+    sidecar = hibernating(sidecar_factory, upstream)
+    async with raw_client() as http:
+        raw = RawSession(http, sidecar.url)
+        assert (await raw.initialize()).status_code == 200
+        session_id = raw.session_id
+        assert session_id is not None
+        await wait_state(sidecar, session_id, "dormant")
+        requests_before = len(upstream.requests())
+        if ender == "client_delete":
+            response = await http.delete(sidecar.url, headers=raw.headers())
+        else:
+            response = await http.delete(f"{sidecar.admin_url}/sessions/{session_id}")
+        assert response.status_code == 200, response.text
+        answer = await raw.call("echo", {"text": "x"})
+        assert answer.status_code == 404
+        assert len(upstream.requests()) == requests_before  # nothing woke upstream
+        shown = await state_of(sidecar, session_id)
+        assert (shown["state"], shown["close_reason"]) == ("closed", ender)
+
+
+async def test_resume_with_upstream_down_is_502_and_the_session_stays_dormant(
+    upstream_factory: Callable[..., UpstreamHandle], sidecar_factory: SidecarFactory
+) -> None:
+    upstream = upstream_factory()
+    sidecar = hibernating(sidecar_factory, upstream)
+    async with raw_client() as http:
+        raw = RawSession(http, sidecar.url)
+        assert (await raw.initialize()).status_code == 200
+        session_id = raw.session_id
+        assert session_id is not None
+        await wait_state(sidecar, session_id, "dormant")
+        await eventually(lambda: session_id in upstream.deletes(), within=10, what="DELETE")
+        upstream.stop()
+        response = await raw.call("echo", {"text": "x"})
+        assert response.status_code == 502, response.text
+        assert (await state_of(sidecar, session_id))["state"] == "dormant"
+        upstream_factory(port=upstream.port)
+        assert await raw.call_text("echo", {"text": "up"}) == "up"
