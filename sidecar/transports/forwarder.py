@@ -17,6 +17,7 @@ from typing import Literal
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import Counter
 
 from .. import jsonrpc
 from ..errors import UpstreamError, UpstreamTimeoutError
@@ -63,6 +64,8 @@ class ProxyOptions:
     recover_lost: bool = False
 
 
+MAX_CACHED_COUNTERS = 64
+
 Dispatch = Callable[[web.Request, bytes, RequestTimer], Awaitable[web.StreamResponse]]
 
 
@@ -86,6 +89,7 @@ class Forwarder:
         self.options = options
         self.gone = gone or GonePatterns()
         self._throttled = Throttled(log)
+        self._counters: dict[tuple[str, str], Counter] = {}
 
     # ---- one request, start to end ---------------------------------------------------------
     async def handle(self, request: web.Request, dispatch: Dispatch) -> web.StreamResponse:
@@ -104,9 +108,19 @@ class Forwarder:
         except UpstreamError as exc:
             response = await self.upstream_failed(request, body, exc)
             outcome = "upstream_error"
-        self.metrics.requests.labels(request.method, outcome).inc()
+        self._count(request.method, outcome)
         self.metrics.request_duration.observe(timer.own_time())
         return response
+
+    def _count(self, method: str, outcome: str) -> None:
+        # `labels()` takes a lock and builds a key on every call; the children are cached
+        # (bounded: a client can send any method name, and the cache must not grow with it).
+        child = self._counters.get((method, outcome))
+        if child is None:
+            child = self.metrics.requests.labels(method, outcome)
+            if len(self._counters) < MAX_CACHED_COUNTERS:
+                self._counters[(method, outcome)] = child
+        child.inc()
 
     def check(self, request: web.Request) -> None:
         check_one_session(request)
