@@ -122,6 +122,7 @@ class TopSessions:
     active: int
     persistent: int
     scanned: int
+    by_upstream: dict[str, int]
 
 
 def entry(session: Session, now: float) -> SessionEntry:
@@ -144,8 +145,12 @@ def top_sessions(sessions: Iterable[Session], now: float, n: int = TOP_N) -> Top
     idle_heap: list[Ranked] = []  # keyed on -last_activity_at: the oldest activity wins
     busy_heap: list[Ranked] = []
     active = persistent = scanned = 0
+    by_upstream: dict[str, int] = {}
     for order, session in enumerate(sessions):
         scanned += 1
+        if session.binding is not None:
+            name = session.binding.upstream
+            by_upstream[name] = by_upstream.get(name, 0) + 1
         is_active = now - session.last_activity_at <= ACTIVE_WINDOW or session.in_flight > 0
         active += is_active
         persistent += session.persistent
@@ -154,7 +159,7 @@ def top_sessions(sessions: Iterable[Session], now: float, n: int = TOP_N) -> Top
         _keep(busy_heap, (float(session.requests), order, session), n)
     longest_idle = [entry(s, now) for _, _, s in sorted(idle_heap, key=lambda t: (-t[0], t[1]))]
     busiest = [entry(s, now) for _, _, s in sorted(busy_heap, key=lambda t: (-t[0], t[1]))]
-    return TopSessions(longest_idle, busiest, active, persistent, scanned)
+    return TopSessions(longest_idle, busiest, active, persistent, scanned, by_upstream)
 
 
 def _keep(heap: list[Ranked], item: Ranked, n: int) -> None:
