@@ -13,6 +13,7 @@ Upstreams are a list from the start, so replicas (SPEC 2.8) add rows, not a new 
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -96,20 +97,26 @@ def gather(service: Service) -> StatusPage:
         longest_idle=top.longest_idle[:MAX_ROWS],
         busiest=top.busiest[:MAX_ROWS],
         stuck=[_stuck_row(row) for row in manager.stuck.snapshot()[:MAX_ROWS]],
-        upstreams=[
-            UpstreamRow(
-                name or "default",
-                safe_url(str(member.url)),
-                top.by_upstream.get(name, 0),
-                NOT_CHECKED,
-            )
-            for name, member in service.upstreams
-        ],
+        upstreams=upstream_rows(service),
         closes_owed=service.closer.backlog,
         recent_closes=list(service.monitor.closes)[: MAX_ROWS * 2],
         # The chart ends at the present, not at the last sample up to 30 s ago.
         history=[*service.monitor.history, Sample(now, live, len(manager.dormant))],
     )
+
+
+def upstream_rows(service: Service) -> list[UpstreamRow]:
+    """One row per pool member; with one member every live session is on it (no scan)."""
+    members = list(service.upstreams)
+    live = service.manager.live
+    if len(members) == 1:
+        counts = {members[0][0]: len(live)}
+    else:
+        counts = Counter(s.binding.upstream for s in live.values() if s.binding is not None)
+    return [
+        UpstreamRow(name or "default", safe_url(str(member.url)), counts.get(name, 0), NOT_CHECKED)
+        for name, member in members
+    ]
 
 
 def enforces(service: Service) -> list[str]:
