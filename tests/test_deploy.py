@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 
-from tests.peers.ops import Admin, mcp_session
+from tests.peers.mcp_clients import eventually
+from tests.peers.ops import Admin, assert_session_not_found, mcp_session, raw_post
 from tests.peers.processes import SidecarFactory, UpstreamHandle
 
+P = "mcp_sidecar_"
 DEPLOY = Path(__file__).parent.parent / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
@@ -112,6 +114,31 @@ async def test_dashboard_and_rules_name_only_metrics_the_sidecar_exports(
         assert named, source.name
         unknown = sorted(named - exported)
         assert unknown == [], f"{source.name} names metrics the sidecar does not export"
+
+
+async def test_limit_ready_and_stuck_gauges_show_the_config_and_the_clients(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    sidecar = sidecar_factory(
+        upstream.url, sessions={"max_sessions": 50, "max_sessions_per_client": 5}
+    )
+    admin = Admin(sidecar.admin_url)
+    scrape = await admin.scrape()
+    assert scrape.value(P + "session_limit", scope="global") == 50
+    assert scrape.value(P + "session_limit", scope="per_client") == 5
+    assert scrape.value(P + "ready") == 1
+    assert scrape.value(P + "stuck_clients") == 0
+    async with mcp_session(sidecar.url) as client:
+        closed_id = client.session_id
+    assert_session_not_found(await raw_post(sidecar.url, closed_id))
+    assert (await admin.scrape()).value(P + "stuck_clients") == 1
+    sidecar.reload(sessions={"max_sessions": 80, "max_sessions_per_client": 0})
+
+    async def reloaded() -> bool:
+        return (await admin.scrape()).value(P + "session_limit", scope="global") == 80
+
+    await eventually(reloaded, what="the reloaded max_sessions in session_limit")
+    assert (await admin.scrape()).value(P + "session_limit", scope="per_client") == 0
 
 
 def exported_names(exposition: str) -> set[str]:

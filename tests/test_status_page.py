@@ -152,6 +152,29 @@ async def test_status_page_follows_the_admin_token_and_host_rules(
     assert "Host not allowed" in rebound.json()["error"]
 
 
+async def test_status_page_without_a_browser_counts_sessions_and_lists_admin_closes(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    sidecar = sidecar_factory(upstream.url, sessions={"persistent": True})
+    admin = Admin(sidecar.admin_url)
+    async with (
+        mcp_session(sidecar.url) as kept,
+        mcp_session(
+            sidecar.url, client_info=Implementation(name="closed-by-admin", version="9")
+        ) as closed,
+    ):
+        assert (await admin.request("DELETE", f"/sessions/{closed.session_id}")).is_success
+        page = (await admin.get("/")).text
+        assert kept.session_id not in page
+    assert closed.session_id not in page
+    assert re.search(r'id="count-live"><b>1</b>', page)
+    assert re.search(r'id="count-persistent"><b>1</b>', page)
+    closes = _section(page, "recent-closes")
+    assert "admin" in closes
+    assert "closed-by-admin 9" in closes
+    assert closed.session_id[:8] + "…" in closes
+
+
 async def test_status_page_escapes_what_clients_send(
     upstream: UpstreamHandle, sidecar_factory: SidecarFactory
 ) -> None:
