@@ -81,6 +81,8 @@ async def test_status_page_in_chromium_shows_sessions_by_client_and_never_a_whol
     assert "session lifecycle: idle_timeout=" in _section(dom, "what-it-enforces")
     assert "<polyline" in dom
     assert 'id="refresh"' in dom
+    # The refresh script ran: the Content-Security-Policy's hash admits it.
+    assert 'data-refresh="armed"' in dom
     assert shot.read_bytes().startswith(PNG_MAGIC)
     if os.environ.get("MCP_SIDECAR_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, SCREENSHOT)
