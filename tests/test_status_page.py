@@ -40,6 +40,7 @@ def chromium(url: str, profile: Path, *extra: str) -> str:
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
             "--no-first-run",
             "--hide-scrollbars",
             f"--user-data-dir={profile}",
