@@ -23,6 +23,7 @@ from .errors import StoreError
 from .gone import GonePatterns
 from .manager import Clock, Limits, SessionManager
 from .metrics import Metrics
+from .monitor import Monitor
 from .sessions import Policy
 from .store import Store, open_store
 from .sweeper import Sweeper
@@ -111,7 +112,18 @@ class Service:
         self.sweeper = Sweeper(
             self.manager, settings.sessions.effective_sweep_interval, settings.store.flush_interval
         )
+        self.monitor = Monitor(
+            lambda: (len(self.manager.live), len(self.manager.dormant)),
+            self.manager.live.values,
+            clock,
+        )
+        self.manager.close_listeners.append(self.monitor.record_close)
         self.ready = False
+        self.metrics.bind_service_state(
+            lambda: (self.manager.limits.max_sessions, self.manager.limits.max_sessions_per_client),
+            lambda: self.ready,
+            lambda: len(self.manager.stuck),
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -122,6 +134,7 @@ class Service:
             self._tasks.append(asyncio.create_task(self.closer.run(), name="sidecar-closer"))
             await self.manager.restore()
             self._tasks += self.sweeper.tasks()
+            self._tasks.append(asyncio.create_task(self.monitor.run(), name="sidecar-monitor"))
         except BaseException:
             await self.stop()
             raise
