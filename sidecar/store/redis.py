@@ -27,6 +27,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..config_render import mask_url_password
 from ..errors import StoreError, StoreTooNewError
 from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
 from .records import ActivityRow, PendingClose
@@ -170,7 +171,7 @@ class RedisStore:
     @property
     def where(self) -> str:
         """The URL without its password, and the prefix: what messages may name."""
-        return f"{_without_password(self.url)} (prefix {self.prefix!r})"
+        return f"{mask_url_password(self.url)} (prefix {self.prefix!r})"
 
     @property
     def db(self) -> aioredis.Redis:
@@ -317,15 +318,6 @@ class RedisStore:
 
 def _read_error(store: RedisStore, exc: RedisError) -> StoreError:
     return StoreError(f"reading the Redis store at {store.where} failed ({exc})")
-
-
-def _without_password(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = credentials.partition(":")[0]
-    return f"{scheme}://{user + ':' if user else ':'}***@{host}"
 
 
 # ---- records <-> hash fields -------------------------------------------------------------
