@@ -1,9 +1,10 @@
 """A real Redis for a test: Debian's `redis-server`, on a free 127.0.0.1 port, in its own dir.
 
-Nothing is persisted (`--save ''`, no append-only file), so a stop and a start on the same
-port is a Redis that lost nothing only in the sense the tests need: it came back empty, as a
-failover to a fresh replica would, unless the test keeps it running. `stop()` and `start()`
-again on the same port is how a test takes Redis away mid-run and brings it back.
+Nothing is persisted on its own (`--save ''`, no append-only file): `stop()` and `start()`
+again on the same port bring back an empty Redis, as a failover to a fresh replica would;
+`stop(keep_data=True)` writes a snapshot first (SAVE) that the next start loads from its dir,
+as a Redis restarted with its data would. That is how a test takes Redis away mid-run and
+brings it back.
 """
 
 from __future__ import annotations
@@ -33,14 +34,19 @@ def require_redis_server() -> str:
     return path
 
 
-def ping(port: int, host: str = HOST) -> bool:
-    """True when a Redis answers PING on `host:port` (inline command, no client library)."""
+def _inline(port: int, command: bytes, expect: bytes, host: str = HOST) -> bool:
+    """Send one inline command (no client library); True when the reply starts with `expect`."""
     try:
-        with socket.create_connection((host, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+        with socket.create_connection((host, port), timeout=5.0) as sock:
+            sock.sendall(command + b"\r\n")
+            return sock.recv(64).startswith(expect)
     except OSError:
         return False
+
+
+def ping(port: int, host: str = HOST) -> bool:
+    """True when a Redis answers PING on `host:port` (one with a password answers NOAUTH)."""
+    return _inline(port, b"PING", b"+PONG", host) or _inline(port, b"PING", b"-NOAUTH", host)
 
 
 class RedisServer:
@@ -51,6 +57,7 @@ class RedisServer:
         self.port = port or _free_port()
         self.workdir = _new_dir(tmp_path, "redis-")
         self.process: ManagedProcess | None = None
+        self.extra_args: list[str] = []  # e.g. ["--requirepass", "..."]
 
     @property
     def url(self) -> str:
@@ -69,6 +76,7 @@ class RedisServer:
             "",
             "--appendonly",
             "no",
+            *self.extra_args,
         ]
         self.process = ManagedProcess(
             args, log_path=self.workdir / "output.log", name=f"redis:{self.port}"
@@ -83,10 +91,14 @@ class RedisServer:
             time.sleep(0.05)
         return self
 
-    def stop(self) -> None:
-        """Stop it by its PID (SIGTERM, then SIGKILL if it hangs)."""
-        if self.process is not None:
-            self.process.stop()
+    def stop(self, *, keep_data: bool = False) -> None:
+        """Stop it by its PID (SIGTERM, then SIGKILL if it hangs); with `keep_data`, after a
+        snapshot the next `start()` loads."""
+        if self.process is None or not self.process.running:
+            return
+        if keep_data and not _inline(self.port, b"SAVE", b"+OK"):
+            raise ProcessError(f"redis-server refused SAVE: {self.process.describe()}")
+        self.process.stop()
 
     def kill(self) -> None:
         if self.process is not None and self.process.running:
