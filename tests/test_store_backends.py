@@ -183,6 +183,9 @@ async def test_redis_stopped_refuses_new_sessions_serves_live_ones_and_recovers(
         live = RawSession(http, sidecar.url)
         assert (await live.initialize()).status_code == 200
         assert live.session_id is not None
+        leaving = RawSession(http, sidecar.url)
+        assert (await leaving.initialize()).status_code == 200
+        assert leaving.session_id is not None
 
         await asyncio.to_thread(redis_server.stop, keep_data=True)
         refused = RawSession(http, sidecar.url)
@@ -197,8 +200,15 @@ async def test_redis_stopped_refuses_new_sessions_serves_live_ones_and_recovers(
         )
         # The live session is served from memory meanwhile, and its activity waits.
         assert await live.call_text("echo", {"text": "still here"}) == "still here"
+        # A session the client ends meanwhile is closed at once (404 after); its close is
+        # written when Redis is back.
+        deleted = await http.delete(sidecar.url, headers=leaving.headers())
+        assert deleted.status_code == 200, deleted.text
+        gone = await leaving.post(leaving.call_message("echo", request_id=5))
+        assert gone.status_code == 404
         metrics = await _metrics(http, sidecar)
         assert 'mcp_sidecar_store_errors_total{operation="insert"} 1.0' in metrics
+        assert 'mcp_sidecar_store_errors_total{operation="close"} 1.0' in metrics
         assert 'mcp_sidecar_rejected_total{reason="store_unavailable"} 1.0' in metrics
 
         await asyncio.to_thread(redis_server.start)  # with its data, on the same port
@@ -212,6 +222,12 @@ async def test_redis_stopped_refuses_new_sessions_serves_live_ones_and_recovers(
             return stored is not None and stored.requests >= 3
 
         await eventually(activity_written, what="the held-back activity flushed to Redis")
+
+        async def close_written() -> bool:
+            stored = await backend.stored(sidecar, str(leaving.session_id))
+            return stored is not None and stored.close_reason == "client_delete"
+
+        await eventually(close_written, what="the held-back close written to Redis")
 
     for session_id in (live.session_id, again.session_id):
         stored = await backend.stored(sidecar, session_id)

@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from ..config_render import mask_url_password
@@ -38,6 +40,11 @@ DEFAULT_PREFIX = "mcp-sidecar:"
 # How long one command may take before it fails: an `initialize` waits on the insert, so a
 # Redis that hangs must end in a 503 within a bounded time, not hold the client (SPEC 2.5).
 COMMAND_TIMEOUT = 2.0
+# One quick retry on a broken connection (a failover, a restarted Redis): enough to ride over
+# a reconnect, while a Redis that is really gone still fails the call within ~2 x the timeout.
+# The sidecar retries its owed writes itself; every write here is idempotent, so a retried
+# call that had in fact run does no harm.
+RETRIES = 1
 
 # ARGV[1] = prefix, ARGV[2] = a JSON list of operations, applied in order:
 #   {"op": "put", "id": ID, "fields": [name, value, ...]}     replace the session's record
@@ -134,6 +141,7 @@ class RedisStore:
                 decode_responses=True,
                 socket_timeout=COMMAND_TIMEOUT,
                 socket_connect_timeout=COMMAND_TIMEOUT,
+                retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), RETRIES),
             )
         except ValueError as exc:
             raise StoreError(f"store.url is not a usable Redis URL ({exc})") from exc
