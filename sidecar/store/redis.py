@@ -55,15 +55,23 @@ RETRIES = 1
 _APPLY = """
 local prefix = ARGV[1]
 local ops = cjson.decode(ARGV[2])
+-- One HSET and at most one HDEL per session; true when the state (or closed_at) changed,
+-- so the activity flush, which never changes either, skips the index work.
 local function set_fields(key, fields)
+  local set, unset, moved = {}, {}, false
   for i = 1, #fields, 2 do
-    local value = fields[i + 1]
+    local name, value = fields[i], fields[i + 1]
+    if name == 'state' or name == 'closed_at' then moved = true end
     if value == cjson.null then
-      redis.call('HDEL', key, fields[i])
+      unset[#unset + 1] = name
     else
-      redis.call('HSET', key, fields[i], value)
+      set[#set + 1] = name
+      set[#set + 1] = value
     end
   end
+  if #set > 0 then redis.call('HSET', key, unpack(set)) end
+  if #unset > 0 then redis.call('HDEL', key, unpack(unset)) end
+  return moved
 end
 local function reindex(id, key)
   redis.call('SREM', prefix .. 'live', id)
@@ -86,8 +94,7 @@ for _, op in ipairs(ops) do
     local key = prefix .. 's:' .. op.id
     local state = redis.call('HGET', key, 'state')
     if state and (op.when == nil or op.when == state) then
-      set_fields(key, op.fields)
-      reindex(op.id, key)
+      if set_fields(key, op.fields) then reindex(op.id, key) end
     end
   elseif op.op == 'pend' then
     redis.call('HSET', prefix .. 'pending', op.field, op.value)
