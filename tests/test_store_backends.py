@@ -264,3 +264,21 @@ async def test_redis_store_url_with_a_password(
             await store.close()
         assert stored is not None
         assert stored.state is State.LIVE
+
+
+async def test_redis_store_over_tls(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
+    with RedisServer(tmp_path, tls=True) as server:
+        assert server.url.startswith("rediss://")
+        sidecar = sidecar_factory(
+            upstream.url, store={"backend": "redis", "url": server.url, "key_prefix": PREFIX}
+        )
+        async with raw_client() as http:
+            raw = RawSession(http, sidecar.url)
+            assert (await raw.initialize()).status_code == 200
+            assert raw.session_id is not None
+            assert await raw.call_text("add", {"a": 4, "b": 5}) == "9"
+        stored = await Backend("redis", server).stored(sidecar, raw.session_id)
+        assert stored is not None
+        assert stored.state is State.LIVE
