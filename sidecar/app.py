@@ -85,7 +85,7 @@ class Service:
     def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.store: Store = open_store(settings.store.path)
+        self.store: Store = open_store(settings.store)
         up = settings.upstream
         self.upstreams = UpstreamPool(up.url, up.connect_timeout, up.read_timeout, up.headers)
         self.closer = UpstreamCloser(self.upstreams, self.store, self.metrics, clock)
@@ -183,7 +183,10 @@ class Service:
                     old.server.keepalive_timeout,
                     new.server.keepalive_timeout,
                 ),
+                ("store.backend", old.store.backend, new.store.backend),
                 ("store.path", old.store.path, new.store.path),
+                ("store.url", old.store.url, new.store.url),
+                ("store.key_prefix", old.store.key_prefix, new.store.key_prefix),
                 ("upstream.url", old.upstream.url, new.upstream.url),
             )
             if before != after
@@ -211,7 +214,14 @@ class Service:
                 "admin": new.admin.model_copy(
                     update={"listen": old.admin.listen, "token": old.admin.token}
                 ),
-                "store": new.store.model_copy(update={"path": old.store.path}),
+                "store": new.store.model_copy(
+                    update={
+                        "backend": old.store.backend,
+                        "path": old.store.path,
+                        "url": old.store.url,
+                        "key_prefix": old.store.key_prefix,
+                    }
+                ),
                 "upstream": new.upstream.model_copy(update={"url": old.upstream.url}),
             }
         )

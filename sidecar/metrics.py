@@ -113,8 +113,8 @@ class Metrics:
         )
         self.store_errors = Counter(
             PREFIX + "store_errors",
-            "Store writes that failed (disk full, locked, I/O error), by operation; the "
-            "sidecar keeps the data and retries (SPEC 2.5).",
+            "Store writes that failed (disk full, locked, I/O error, Redis unreachable), by "
+            "operation; the sidecar keeps the data and retries (SPEC 2.5).",
             ["operation"],
             registry=r,
         )
