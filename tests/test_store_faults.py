@@ -136,7 +136,10 @@ EXT4_GOING_FLAGS_NOLOGFLUSH = 2
 
 
 def _run(*command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+    except FileNotFoundError:  # the tool is not installed: a refusal like any other
+        return subprocess.CompletedProcess(command, 127, "", f"{command[0]}: not installed")
 
 
 class Ext4Disk:
