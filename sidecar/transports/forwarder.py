@@ -28,7 +28,7 @@ from ..forwarding import (
     relay_stream,
     upstream_request_headers,
 )
-from ..gate import check_one_session
+from ..gate import Route, check_one_session, route_of
 from ..gone import GonePatterns
 from ..intake import (
     Rejected,
@@ -261,14 +261,21 @@ class Forwarder:
     def closed_upstream_by(self, request: web.Request, status: int) -> bool:
         """Did the client's own DELETE close the session upstream? (SPEC 2.4)
 
-        A 2xx to a DELETE naming the session on any spelling the gate routes to the endpoint
-        (Express serves `/MCP` as `/mcp`) is the upstream closing it; a 404 or 405 says so
+        A 2xx to a DELETE naming the session on a spelling of the endpoint's path (Express
+        serves `/MCP` as `/mcp`) is the upstream closing it; a 404 or 405 says so
         only from the exact endpoint, elsewhere it is the router's. Otherwise (5xx, another
         4xx, a router's 404) the closer sends the sidecar's own DELETE, with the negotiated
         protocol version."""
         if 200 <= status < 300:
-            return True
+            return self._at_endpoint_spelling(request)
         return status in (404, 405) and self._at_exact_endpoint(request)
+
+    def _at_endpoint_spelling(self, request: web.Request) -> bool:
+        # Not any path: a DELETE naming a session on `/other` gets the session rules too, and
+        # an upstream's catch-all page answering it 2xx has closed nothing.
+        options = self.options
+        route = route_of(request.path, options.mcp_path, options.sse_path, options.messages_path)
+        return route is Route.MCP
 
     def event_watcher(self, session: Session) -> EventHook:
         watch = ping_watcher(self.manager, session)
