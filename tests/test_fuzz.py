@@ -19,8 +19,9 @@ from tests.peers.fuzzing import ALICE, FuzzStack, FuzzTarget, run_cases, start_s
 from tests.peers.mcp_clients import ACCEPT_BOTH, PROTOCOL_VERSION
 from tests.peers.node_peers import node_available
 
-# Cases per upstream: FastMCP is the suite's main peer; server-everything (Node, slower to
-# answer) gets half, enough to meet every path spelling and method many times.
+# Cases per upstream: FastMCP is the suite's main peer; server-everything gets half, to keep
+# the suite's time, still enough to meet every path spelling and method many times
+# (bench/fuzz.py runs 10,000 against each).
 CASES = {"fastmcp": 1000, "everything": 500}
 CHECK_EVERY = 100
 JSON_HEADERS = {"Accept": ACCEPT_BOTH, "Content-Type": "application/json"}
@@ -97,9 +98,11 @@ def test_an_upstream_refusal_leaves_the_session_tracked_or_closed_upstream(
     stack: FuzzStack,
 ) -> None:
     """The minimal requests the fuzz found breaking I1: the session's own client names it in a
-    request FastMCP refuses (a path spelling its case-sensitive Starlette routes do not know,
-    a DELETE with a protocol version it rejects). The upstream still holds the session, so
-    the sidecar must keep tracking it live or close it upstream."""
+    request the upstream's router refuses (a path spelling FastMCP's case-sensitive Starlette
+    routes do not know, an encoded path Express does not decode, a method Express has no
+    route for, a DELETE with a protocol version FastMCP rejects), or in a DELETE Express
+    serves on a spelling. The upstream still holds the session, so the sidecar must keep
+    tracking it live or close it upstream, and must not send a DELETE for a closed one."""
     sidecar = stack.sidecar
     session_id = target._initialize(ALICE)
     answer = target.http.request(
