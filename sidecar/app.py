@@ -23,7 +23,7 @@ from .errors import StoreError
 from .gone import GonePatterns
 from .manager import Clock, Limits, SessionManager
 from .metrics import Metrics
-from .sessions import Policy
+from .sessions import CloseReason, Policy
 from .store import Store, open_store
 from .sweeper import Sweeper
 from .transports import (
@@ -34,7 +34,7 @@ from .transports import (
     Router,
     StreamableHttp,
 )
-from .upstream import Upstream, UpstreamPool
+from .upstream import HealthChecker, Upstream, UpstreamPool
 
 log = logging.getLogger("sidecar.app")
 
@@ -86,7 +86,7 @@ class Service:
         self.metrics = Metrics()
         self.store: Store = open_store(settings.store.path)
         up = settings.upstream
-        self.upstreams = UpstreamPool(up.url, up.connect_timeout, up.read_timeout, up.headers)
+        self.upstreams = UpstreamPool(up.replicas, up.connect_timeout, up.read_timeout, up.headers)
         self.closer = UpstreamCloser(self.upstreams, self.store, self.metrics, clock)
         self.manager = SessionManager(
             self.store,
@@ -111,6 +111,13 @@ class Service:
         self.sweeper = Sweeper(
             self.manager, settings.sessions.effective_sweep_interval, settings.store.flush_interval
         )
+        # Health checks only choose between replicas: one upstream is used whatever it does.
+        self.health = (
+            HealthChecker(self.upstreams, up.health_interval, up.down_grace, self._replicas_gone)
+            if len(self.upstreams) > 1
+            else None
+        )
+        self.metrics.bind_upstreams(self._upstreams_up, self._upstream_sessions)
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -122,6 +129,8 @@ class Service:
             self._tasks.append(asyncio.create_task(self.closer.run(), name="sidecar-closer"))
             await self.manager.restore()
             self._tasks += self.sweeper.tasks()
+            if self.health is not None:
+                self._tasks.append(asyncio.create_task(self.health.run(), name="sidecar-health"))
         except BaseException:
             await self.stop()
             raise
@@ -143,6 +152,36 @@ class Service:
             )
         await self.upstreams.close()
         await self.store.close()
+
+    async def _replicas_gone(self, names: list[str]) -> None:
+        """Replicas down for `down_grace`: their sessions are closed `upstream_gone` (a DELETE
+        stays owed, should the replica come back). With `recover_lost` they are left bound:
+        each is re-created on a healthy replica by its next request (SPEC 2.8)."""
+        if self.forwarder.options.recover_lost:
+            return
+        pool = self.upstreams
+        gone = set(names)
+        sessions = [
+            s
+            for s in self.manager.live.values()
+            if s.binding is not None and pool.canonical(s.binding.upstream) in gone
+        ]
+        if sessions:
+            log.warning(
+                "closing %d sessions of upstream %s, down longer than upstream.down_grace",
+                len(sessions),
+                ", ".join(pool.at(name).authority for name in names),
+            )
+            await self.manager.close_many(sessions, CloseReason.UPSTREAM_GONE)
+
+    def _upstreams_up(self) -> dict[str, bool]:
+        return {r.label: r.up for r in self.upstreams.replicas}
+
+    def _upstream_sessions(self) -> dict[str, int]:
+        pool = self.upstreams
+        live = self.manager.live.values()
+        counts = pool.tally(s.binding.upstream for s in live if s.binding is not None)
+        return {pool.at(name).authority: count for name, count in counts.items()}
 
     @property
     def upstream(self) -> Upstream:
@@ -172,6 +211,7 @@ class Service:
                 ),
                 ("store.path", old.store.path, new.store.path),
                 ("upstream.url", old.upstream.url, new.upstream.url),
+                ("upstream.urls", old.upstream.urls, new.upstream.urls),
             )
             if before != after
         ]
@@ -185,6 +225,9 @@ class Service:
         self.upstreams.configure(
             new.upstream.connect_timeout, new.upstream.read_timeout, new.upstream.headers
         )
+        if self.health is not None:
+            self.health.interval = new.upstream.health_interval
+            self.health.down_grace = new.upstream.down_grace
         sidecar_log.set_level(new.log.level)
         self.settings = new.model_copy(
             update={
@@ -199,7 +242,9 @@ class Service:
                     update={"listen": old.admin.listen, "token": old.admin.token}
                 ),
                 "store": new.store.model_copy(update={"path": old.store.path}),
-                "upstream": new.upstream.model_copy(update={"url": old.upstream.url}),
+                "upstream": new.upstream.model_copy(
+                    update={"url": old.upstream.url, "urls": old.upstream.urls}
+                ),
             }
         )
         return ignored

@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
 
         path = resolve_config_path(args.config)
         # The flag names one upstream: it replaces replicas a file may list.
-        replicas = [] if args.upstream else None
+        replicas: list[str] | None = [] if args.upstream else None
         overrides = {
             "upstream": {"url": args.upstream, "urls": replicas},
             "server": {"listen": args.listen},

@@ -228,9 +228,7 @@ def _check_replicas(urls: list[str]) -> list[str]:
         seen.add(key)
     paths = {urlsplit(url).path or "/" for url in urls}
     if len(paths) > 1:
-        raise ValueError(
-            "replicas must serve the same path, found " + ", ".join(sorted(paths))
-        )
+        raise ValueError("replicas must serve the same path, found " + ", ".join(sorted(paths)))
     return urls
 
 

@@ -205,12 +205,19 @@ class Resumer:
         )
 
     def _member_for(self, session: Session) -> str:
-        """A lost session stays on its upstream while it is configured; a dormant one is
-        placed like a new session."""
+        """A lost session stays on its upstream while it is configured and up (it restarted,
+        or reaped the session); a dormant one, or one whose replica is down, is placed like
+        a new session."""
         binding = session.binding
-        if binding is not None and self.fw.upstreams.member(binding.upstream) is not None:
+        pool = self.fw.upstreams
+        if (
+            session.live
+            and binding is not None
+            and pool.member(binding.upstream) is not None
+            and pool.is_up(binding.upstream)
+        ):
             return binding.upstream
-        return self.fw.upstreams.place()
+        return self.fw.place()
 
     async def _give_up(self, session: Session, exc: ResumeRefusedError) -> None:
         self.metrics.resume_failures.labels(exc.reason).inc()
