@@ -222,6 +222,10 @@ async def test_sessions_spread_evenly_and_every_request_reaches_the_replica_that
                 assert text_of(await sdk.call_tool("add", {"a": round_, "b": 1})) == str(round_ + 1)
         ids = {raw.session_id for raw in raws} | {get_id() for _, get_id in sdks}
         assert len(ids) == 9
+        for upstream in upstreams:
+            name = f'mcp_sidecar_upstream_sessions{{upstream="{HOST}:{upstream.port}"}}'
+            assert await metric(http, sidecar, name) == 3.0
+            assert await metric(http, sidecar, up_metric(upstream)) == 1.0
     created = [created_on(u) for u in upstreams]
     assert [len(c) for c in created] == [3, 3, 3]  # evenly: fewest live, ties in turn
     assert set().union(*created) == ids
