@@ -172,6 +172,9 @@ class Service:
                 len(sessions),
                 ", ".join(pool.at(name).authority for name in names),
             )
+            for session in sessions:  # an upstream_gone close owes no DELETE by itself
+                if session.binding is not None:
+                    await self.manager.owe_close(session, session.binding)
             await self.manager.close_many(sessions, CloseReason.UPSTREAM_GONE)
 
     def _upstreams_up(self) -> dict[str, bool]:

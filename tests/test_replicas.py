@@ -276,6 +276,12 @@ async def test_a_killed_replica_with_recover_lost_moves_its_sessions_and_gets_ne
         assert fresh.session_id in created_on(back)
         assert await fresh.call_text("echo", {"text": "home"}) == "home"
 
+        # The session left on the dead replica was owed a DELETE, retried until it answered
+        # (404 here: a restart lost it; after a partition it would free it).
+        await eventually(
+            lambda: raw.session_id in back.deletes(), within=20, what="the owed DELETE"
+        )
+
 
 async def test_a_killed_replica_without_recover_lost_has_its_sessions_closed_after_down_grace(
     replicas: Replicas,
