@@ -75,6 +75,28 @@ def test_ties_are_taken_in_turn() -> None:
     assert [pool.place({A: 1, B: 0, C: 0}) for _ in range(3)] == [B, C, B]
 
 
+def test_live_counts_are_taken_once_a_second_and_kept_up_by_placements() -> None:
+    clock = Clock()
+    pool = make_pool(clock=clock)
+    live = [A, A, B]
+    counted = 0
+
+    def bound() -> list[str]:
+        nonlocal counted
+        counted += 1
+        return live
+
+    # C has none, then C and B one each, then all tie at two: in turn from the last placed.
+    assert [pool.place_live(bound) for _ in range(4)] == [C, B, C, A]
+    assert counted == 1
+    live = [A]  # sessions closed: seen at the next count, a second later
+    clock.now += 0.5
+    assert pool.place_live(bound) == B
+    clock.now += 0.5
+    assert [pool.place_live(bound) for _ in range(2)] == [C, B]  # recounted: A1 B0 C0
+    assert counted == 2
+
+
 def test_a_down_replica_gets_no_new_sessions_until_it_is_up_again() -> None:
     pool = make_pool()
     assert pool.mark(B, False, "test")
@@ -181,6 +203,11 @@ def created_on(replica: UpstreamHandle) -> set[str]:
         for r in replica.requests()
         if "initialize" in r["rpc_methods"] and r["status"] == 200
     }
+
+
+def probes(replica: UpstreamHandle) -> list[dict[str, object]]:
+    """The health checks this replica answered."""
+    return [r for r in replica.requests() if r["method"] == "HEAD"]
 
 
 def calls_on(replica: UpstreamHandle) -> list[str]:
@@ -305,3 +332,20 @@ async def test_a_killed_replica_without_recover_lost_has_its_sessions_closed_aft
         gone = 'mcp_sidecar_sessions_closed_total{reason="upstream_gone"}'
         assert await metric(http, sidecar, gone) == 1.0
     assert "closing 1 sessions of upstream" in sidecar.output()
+
+
+async def test_an_initialize_refused_by_a_dead_replica_goes_to_the_next_one(
+    replicas: Replicas,
+) -> None:
+    first, second = replicas.replica(), replicas.replica()
+    # One probe at start-up, then none for a minute: only the refusal can tell.
+    sidecar = replicas.sidecar([first, second], upstream={"health_interval": 60})
+    async with raw_client() as http:
+        await eventually(lambda: probes(second), what="the start-up probe")
+        second.process.kill()
+        for _ in range(2):  # in turn, one of the two is placed on the dead replica first
+            raw = RawSession(http, sidecar.url)
+            assert (await raw.initialize()).status_code == 200
+            assert raw.session_id in created_on(first)
+        assert await metric(http, sidecar, up_metric(second)) == 0.0
+    assert "(connection refused); no new sessions go to it" in sidecar.output()

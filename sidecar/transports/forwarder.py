@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -167,11 +167,10 @@ class Forwarder:
 
     def place(self) -> str:
         """The member a new (or re-created) session goes to: fewest live sessions."""
-        pool = self.upstreams
-        if len(pool) == 1:
-            return pool.place()
-        live = self.manager.live.values()
-        return pool.place(pool.tally(s.binding.upstream for s in live if s.binding is not None))
+        return self.upstreams.place_live(self._bound)
+
+    def _bound(self) -> Iterable[str]:
+        return (s.binding.upstream for s in self.manager.live.values() if s.binding is not None)
 
     async def relay(
         self,

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .client import Upstream
 
 log = logging.getLogger("sidecar.upstream")
+
+RECOUNT_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -58,6 +61,8 @@ class UpstreamPool:
         self._order = list(self._members)
         self._by_client = {id(r.upstream): r for r in self._members.values()}
         self._last = -1  # index in `_order` of the last member placed on
+        self._load: dict[str, int] = {}
+        self._load_at: float | None = None
 
     def __len__(self) -> int:
         return len(self._members)
@@ -99,11 +104,24 @@ class UpstreamPool:
     def tally(self, names: Iterable[str]) -> dict[str, int]:
         """Live sessions per member, from the binding names of the live sessions."""
         counts = dict.fromkeys(self._order, 0)
-        for name in names:
+        for name, count in Counter(names).items():  # few distinct names: fold them after
             own = self.canonical(name)
             if own in counts:
-                counts[own] += 1
+                counts[own] += count
         return counts
+
+    def place_live(self, bound: Callable[[], Iterable[str]]) -> str:
+        """`place()` by the live sessions' binding names, counted at most once a second
+        (counting walks every session) and kept up by the placements made in between: a
+        burst of new sessions still spreads evenly, only closes wait for the next count."""
+        if len(self._order) == 1:
+            return self._order[0]
+        now = self.clock()
+        if self._load_at is None or now - self._load_at >= RECOUNT_SECONDS:
+            self._load, self._load_at = self.tally(bound()), now
+        name = self.place(self._load)
+        self._load[name] = self._load.get(name, 0) + 1
+        return name
 
     def place(self, load: Mapping[str, int] | None = None) -> str:
         """The member a new session goes to: the healthy one with the fewest live sessions
