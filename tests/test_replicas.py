@@ -143,6 +143,19 @@ async def test_the_health_checker_is_a_task_of_the_service_only_with_replicas(
         assert len(names) == 5  # closer, sweeper, flusher, purger, health
         # Nothing listens on either port: the first round marks both down.
         await eventually(lambda: not any(r.up for r in service.upstreams.replicas))
+        # A reload changes both at once (default interval 5 s); the replicas stay as they are.
+        config.write_text(config.read_text().replace("health_interval = 60", "down_grace = 5"))
+        assert service.apply(load_settings(config, environ={})) == []
+        assert service.health is not None
+        assert (service.health.interval, service.health.down_grace) == (5.0, 5.0)
+        # Adding a replica needs a restart: reported, and the running pool is kept.
+        third = f'"http://{HOST}:{free_ports(1)[0]}/mcp"'
+        config.write_text(
+            config.read_text().replace(f"urls = [{urls}]", f"urls = [{urls}, {third}]")
+        )
+        assert service.apply(load_settings(config, environ={})) == ["upstream.urls"]
+        assert len(service.upstreams) == 2
+        assert len(service.settings.upstream.urls) == 2
     finally:
         await service.stop()
     assert service.tasks == ()
