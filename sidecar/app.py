@@ -117,7 +117,8 @@ class Service:
             if len(self.upstreams) > 1
             else None
         )
-        self.metrics.bind_upstreams(self._upstreams_up, self._upstream_sessions)
+        if self.health is not None:  # one upstream is never probed: its gauge would say nothing
+            self.metrics.bind_upstreams(self._upstreams_up, self._upstream_sessions)
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
 
