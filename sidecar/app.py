@@ -162,21 +162,22 @@ class Service:
             return
         pool = self.upstreams
         gone = set(names)
-        sessions = [
-            s
+        # Taken with no await before the close below flips them: all are live, each once.
+        owed = [
+            (s, s.binding, dict(s.credentials))
             for s in self.manager.live.values()
             if s.binding is not None and pool.canonical(s.binding.upstream) in gone
         ]
-        if sessions:
-            log.warning(
-                "closing %d sessions of upstream %s, down longer than upstream.down_grace",
-                len(sessions),
-                ", ".join(pool.at(name).authority for name in names),
-            )
-            for session in sessions:  # an upstream_gone close owes no DELETE by itself
-                if session.binding is not None:
-                    await self.manager.owe_close(session, session.binding)
-            await self.manager.close_many(sessions, CloseReason.UPSTREAM_GONE)
+        if not owed:
+            return
+        log.warning(
+            "closing %d sessions of upstream %s, down longer than upstream.down_grace",
+            len(owed),
+            ", ".join(pool.at(name).authority for name in names),
+        )
+        await self.manager.close_many([s for s, _, _ in owed], CloseReason.UPSTREAM_GONE)
+        for session, binding, credentials in owed:  # upstream_gone owes no DELETE by itself
+            await self.manager.owe_close(binding, session.protocol_version, credentials)
 
     def _upstreams_up(self) -> dict[str, bool]:
         return {r.label: r.up for r in self.upstreams.replicas}

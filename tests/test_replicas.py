@@ -345,6 +345,9 @@ async def test_a_killed_replica_without_recover_lost_has_its_sessions_closed_aft
         gone = 'mcp_sidecar_sessions_closed_total{reason="upstream_gone"}'
         assert await metric(http, sidecar, gone) == 1.0
     assert "closing 1 sessions of upstream" in sidecar.output()
+    # Its upstream session is still owed a DELETE, retried until the replica answers again.
+    back = replicas.replica(port=second.port)
+    await eventually(lambda: doomed.session_id in back.deletes(), within=20, what="DELETE")
 
 
 async def test_an_initialize_refused_by_a_dead_replica_goes_to_the_next_one(

@@ -198,7 +198,7 @@ class Resumer:
             await self.fw.delete_orphan(request, new_id, member)
             raise store_rejection(request_id) from exc
         if previous is not None and self._left_down_replica(previous, name):
-            await self.manager.owe_close(session, previous)
+            await self.manager.owe_close(previous, session.protocol_version, session.credentials)
         await self._join_held(session)
         log.info(
             "resumed session %s cause=%s upstream=%s took=%.1fms",
