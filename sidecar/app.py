@@ -23,6 +23,7 @@ from .errors import StoreError
 from .gone import GonePatterns
 from .manager import Clock, Limits, SessionManager
 from .metrics import Metrics
+from .monitor import Monitor
 from .sessions import CloseReason, Policy
 from .store import Store, open_store
 from .sweeper import Sweeper
@@ -84,7 +85,7 @@ class Service:
     def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.store: Store = open_store(settings.store.path)
+        self.store: Store = open_store(settings.store)
         up = settings.upstream
         self.upstreams = UpstreamPool(up.replicas, up.connect_timeout, up.read_timeout, up.headers)
         self.closer = UpstreamCloser(self.upstreams, self.store, self.metrics, clock)
@@ -111,6 +112,12 @@ class Service:
         self.sweeper = Sweeper(
             self.manager, settings.sessions.effective_sweep_interval, settings.store.flush_interval
         )
+        self.monitor = Monitor(
+            lambda: (len(self.manager.live), len(self.manager.dormant)),
+            self.manager.live.values,
+            clock,
+        )
+        self.manager.close_listeners.append(self.monitor.record_close)
         # Health checks only choose between replicas: one upstream is used whatever it does.
         self.health = (
             HealthChecker(self.upstreams, up.health_interval, up.down_grace, self._replicas_gone)
@@ -120,6 +127,11 @@ class Service:
         if self.health is not None:  # one upstream is never probed: its gauge would say nothing
             self.metrics.bind_upstreams(self._upstreams_up, self._upstream_sessions)
         self.ready = False
+        self.metrics.bind_service_state(
+            lambda: (self.manager.limits.max_sessions, self.manager.limits.max_sessions_per_client),
+            lambda: self.ready,
+            lambda: len(self.manager.stuck),
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -130,6 +142,7 @@ class Service:
             self._tasks.append(asyncio.create_task(self.closer.run(), name="sidecar-closer"))
             await self.manager.restore()
             self._tasks += self.sweeper.tasks()
+            self._tasks.append(asyncio.create_task(self.monitor.run(), name="sidecar-monitor"))
             if self.health is not None:
                 self._tasks.append(asyncio.create_task(self.health.run(), name="sidecar-health"))
         except BaseException:
@@ -214,7 +227,10 @@ class Service:
                     old.server.keepalive_timeout,
                     new.server.keepalive_timeout,
                 ),
+                ("store.backend", old.store.backend, new.store.backend),
                 ("store.path", old.store.path, new.store.path),
+                ("store.url", old.store.url, new.store.url),
+                ("store.key_prefix", old.store.key_prefix, new.store.key_prefix),
                 ("upstream.url", old.upstream.url, new.upstream.url),
                 ("upstream.urls", old.upstream.urls, new.upstream.urls),
             )
@@ -246,7 +262,14 @@ class Service:
                 "admin": new.admin.model_copy(
                     update={"listen": old.admin.listen, "token": old.admin.token}
                 ),
-                "store": new.store.model_copy(update={"path": old.store.path}),
+                "store": new.store.model_copy(
+                    update={
+                        "backend": old.store.backend,
+                        "path": old.store.path,
+                        "url": old.store.url,
+                        "key_prefix": old.store.key_prefix,
+                    }
+                ),
                 "upstream": new.upstream.model_copy(
                     update={"url": old.upstream.url, "urls": old.upstream.urls}
                 ),

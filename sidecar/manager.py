@@ -45,6 +45,7 @@ log = logging.getLogger("sidecar.sessions")
 __all__ = [
     "MAX_TOMBSTONES_IN_MEMORY",
     "Clock",
+    "CloseListener",
     "LimitReachedError",
     "Limits",
     "Outcome",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
+CloseListener = Callable[[Session, CloseReason, float], None]
 
 
 class Outcome(StrEnum):
@@ -100,6 +102,9 @@ class SessionManager:
         self._store_log = Throttled(log)
         self._dirty: set[str] = set()
         self._resume_dirty: set[str] = set()
+        # Called with (session, reason, now) after each close is logged: the status page's
+        # recent closes. A listener must be cheap and must not raise.
+        self.close_listeners: list[CloseListener] = []
         metrics.bind_session_counts(
             lambda: {
                 "live": len(self.live),
@@ -376,6 +381,8 @@ class SessionManager:
                 reason.value,
                 session.idle_seconds(now),
             )
+            for listener in self.close_listeners:
+                listener(session, reason, now)
 
     def store_failed(self, operation: str, exc: StoreError) -> None:
         """Count and log (throttled) a store write that failed; the caller keeps its data."""

@@ -140,7 +140,7 @@ async def test_the_health_checker_is_a_task_of_the_service_only_with_replicas(
     try:
         names = sorted(task.get_name() for task in service.tasks)
         assert "sidecar-health" in names
-        assert len(names) == 5  # closer, sweeper, flusher, purger, health
+        assert len(names) == 6  # closer, sweeper, flusher, purger, monitor, health
         # Nothing listens on either port: the first round marks both down.
         await eventually(lambda: not any(r.up for r in service.upstreams.replicas))
         # A reload changes both at once (default interval 5 s); the replicas stay as they are.

@@ -96,21 +96,23 @@ class Forwarder:
         """Checks, dispatch, and the one place rejections and upstream failures are answered."""
         timer = RequestTimer()
         body = b""
+        # A client that leaves mid-answer cancels the handler (aiohttp): the request was
+        # forwarded all the same and counts, so the finally, not the happy path, counts it.
+        outcome = "forwarded"
         try:
             self.check(request)
             if request.method == "POST":
                 body = await self.read_body(request)
-            response = await dispatch(request, body, timer)
-            outcome = "forwarded"
+            return await dispatch(request, body, timer)
         except Rejected as rejection:
-            response = await self.reject(request, rejection)
             outcome = "rejected"
+            return await self.reject(request, rejection)
         except UpstreamError as exc:
-            response = await self.upstream_failed(request, body, exc)
             outcome = "upstream_error"
-        self._count(request.method, outcome)
-        self.metrics.request_duration.observe(timer.own_time())
-        return response
+            return await self.upstream_failed(request, body, exc)
+        finally:
+            self._count(request.method, outcome)
+            self.metrics.request_duration.observe(timer.own_time())
 
     def _count(self, method: str, outcome: str) -> None:
         # `labels()` takes a lock and builds a key on every call; the children are cached
