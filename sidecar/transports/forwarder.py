@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from .. import jsonrpc
-from ..errors import UpstreamError, UpstreamTimeoutError
+from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..forwarding import (
     EventHook,
     StreamRelay,
@@ -151,8 +151,12 @@ class Forwarder:
         body: bytes | None,
         timer: RequestTimer,
         session: Session | None = None,
+        upstream: Upstream | None = None,
     ) -> aiohttp.ClientResponse:
-        upstream = self.upstream_of(session)
+        """Send the client's request to its session's member (else `upstream`, else the
+        primary); a refused connection marks that member down at once (SPEC 2.8)."""
+        if upstream is None or session is not None:
+            upstream = self.upstream_of(session)
         headers = upstream_request_headers(request, upstream.authority)
         if session is not None and session.binding is not None and SESSION_HEADER in headers:
             headers[SESSION_HEADER] = session.binding.session_id
@@ -161,8 +165,18 @@ class Forwarder:
             return await upstream.request(
                 request.method, upstream.target(request.path_qs), headers, body
             )
+        except UpstreamRefusedError:
+            self.upstreams.refused(upstream)
+            raise
         finally:
             timer.upstream_answered()
+
+    def place(self) -> str:
+        """The member a new (or re-created) session goes to: fewest live sessions."""
+        return self.upstreams.place_live(self._bound)
+
+    def _bound(self) -> Iterable[str]:
+        return (s.binding.upstream for s in self.manager.live.values() if s.binding is not None)
 
     async def relay(
         self,
