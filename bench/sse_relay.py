@@ -102,17 +102,26 @@ async def stalled_reader(
         rss_before = rss_bytes(sidecar_pid)
         headers = {"Accept": ACCEPT, SESSION_HEADER: session.session_id, EVENTS_HEADER: "0"}
         # A raw socket that sends the request and then never reads: the stalled reader.
-        reader, writer = await asyncio.open_connection(
-            *url.split("//")[1].split("/", maxsplit=1)[0].split(":")
-        )
+        authority, _, path = url.split("//")[1].partition("/")
+        host, _, port = authority.partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        path = "/" + url.split("//")[1].split("/", 1)[1]
         writer.write(f"GET /{path} HTTP/1.1\r\nHost: {HOST}\r\n{head}\r\n".encode())
         await writer.drain()
-        await asyncio.sleep(seconds)
+        # Half-way and at the end: with back-pressure both the upstream's writes and the
+        # sidecar's RSS stop growing once the buffers are full.
+        await asyncio.sleep(seconds / 2)
+        async with client.get(upstream_base + "/stats") as response:
+            written_half = (await response.json())["bytes_written"] - before
+        rss_half = rss_bytes(sidecar_pid)
+        await asyncio.sleep(seconds / 2)
         async with client.get(upstream_base + "/stats") as response:
             written = (await response.json())["bytes_written"] - before
         growth = rss_bytes(sidecar_pid) - rss_before
+        print(
+            f"stalled reader, half-way: upstream wrote {written_half / 2**20:.2f} MiB, "
+            f"sidecar RSS +{(rss_half - rss_before) / 2**20:.2f} MiB"
+        )
         writer.close()
         del reader
     return written, growth
