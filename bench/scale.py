@@ -282,8 +282,8 @@ async def pin(client: aiohttp.ClientSession, host: Host, session: McpSession) ->
             raise benchlib.BenchError(f"pinning the probe session answered {response.status}")
 
 
-async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float) -> bool:
-    deadline = time.perf_counter() + timeout
+async def wait_for(condition: Callable[[], Awaitable[bool]], limit: float) -> bool:
+    deadline = time.perf_counter() + limit
     while time.perf_counter() < deadline:
         if await condition():
             return True
