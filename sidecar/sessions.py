@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
+from .deadlines import Bucket
 from .jsonrpc import RequestId
 
 # How many unanswered server ping ids to remember per session; a server that pings far more
@@ -187,6 +188,8 @@ class Session:
     dormant_since: float | None = None
     resumes: int = 0
     runtime: Runtime | None = field(default=None, repr=False)
+    # The sweeper's index entry (`deadlines.py`); process-only, never copied to a new record.
+    due: Bucket | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.binding is None and self.state is State.LIVE:
