@@ -120,7 +120,13 @@ class Service:
         try:
             await self.upstreams.start()
             self._tasks.append(asyncio.create_task(self.closer.run(), name="sidecar-closer"))
-            await self.manager.restore()
+            legacy = await self.manager.restore(sweep=False)
+            # Owned like the loops while it runs, and out of the list once done.
+            restoring = asyncio.create_task(
+                self.manager.sweep_restored(legacy), name="sidecar-restore-sweep"
+            )
+            self._tasks.append(restoring)
+            restoring.add_done_callback(self._forget_task)
             self._tasks += self.sweeper.tasks()
         except BaseException:
             await self.stop()
@@ -143,6 +149,13 @@ class Service:
             )
         await self.upstreams.close()
         await self.store.close()
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The sweeper's next round retries; meanwhile requests refuse expired ids.
+            log.error("ending the sessions that expired while stopped failed", exc_info=exc)
 
     @property
     def upstream(self) -> Upstream:

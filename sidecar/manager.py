@@ -631,8 +631,15 @@ class SessionManager:
         self.metrics.store_flush_duration.observe(time.perf_counter() - start)
         return len(rows)
 
-    async def restore(self) -> None:
-        """Pick up where the last run left off (SPEC 2.6)."""
+    async def restore(self, *, sweep: bool = True) -> int:
+        """Pick up where the last run left off (SPEC 2.6).
+
+        With `sweep=False` the sessions that expired while the sidecar was stopped are left
+        for `sweep_restored()`, which the service runs in the background: the port opens at
+        once (a systemd start must not time out behind 100,000 closes), and until their
+        slice is reached each of them is refused at request time like any expired session.
+        Returns how many legacy sessions were closed (their streams died with the last run).
+        """
         now = self.clock()
         closed = await self.store.load(State.CLOSED, now - self.tombstone_ttl)
         for tombstone_session in sorted(closed, key=lambda s: s.closed_at or 0.0):
@@ -660,16 +667,27 @@ class SessionManager:
             self._schedule(session)
         legacy = [s for s in restored if s.transport is Transport.SSE]
         await self.close_many(legacy, CloseReason.RESTART)
-        expired = await self.sweep()
         for pending in owed:
             self.closer.schedule(pending, {})
+        if sweep:
+            await self.sweep_restored(len(legacy))
+        return len(legacy)
+
+    async def sweep_restored(self, legacy: int = 0) -> None:
+        """End what expired while stopped; then say what the start picked up."""
+        try:
+            expired = await self.sweep()
+        except StoreError as exc:
+            # The sweeper's next round retries; the sessions are refused at request time.
+            self.store_failed("close", exc)
+            expired = 0
         log.info(
             "restored %d live and %d dormant sessions (%d expired while stopped, %d legacy "
             "closed), %d tombstones",
             len(self.live),
             len(self.dormant),
             expired,
-            len(legacy),
+            legacy,
             len(self.tombstones),
         )
 
