@@ -14,6 +14,7 @@ was closed, and the next request re-creates one from the stored `ResumeState`.
 from __future__ import annotations
 
 import json
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -194,6 +195,13 @@ class Session:
     def __post_init__(self) -> None:
         if self.binding is None and self.state is State.LIVE:
             self.binding = Binding("", self.id)
+        # Thousands of sessions share a handful of these values (one client, one user agent,
+        # one protocol version): one copy each instead of one per session (~200 B a session).
+        self.client = sys.intern(self.client)
+        self.user_agent = sys.intern(self.user_agent)
+        self.client_info = sys.intern(self.client_info)
+        if self.protocol_version is not None:
+            self.protocol_version = sys.intern(self.protocol_version)
 
     # ---- the runtime, allocated on first use --------------------------------------------
     @property
