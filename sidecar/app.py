@@ -81,7 +81,9 @@ def options_from(settings: Settings) -> ProxyOptions:
 class Service:
     """Everything one running sidecar owns, shared by the proxy and admin listeners."""
 
-    def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
+    def __init__(
+        self, settings: Settings, clock: Clock = time.time, *, freeze_heap: bool = False
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.store: Store = open_store(settings.store.path)
@@ -109,7 +111,10 @@ class Service:
         self.legacy = LegacySse(self.forwarder, self.streamable)
         self.router = Router(self.forwarder, self.streamable, self.legacy)
         self.sweeper = Sweeper(
-            self.manager, settings.sessions.effective_sweep_interval, settings.store.flush_interval
+            self.manager,
+            settings.sessions.effective_sweep_interval,
+            settings.store.flush_interval,
+            freeze_heap=freeze_heap,
         )
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []

@@ -18,6 +18,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from . import heap
 from . import log as sidecar_log
 from .admin import build_admin_app
 from .app import Service, build_proxy_app
@@ -44,7 +45,8 @@ class Server:
         self.overrides = overrides
         # The clock is a parameter for the scale benchmark, which moves time to expire
         # sessions on purpose; the command line always runs on the wall clock.
-        self.service = Service(settings, clock)
+        # Only a real server process tunes the garbage collector (heap.py), not a test's.
+        self.service = Service(settings, clock, freeze_heap=True)
         self.notifier = Notifier.from_env()
         self._stop = asyncio.Event()
         self._admin: web.AppRunner | None = None
@@ -128,6 +130,7 @@ class Server:
             if runner is not None:
                 await runner.cleanup()
         self._proxy = self._admin = None
+        heap.release()
         if started:
             log.info(
                 "stopped; %d live sessions kept for the next start",
