@@ -164,9 +164,9 @@ class Watch:
     flushes: list[float] = field(default_factory=list)
     closes: list[tuple[float, float]] = field(default_factory=list)  # (time, total so far)
 
-    def delete_rate(self, count: int) -> float:
-        """DELETEs per second from the first close seen to the one that reached `count`."""
-        base = self.closes[0][1] if self.closes else 0.0
+    def delete_rate(self, count: int, base: float) -> float:
+        """DELETEs per second from the first close after `base` (the counter's value before
+        the phase) to the one that reached `base + count`."""
         moving = [(t, n - base) for t, n in self.closes]
         start = next((t for t, n in moving if n > 0), None)
         end = next((t for t, n in moving if n >= count), None)
@@ -438,7 +438,9 @@ async def expired_while_stopped(
     closes = await scrape(client, host)
     done = closes.get(f"{PREFIX}upstream_close_total", 0)
     report.add(
-        "  their upstream DELETEs", f"{fmt(done, 0)} done", f"{fmt(watch.delete_rate(int(done)))}/s"
+        "  their upstream DELETEs",
+        f"{fmt(done, 0)} done",
+        f"{fmt(watch.delete_rate(int(done), 0.0))}/s",
     )
 
 
@@ -457,7 +459,7 @@ async def mass_expiry_while_serving(
         host.move_clock(IDLE_TIMEOUT + 1)
         await wait_for(lambda: _closed_at_least(mass, before + n), CLOSE_WAIT)
     report.add(f"mass expiry of {n} while serving", ms(mass.watch.sweeps), mass.stall())
-    report.add("  their upstream DELETEs", f"{fmt(mass.watch.delete_rate(n))}/s")
+    report.add("  their upstream DELETEs", f"{fmt(mass.watch.delete_rate(n, before))}/s")
     del sessions
 
 
