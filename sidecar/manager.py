@@ -604,32 +604,48 @@ class SessionManager:
             return 0
         dirty, self._dirty = self._dirty, set()
         resume_dirty, self._resume_dirty = self._resume_dirty, set()
-        rows = [
-            ActivityRow(
-                s.id,
-                s.last_activity_at,
-                s.requests,
-                s.protocol_version,
-                s.client_info,
-                s.resume.to_json() if s.resume is not None and s.id in resume_dirty else None,
-            )
-            for s in (self.live.get(i) for i in dirty)
-            if s is not None
-        ]
         start = time.perf_counter()
         try:
+            rows = await self._activity_rows(list(dirty), resume_dirty)
             await self.store.write_activity(rows)
         except StoreError as exc:
             self._dirty |= dirty  # try again next time rather than lose the activity
             self._resume_dirty |= resume_dirty
             self.store_failed("activity", exc)
             return 0
-        except Exception:
+        except BaseException:
+            # Cancelled between slices (shutdown) too: the final flush must still see them.
             self._dirty |= dirty
             self._resume_dirty |= resume_dirty
             raise
         self.metrics.store_flush_duration.observe(time.perf_counter() - start)
         return len(rows)
+
+    async def _activity_rows(self, dirty: list[str], resume_dirty: set[str]) -> list[ActivityRow]:
+        """The rows to write, built in slices that yield: after a burst, 100,000 of them.
+
+        A session touched meanwhile is dirty again for the next flush; one closed meanwhile
+        is skipped by the store (its row is no longer live).
+        """
+        rows: list[ActivityRow] = []
+        for first in range(0, len(dirty), SWEEP_SLICE * 10):
+            for session_id in dirty[first : first + SWEEP_SLICE * 10]:
+                s = self.live.get(session_id)
+                if s is None:
+                    continue
+                setup = s.resume is not None and session_id in resume_dirty
+                rows.append(
+                    ActivityRow(
+                        s.id,
+                        s.last_activity_at,
+                        s.requests,
+                        s.protocol_version,
+                        s.client_info,
+                        s.resume.to_json() if setup and s.resume is not None else None,
+                    )
+                )
+            await asyncio.sleep(0)
+        return rows
 
     async def restore(self, *, sweep: bool = True) -> int:
         """Pick up where the last run left off (SPEC 2.6).

@@ -113,6 +113,9 @@ _PLACEHOLDERS = ", ".join("?" * (_COLUMNS.count(",") + 1))
 _V1_COLUMNS = _COLUMNS.split(", upstream,", maxsplit=1)[0] + ", '', id, NULL, NULL, 0"
 
 
+# Rows per statement of the activity flush (one transaction still holds them all).
+FLUSH_SLICE = 5000
+
 # How long a write waits for another process's lock before it fails: an `initialize` waits
 # on this write, so it must end in a 503 within a bounded time, not hang (SPEC 2.5).
 BUSY_TIMEOUT = 2.0
@@ -368,8 +371,14 @@ class SqliteStore:
         # One statement for all rows, the rows passed as one JSON array: executemany runs the
         # statement row by row, handing the GIL back and forth with the busy event loop each
         # time (1,000 rows took ~3 s under load; this takes ~3 ms).
-        rows_json = json.dumps([_activity_params(r) for r in rows])
-        await self._write([(_FLUSH_SQL, (rows_json,))])
+        # In slices that yield, all in one transaction: serialising 100,000 rows at once held
+        # the event loop for hundreds of milliseconds.
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for first in range(0, len(rows), FLUSH_SLICE):
+            chunk = json.dumps([_activity_params(r) for r in rows[first : first + FLUSH_SLICE]])
+            statements.append((_FLUSH_SQL, (chunk,)))
+            await asyncio.sleep(0)
+        await self._write(statements)
 
     async def save_pending(self, pending: PendingClose, error: str | None = None) -> None:
         await self._write([_pending_upsert(pending, error)])
