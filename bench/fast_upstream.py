@@ -6,7 +6,11 @@ what the sidecar adds. This server does the least a session-based MCP server can
 * `POST` `initialize` answers with a fresh `Mcp-Session-Id`;
 * every other `POST` with a known session answers a tiny JSON-RPC result
   (notifications and responses get `202 Accepted`);
-* `DELETE` forgets the session; unknown session ids get `404`.
+* `DELETE` forgets the session; unknown session ids get `404`;
+* `GET` with a known session streams `X-Bench-Events` SSE notifications (0: until the client
+  goes) of `X-Bench-Event-Bytes` bytes each, as fast as the connection takes them, and
+  `GET /stats` says how many bytes the streams wrote (the relay benchmark's back-pressure
+  check).
 
 The answer format is chosen per session at `initialize` by the request header
 `X-Bench-Response: json|sse` (default json): `json` answers `application/json` with a
@@ -32,7 +36,11 @@ SESSION_HEADER = "Mcp-Session-Id"
 MODE_HEADER = "X-Bench-Response"
 PROTOCOL_VERSION = "2025-06-18"
 
+EVENTS_HEADER = "X-Bench-Events"
+EVENT_BYTES_HEADER = "X-Bench-Event-Bytes"
+
 SESSIONS: web.AppKey[dict[str, str]] = web.AppKey("sessions", dict)
+STATS: web.AppKey[dict[str, int]] = web.AppKey("stats", dict)
 
 
 def _result_for(message: dict[str, Any]) -> dict[str, Any]:
@@ -67,8 +75,10 @@ async def handle(request: web.Request) -> web.Response:
     if request.method == "DELETE":
         found = session_id is not None and sessions.pop(session_id, None) is not None
         return web.Response(status=200 if found else 404)
+    if request.method == "GET":
+        return await _stream(request, session_id, sessions)
     if request.method != "POST":
-        return web.Response(status=405, headers={"Allow": "POST, DELETE"})
+        return web.Response(status=405, headers={"Allow": "GET, POST, DELETE"})
     try:
         message = json.loads(await request.read())
     except ValueError:
@@ -78,6 +88,11 @@ async def handle(request: web.Request) -> web.Response:
         error = {"code": -32700, "message": "Parse error"}
         return web.json_response({"jsonrpc": "2.0", "id": None, "error": error}, status=400)
     return _post(message, request.headers.get(MODE_HEADER, "json"), session_id, sessions)
+
+
+async def stats(request: web.Request) -> web.Response:
+    """What the streams wrote so far (the SSE benchmark's back-pressure check)."""
+    return web.json_response(request.app[STATS])
 
 
 def _post(
@@ -99,10 +114,40 @@ def _post(
     return _answer(_result_for(message), message["id"], session_mode, session_id)
 
 
+async def _stream(
+    request: web.Request, session_id: str | None, sessions: dict[str, str]
+) -> web.StreamResponse:
+    """A GET stream of `X-Bench-Events` events (0: until the client goes) of about
+    `X-Bench-Event-Bytes` bytes each, written as fast as the connection takes them."""
+    if session_id is None or session_id not in sessions:
+        return web.Response(status=404)
+    count = int(request.headers.get(EVENTS_HEADER, "1000"))
+    size = max(40, int(request.headers.get(EVENT_BYTES_HEADER, "200")))
+    notification = '{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"%s"}}'
+    filler = "x" * (size - len(notification) - 20)
+    event = f"event: message\ndata: {notification % filler}\n\n".encode()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    stats = request.app[STATS]
+    sent = 0
+    # Batches of events per write: what a busy server does, and what makes the relay the
+    # bottleneck rather than this loop. `write` awaits the drain: back-pressure reaches here.
+    batch = event * 16
+    while count == 0 or sent < count:
+        chunk = batch if count == 0 or count - sent >= 16 else event * (count - sent)
+        await response.write(chunk)
+        sent += len(chunk) // len(event)
+        stats["bytes_written"] += len(chunk)
+    await response.write_eof()
+    return response
+
+
 def build_app() -> web.Application:
     app = web.Application()
     app[SESSIONS] = {}
+    app[STATS] = {"bytes_written": 0}
     app.router.add_route("*", "/mcp", handle)
+    app.router.add_get("/stats", stats)
     return app
 
 

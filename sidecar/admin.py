@@ -19,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .app import SERVICE, Service, errors_middleware
 from .sessions import CloseReason, Session, State
+from .status import gather
+from .status_html import HEADERS, render
 from .views import listing, session_view
 
 log = logging.getLogger("sidecar.admin")
@@ -42,7 +44,18 @@ def build_admin_app(service: Service) -> web.Application:
     app.router.add_delete("/sessions/{id}", close_session)
     app.router.add_put("/sessions/{id}/persistent", set_persistent)
     app.router.add_get("/clients/stuck", stuck_clients)
+    install_status_page(app)
     return app
+
+
+def install_status_page(app: web.Application) -> None:
+    """`GET /`: the page for people (SPEC 3.3), behind the same token and Host rules."""
+    app.router.add_get("/", status_page)
+
+
+async def status_page(request: web.Request) -> web.Response:
+    page = render(gather(request.app[SERVICE]))
+    return web.Response(text=page, content_type="text/html", charset="utf-8", headers=HEADERS)
 
 
 def _error(status: int, message: str, **extra: str) -> web.Response:

@@ -23,6 +23,7 @@ from .errors import StoreError
 from .gone import GonePatterns
 from .manager import Clock, Limits, SessionManager
 from .metrics import Metrics
+from .monitor import Monitor
 from .sessions import Policy
 from .store import Store, open_store
 from .sweeper import Sweeper
@@ -86,7 +87,7 @@ class Service:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.store: Store = open_store(settings.store.path)
+        self.store: Store = open_store(settings.store)
         up = settings.upstream
         self.upstreams = UpstreamPool(up.url, up.connect_timeout, up.read_timeout, up.headers)
         self.closer = UpstreamCloser(self.upstreams, self.store, self.metrics, clock)
@@ -116,7 +117,18 @@ class Service:
             settings.store.flush_interval,
             freeze_heap=freeze_heap,
         )
+        self.monitor = Monitor(
+            lambda: (len(self.manager.live), len(self.manager.dormant)),
+            self.manager.live.values,
+            clock,
+        )
+        self.manager.close_listeners.append(self.monitor.record_close)
         self.ready = False
+        self.metrics.bind_service_state(
+            lambda: (self.manager.limits.max_sessions, self.manager.limits.max_sessions_per_client),
+            lambda: self.ready,
+            lambda: len(self.manager.stuck),
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -133,6 +145,7 @@ class Service:
             self._tasks.append(restoring)
             restoring.add_done_callback(self._forget_task)
             self._tasks += self.sweeper.tasks()
+            self._tasks.append(asyncio.create_task(self.monitor.run(), name="sidecar-monitor"))
         except BaseException:
             await self.stop()
             raise
@@ -188,7 +201,10 @@ class Service:
                     old.server.keepalive_timeout,
                     new.server.keepalive_timeout,
                 ),
+                ("store.backend", old.store.backend, new.store.backend),
                 ("store.path", old.store.path, new.store.path),
+                ("store.url", old.store.url, new.store.url),
+                ("store.key_prefix", old.store.key_prefix, new.store.key_prefix),
                 ("upstream.url", old.upstream.url, new.upstream.url),
             )
             if before != after
@@ -216,7 +232,14 @@ class Service:
                 "admin": new.admin.model_copy(
                     update={"listen": old.admin.listen, "token": old.admin.token}
                 ),
-                "store": new.store.model_copy(update={"path": old.store.path}),
+                "store": new.store.model_copy(
+                    update={
+                        "backend": old.store.backend,
+                        "path": old.store.path,
+                        "url": old.store.url,
+                        "key_prefix": old.store.key_prefix,
+                    }
+                ),
                 "upstream": new.upstream.model_copy(update={"url": old.upstream.url}),
             }
         )

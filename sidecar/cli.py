@@ -1,4 +1,4 @@
-"""The `mcp-sidecar` command line (SPEC 3.2): serve, check-config, sessions, demo.
+"""The `mcp-sidecar` command line (SPEC 3.2): serve, check-config, sessions, store, demo.
 
 Usage errors and configuration errors end in a clear message and an exit code, never a
 traceback: 2 for a bad command line or config, 1 for a failure at run time.
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcp-sidecar",
         description="Session lifecycle for MCP servers: expire idle sessions, close them "
-        "upstream, keep state in SQLite.",
+        "upstream, keep state in SQLite or Redis.",
     )
     parser.add_argument("--version", action="version", version=f"mcp-sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .sessions_cli import add_sessions_parser
 
     add_sessions_parser(commands)
+
+    from .store_cli import add_store_parser
+
+    add_store_parser(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -100,6 +104,10 @@ def _run(args: argparse.Namespace) -> int:
         from .sessions_cli import run_sessions
 
         return run_sessions(args)
+    if args.command == "store":
+        from .store_cli import run_store
+
+        return run_store(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -82,6 +82,9 @@ class StuckClients:
             evicted, _ = self._entries.popitem(last=False)
             self._session_ids.pop(evicted, None)
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Most requests first: the worst offender is what the operator looks for."""
         rows = sorted(self._entries.values(), key=lambda e: (-e.requests, -e.last_seen))

@@ -36,7 +36,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sidecar.config_problems import _Layers
-from sidecar.config_render import render_toml
+from sidecar.config_render import mask_url_password, render_toml
 from sidecar.config_values import (
     BindTo,
     Duration,
@@ -46,11 +46,13 @@ from sidecar.config_values import (
     LogLevel,
     OnLimit,
     OptionalDuration,
+    StoreBackend,
     UnknownSessions,
     UrlPath,
     _check_headers,
     _check_http_url,
     _check_origin,
+    _check_redis_url,
     _check_regex,
     _is_loopback,
     _lower,
@@ -251,16 +253,43 @@ class SessionSettings(_Section):
 
 
 class StoreSettings(_Section):
-    """The SQLite database that keeps sessions across restarts."""
+    """Where sessions are kept across restarts: an SQLite file, or a Redis sidecars share."""
 
+    backend: StoreBackend = Field(
+        default="sqlite",
+        description='"sqlite": the embedded database at path; "redis": the Redis at url, which '
+        "several sidecars can share.",
+    )
     path: str = Field(
         default="/var/lib/mcp-sidecar/sessions.db",
         min_length=1,
-        description="The SQLite database file.",
+        description='The SQLite database file (backend = "sqlite").',
+    )
+    url: Annotated[str, AfterValidator(_check_redis_url)] = Field(
+        default="",
+        repr=False,
+        validate_default=True,
+        description='The Redis (backend = "redis"): "redis://HOST:6379/0", "rediss://" for TLS, '
+        'a password as "redis://:PASSWORD@HOST:6379/0" (or keep it out of the file: '
+        "MCP_SIDECAR_STORE__URL).",
+    )
+    key_prefix: str = Field(
+        default="mcp-sidecar:",
+        min_length=1,
+        description="Prefix of every Redis key the store writes: sidecars sharing sessions use "
+        "the same one.",
     )
     flush_interval: Duration = Field(
         default=1.0, gt=0, description="How often activity times are written, in one transaction."
     )
+
+    @field_validator("url")
+    @classmethod
+    def _url_for_redis(cls, url: str, info: ValidationInfo) -> str:
+        # Without a URL the Redis backend has nowhere to go; say so at start, not at first use.
+        if not url and info.data.get("backend") == "redis":
+            raise ValueError('expected a redis:// or rediss:// URL, because backend is "redis"')
+        return url
 
 
 class AdminSettings(_Section):
@@ -346,8 +375,13 @@ class Settings(BaseSettings):
             f"session lifecycle: idle_timeout={_seconds(s.idle_timeout)} "
             f"sweep_interval={_seconds(s.effective_sweep_interval)} max_lifetime={lifetime} "
             f"persistent={str(s.persistent).lower()} idle_action={s.idle_action} "
-            f"recover_lost={str(self.upstream.recover_lost).lower()} store={self.store.path}"
+            f"recover_lost={str(self.upstream.recover_lost).lower()} store={self._store_where()}"
         )
+
+    def _store_where(self) -> str:
+        if self.store.backend == "redis":
+            return f"{mask_url_password(self.store.url)} prefix={self.store.key_prefix}"
+        return self.store.path
 
 
 def _seconds(value: float) -> str:

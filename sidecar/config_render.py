@@ -1,8 +1,9 @@
 """The effective configuration written back as TOML, for `check-config` and the example file.
 
-The output loads back to equal settings, with one deliberate exception: the admin token and
-credential-bearing upstream headers read "***", since this text ends up in terminals, tickets
-and logs. Durations are written the way an operator would ("30m"), not as pydantic's floats.
+The output loads back to equal settings, with one deliberate exception: the admin token,
+credential-bearing upstream headers and the password in store.url read "***", since this
+text ends up in terminals, tickets and logs. Durations are written the way an operator
+would ("30m"), not as pydantic's floats.
 """
 
 from __future__ import annotations
@@ -57,9 +58,21 @@ def _comment(field: FieldInfo, comments: bool) -> Iterator[str]:
 def _masked(section: str, key: str, value: Any) -> Any:
     if (section, key) == ("admin", "token") and value:
         return _MASK
+    if (section, key) == ("store", "url"):
+        return mask_url_password(value)
     if (section, key) == ("upstream", "headers"):
         return {k: _MASK if _SECRET_HEADER.search(k) else v for k, v in value.items()}
     return value
+
+
+def mask_url_password(url: str) -> str:
+    """`url` with its password, if it has one, as "***": "redis://:***@host:6379/0"."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user}:{_MASK}@{host}"
 
 
 def _toml_value(value: Any, field: FieldInfo | None = None) -> str:

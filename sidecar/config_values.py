@@ -23,6 +23,7 @@ BindTo = Literal["identity", "none"]
 IdleAction = Literal["close", "hibernate"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+StoreBackend = Literal["sqlite", "redis"]
 
 # --- durations ------------------------------------------------------------------------------
 
@@ -112,6 +113,25 @@ def _check_http_url(value: str) -> str:
         raise ValueError(
             'expected an http:// or https:// URL with a host, e.g. "http://127.0.0.1:8000/mcp"'
         )
+    return value
+
+
+def _check_redis_url(value: str) -> str:
+    """Empty (the SQLite store needs none) or a redis:// or rediss:// (TLS) URL with a host."""
+    if not value:
+        return value
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is out of range
+    except ValueError as exc:
+        raise ValueError(f"expected a redis:// or rediss:// URL ({exc})") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(
+            "expected a redis:// or rediss:// (TLS) URL with a host, e.g. "
+            '"redis://:PASSWORD@127.0.0.1:6379/0"'
+        )
+    if parts.path not in ("", "/") and not parts.path[1:].isdigit():
+        raise ValueError("expected a database number as the URL's path, e.g. /0")
     return value
 
 

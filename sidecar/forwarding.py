@@ -54,9 +54,13 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
     }
 
 
+_DROPPED = HOP_BY_HOP | RECOMPUTED
+
+
 def _end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | RECOMPUTED | _connection_tokens(headers)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    # On every request and answer: the `Connection` tokens are parsed only when present.
+    drop = _DROPPED | _connection_tokens(headers) if "Connection" in headers else _DROPPED
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 
 def upstream_request_headers(request: web.Request, authority: str) -> CIMultiDict[str]:

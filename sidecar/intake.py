@@ -91,21 +91,25 @@ async def read_body(request: web.Request, limit: int, within: float = 0) -> byte
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes:
-    too_large = Rejected(
-        413,
-        "too_large",
-        jsonrpc.error_body(jsonrpc.INVALID_REQUEST, f"Request body larger than {limit} bytes"),
-    )
     if request.content_length is not None and request.content_length > limit:
-        raise too_large
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> Rejected:
+    # Built only when needed: the JSON body costs more than reading a small request.
+    return Rejected(
+        413,
+        "too_large",
+        jsonrpc.error_body(jsonrpc.INVALID_REQUEST, f"Request body larger than {limit} bytes"),
+    )
 
 
 def request_identity(request: web.Request) -> str:

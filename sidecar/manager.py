@@ -47,6 +47,7 @@ log = logging.getLogger("sidecar.sessions")
 __all__ = [
     "MAX_TOMBSTONES_IN_MEMORY",
     "Clock",
+    "CloseListener",
     "LimitReachedError",
     "Limits",
     "Outcome",
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
+CloseListener = Callable[[Session, CloseReason, float], None]
 
 # Sessions ended per store transaction when many expire at once: each slice's write yields to
 # the event loop, so a mass expiry never stalls the requests being served meanwhile.
@@ -111,6 +113,9 @@ class SessionManager:
         self._deadlines = Deadlines()
         self._kept: set[Session] = set()
         self._policy = policy
+        # Called with (session, reason, now) after each close is logged: the status page's
+        # recent closes. A listener must be cheap and must not raise.
+        self.close_listeners: list[CloseListener] = []
         metrics.bind_session_counts(
             lambda: {
                 "live": len(self.live),
@@ -408,6 +413,8 @@ class SessionManager:
                 reason.value,
                 session.idle_seconds(now),
             )
+            for listener in self.close_listeners:
+                listener(session, reason, now)
 
     def store_failed(self, operation: str, exc: StoreError) -> None:
         """Count and log (throttled) a store write that failed; the caller keeps its data."""

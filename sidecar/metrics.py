@@ -113,8 +113,8 @@ class Metrics:
         )
         self.store_errors = Counter(
             PREFIX + "store_errors",
-            "Store writes that failed (disk full, locked, I/O error), by operation; the "
-            "sidecar keeps the data and retries (SPEC 2.5).",
+            "Store writes that failed (disk full, locked, I/O error, Redis unreachable), by "
+            "operation; the sidecar keeps the data and retries (SPEC 2.5).",
             ["operation"],
             registry=r,
         )
@@ -137,6 +137,22 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.session_limit = Gauge(
+            PREFIX + "session_limit",
+            "Configured limit on live sessions, by scope (global, per_client); 0 is unlimited.",
+            ["scope"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            PREFIX + "ready",
+            "1 when the sidecar serves (as /readyz), 0 while starting or draining.",
+            registry=r,
+        )
+        self.stuck_clients = Gauge(
+            PREFIX + "stuck_clients",
+            "Clients (by label, bounded) that sent requests on closed session ids.",
+            registry=r,
+        )
         for cause in RESUME_CAUSES:
             self.sessions_resumed.labels(cause)
         for operation in STORE_OPERATIONS:
@@ -148,6 +164,19 @@ class Metrics:
         """Read the live/dormant/closed gauges from the session table at scrape time."""
         for state in ("live", "dormant", "closed"):
             self.sessions.labels(state).set_function(_reader(counts, state))
+
+    def bind_service_state(
+        self,
+        limits: Callable[[], tuple[int, int]],
+        ready: Callable[[], bool],
+        stuck: Callable[[], int],
+    ) -> None:
+        """Read the configured limits, readiness and stuck clients at scrape time, so a
+        reload or a drain shows at once."""
+        self.session_limit.labels("global").set_function(lambda: float(limits()[0]))
+        self.session_limit.labels("per_client").set_function(lambda: float(limits()[1]))
+        self.ready.set_function(lambda: 1.0 if ready() else 0.0)
+        self.stuck_clients.set_function(lambda: float(stuck()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,7 @@ import pytest
 
 if TYPE_CHECKING:
     from tests.peers.processes import SidecarFactory, UpstreamHandle
+    from tests.peers.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -54,3 +55,12 @@ def sidecar_factory(tmp_path: Path) -> Iterator[SidecarFactory]:
     factory = SidecarFactory(tmp_path)
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real, empty `redis-server` on a free port (skips where it is not installed)."""
+    from tests.peers.redis_server import RedisServer
+
+    with RedisServer(tmp_path) as server:
+        yield server

@@ -166,6 +166,12 @@ INVALID = [
     ),
     ('[admin]\nlisten = "0.0.0.0:9091"', "admin.token", "expected a token"),
     ('[store]\npath = ""', "store.path", "non-empty"),
+    ('[store]\nbackend = "postgres"', "store.backend", "expected one of 'sqlite', 'redis'"),
+    ('[store]\nbackend = "redis"', "store.url", 'because backend is "redis"'),
+    ('[store]\nurl = "http://127.0.0.1:6379"', "store.url", "redis:// or rediss://"),
+    ('[store]\nurl = "redis:///0"', "store.url", "with a host"),
+    ('[store]\nurl = "redis://127.0.0.1:6379/db"', "store.url", "database number"),
+    ('[store]\nkey_prefix = ""', "store.key_prefix", "non-empty"),
     (
         "[sessions]\nidel_timeout = 5",
         "sessions.idel_timeout",
@@ -466,3 +472,18 @@ def test_rendering_never_shows_credentials() -> None:
     assert '"Authorization" = "***"' in rendered
     assert '"X-Tenant" = "a"' in rendered
     assert "s3cret" not in repr(s)
+
+
+def test_redis_store_settings_and_the_password_masked(tmp_path: Path) -> None:
+    s = load_text(
+        tmp_path,
+        '[store]\nbackend = "redis"\nurl = "rediss://app:pa55word@redis.internal:6380/2"\n'
+        'key_prefix = "team-a:"',
+    )
+    assert (s.store.backend, s.store.key_prefix) == ("redis", "team-a:")
+    assert s.store.url == "rediss://app:pa55word@redis.internal:6380/2"
+    rendered = s.to_toml()
+    assert "pa55word" not in rendered
+    assert 'url = "rediss://app:***@redis.internal:6380/2"' in rendered
+    assert "pa55word" not in repr(s)
+    assert s.summary_line().endswith("store=rediss://app:***@redis.internal:6380/2 prefix=team-a:")

@@ -67,9 +67,17 @@ async def test_session_lifecycle_moves_the_metrics(
     assert before.value(P + "sessions_created_total") == 0
     assert before.value(P + "sessions_closed_total", reason="idle_timeout") == 0
 
+    async def all_counted() -> Scrape | None:
+        # The SDK has the tool's answer once the last SSE event arrives, a moment before the
+        # sidecar ends that request and counts it: poll rather than read once.
+        scrape = await admin.scrape()
+        counted = scrape.value(P + "requests_total", method="POST", outcome="forwarded")
+        timed = scrape.value(P + "request_duration_seconds_count")
+        return scrape if counted >= 3 and timed >= counted else None
+
     async with mcp_session(sidecar.url, terminate_on_close=False) as client:
         assert await client.echo("metrics") == "metrics"
-        during = await admin.scrape()
+        during = await eventually(all_counted, what="the three POSTs being counted and timed")
         session_id = client.session_id
     assert during.value(P + "sessions", state="live") == 1
     assert during.value(P + "sessions_created_total") == 1

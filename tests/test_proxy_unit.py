@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -28,6 +29,7 @@ from sidecar.config import load_settings
 from sidecar.errors import UpstreamUnreachableError
 from sidecar.sessions import CloseReason, State
 from sidecar.upstream import Upstream
+from sidecar.upstream.client import may_retry
 
 T0 = 1_700_000_000.0
 IDLE = 600.0
@@ -909,7 +911,7 @@ async def test_no_task_is_left_pending_after_shutdown(make: Make) -> None:
         assert await stream.content.readuntil(b"\n\n") == b": keepalive\n\n"
     other = await p.initialize()
     await p.service.manager.close(p.service.manager.live[other], CloseReason.ADMIN)
-    assert len(p.service.tasks) == 4  # closer, sweeper, flusher, purger
+    assert len(p.service.tasks) == 5  # closer, sweeper, flusher, purger, monitor
     assert _sidecar_tasks()
     stream.close()
     await p.client.close()
@@ -1028,6 +1030,20 @@ async def test_failure_on_a_fresh_connection_is_not_retried(
     with pytest.raises(UpstreamUnreachableError, match=r"upstream\.url"):
         await _post(upstream, b'{"n":1}')
     assert raw.requests == [(1, 1, b'{"n":1}')]
+
+
+def test_only_a_request_aiohttp_refused_to_write_is_retried() -> None:
+    refused = aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+    wrapped = aiohttp.ClientOSError(None, "Can not write request body")
+    wrapped.__cause__ = refused
+    lost = aiohttp.ClientOSError(None, "Can not write request body")
+    lost.__cause__ = aiohttp.ClientConnectionResetError("Connection lost")  # maybe all sent
+    assert may_retry("POST", refused)
+    assert may_retry("POST", wrapped)
+    assert not may_retry("POST", lost)
+    assert not may_retry("POST", aiohttp.ServerDisconnectedError())
+    assert not may_retry("POST", ConnectionResetError())
+    assert not may_retry("GET", wrapped)  # aiohttp retries idempotent methods itself
 
 
 async def test_retry_happens_only_once(

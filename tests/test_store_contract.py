@@ -1,7 +1,8 @@
 """The `Store` contract, run against every backend: what a reader gets back after each write.
 
 Every test goes through the interface only (`load`, `get`, `pending_closes`), so a new backend
-is checked by adding its name to `BACKENDS` and a line to `make_store`. Faults are
+is checked by adding its name to `BACKENDS` and a line to `make_store`. The Redis backend runs
+against a real `redis-server` of the test's own (`tests/peers/redis_server.py`). Faults are
 backend-specific and tested at the end of the file.
 """
 
@@ -14,8 +15,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+import redis.asyncio as redis_client
 
-from sidecar.errors import StoreError
+from sidecar.errors import StoreError, StoreTooNewError
 from sidecar.sessions import (
     Binding,
     CloseReason,
@@ -27,25 +29,30 @@ from sidecar.sessions import (
 )
 from sidecar.store import ActivityRow, PendingClose, Store
 from sidecar.store.memory import MemoryStore
+from sidecar.store.redis import RedisStore
 from sidecar.store.sqlite import SqliteStore
+from tests.peers.redis_server import RedisServer
 
 T0 = 1_700_000_000.0
 
-BACKENDS = ["sqlite", "memory"]
+BACKENDS = ["sqlite", "memory", "redis"]
 
 
-def make_store(backend: str, tmp_path: Path) -> Store:
+def make_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
     """A new, unopened store of the named backend."""
     if backend == "sqlite":
         return SqliteStore(str(tmp_path / "state" / "sessions.db"))
     if backend == "memory":
         return MemoryStore()
+    if backend == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return RedisStore(server.url, key_prefix="contract:")
     raise ValueError(f"no factory for the store backend {backend!r}")
 
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    store = make_store(request.param, tmp_path)
+    store = make_store(request.param, tmp_path, request)
     await store.open()
     yield store
     await store.close()
@@ -576,3 +583,79 @@ async def test_memory_fail_writes_raises_store_error_and_changes_nothing(write: 
 
     assert store.transactions == transactions
     assert await _contents(store) == before
+
+
+async def _refuse_redis_writes(url: str, refuse: bool) -> None:
+    """ACL: the store's (default) user may read but not write, so every write script fails
+    at its first write command, as a Redis that refuses writes (a read-only replica after a
+    failover, a permission change) would."""
+    client = redis_client.Redis.from_url(url)
+    try:
+        await client.execute_command("ACL", "SETUSER", "default", "-@write" if refuse else "+@all")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+async def test_redis_failed_write_is_a_store_error_and_changes_nothing(
+    redis_server: RedisServer, write: str
+) -> None:
+    store = RedisStore(redis_server.url, key_prefix="faults:")
+    await store.open()
+    try:
+        await _populate(store)
+        before = await _contents(store)
+        transactions = store.transactions
+        await _refuse_redis_writes(redis_server.url, refuse=True)
+
+        with pytest.raises(StoreError, match="Redis store"):
+            await WRITES[write](store)
+
+        assert store.transactions == transactions
+        assert await _contents(store) == before
+        await _refuse_redis_writes(redis_server.url, refuse=False)
+        await WRITES[write](store)  # the same store works again once Redis does
+    finally:
+        await store.close()
+
+
+async def test_redis_stopped_is_a_store_error_and_the_same_store_recovers(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url, key_prefix="faults:")
+    await store.open()
+    try:
+        await store.insert(_session("before"))
+        redis_server.stop()
+        with pytest.raises(StoreError, match="Redis store"):
+            await store.insert(_session("during"))
+        with pytest.raises(StoreError, match="Redis store"):
+            await store.get("before")
+        redis_server.start()  # an empty Redis on the same port: no persistence in the tests
+        await store.insert(_session("after"))
+        assert [s.id for s in await store.load(State.LIVE)] == ["after"]
+    finally:
+        await store.close()
+
+
+async def test_redis_schema_from_a_newer_sidecar_stops_the_open(redis_server: RedisServer) -> None:
+    client = redis_client.Redis.from_url(redis_server.url)
+    try:
+        await client.set("newer:schema", "99")
+    finally:
+        await client.aclose()
+    store = RedisStore(redis_server.url, key_prefix="newer:")
+    with pytest.raises(StoreTooNewError, match="schema version 99"):
+        await store.open()
+    other = RedisStore(redis_server.url, key_prefix="other:")
+    await other.open()  # another prefix is another store on the same Redis
+    await other.close()
+
+
+async def test_redis_unreachable_at_open_names_the_url_without_its_password() -> None:
+    from tests.peers.processes import free_port
+
+    store = RedisStore(f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    with pytest.raises(StoreError, match="check that it is running") as caught:
+        await store.open()
+    assert "hunter2" not in str(caught.value)

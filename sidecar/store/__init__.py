@@ -2,9 +2,10 @@
 
 The manager is the store's only writer and sees records (`Session`, `PendingClose`,
 `ActivityRow`), never rows or keys. Backends: `sqlite.py` (the default, embedded; the only
-module that knows SQL) and `memory.py` (for unit tests, and to show what the contract is
-without a database). A shared backend for several sidecars is a new file here, checked by the
-same contract tests (`tests/test_store_contract.py`).
+module that knows SQL), `redis.py` (`store.backend = "redis"`: one Redis several sidecars can
+share; the only module that knows Redis) and `memory.py` (for unit tests, and to show what the
+contract is without a database). All three are checked by the same contract tests
+(`tests/test_store_contract.py`).
 
 The durability contract (SPEC 2.6): every `async` write below is durable when it returns,
 or raises `StoreError` having changed nothing; `write_activity` is the write-behind flush.
@@ -13,10 +14,13 @@ or raises `StoreError` having changed nothing; `write_activity` is the write-beh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..sessions import Session, State
 from .records import ActivityRow, PendingClose
+
+if TYPE_CHECKING:
+    from ..config import StoreSettings
 
 
 class Store(Protocol):
@@ -60,11 +64,16 @@ class Store(Protocol):
     async def pending_closes(self) -> list[PendingClose]: ...
 
 
-def open_store(path: str) -> Store:
-    """The configured backend (`store.backend`; SQLite is the one so far)."""
-    from .sqlite import SqliteStore  # noqa: PLC0415 - a backend's libraries load only when chosen
+def open_store(settings: StoreSettings) -> Store:
+    """The configured backend (`store.backend`), not yet opened."""
+    # A backend's libraries load only when it is chosen.
+    if settings.backend == "redis":
+        from .redis import RedisStore  # noqa: PLC0415
 
-    return SqliteStore(path)
+        return RedisStore(settings.url, settings.key_prefix)
+    from .sqlite import SqliteStore  # noqa: PLC0415
+
+    return SqliteStore(settings.path)
 
 
 __all__ = ["ActivityRow", "PendingClose", "Store", "open_store"]

@@ -17,6 +17,7 @@ from typing import Literal
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import Counter
 
 from .. import jsonrpc
 from ..errors import UpstreamError, UpstreamTimeoutError
@@ -63,6 +64,8 @@ class ProxyOptions:
     recover_lost: bool = False
 
 
+MAX_CACHED_COUNTERS = 64
+
 Dispatch = Callable[[web.Request, bytes, RequestTimer], Awaitable[web.StreamResponse]]
 
 
@@ -86,27 +89,40 @@ class Forwarder:
         self.options = options
         self.gone = gone or GonePatterns()
         self._throttled = Throttled(log)
+        self._counters: dict[tuple[str, str], Counter] = {}
 
     # ---- one request, start to end ---------------------------------------------------------
     async def handle(self, request: web.Request, dispatch: Dispatch) -> web.StreamResponse:
         """Checks, dispatch, and the one place rejections and upstream failures are answered."""
         timer = RequestTimer()
         body = b""
+        # A client that leaves mid-answer cancels the handler (aiohttp): the request was
+        # forwarded all the same and counts, so the finally, not the happy path, counts it.
+        outcome = "forwarded"
         try:
             self.check(request)
             if request.method == "POST":
                 body = await self.read_body(request)
-            response = await dispatch(request, body, timer)
-            outcome = "forwarded"
+            return await dispatch(request, body, timer)
         except Rejected as rejection:
-            response = await self.reject(request, rejection)
             outcome = "rejected"
+            return await self.reject(request, rejection)
         except UpstreamError as exc:
-            response = await self.upstream_failed(request, body, exc)
             outcome = "upstream_error"
-        self.metrics.requests.labels(request.method, outcome).inc()
-        self.metrics.request_duration.observe(timer.own_time())
-        return response
+            return await self.upstream_failed(request, body, exc)
+        finally:
+            self._count(request.method, outcome)
+            self.metrics.request_duration.observe(timer.own_time())
+
+    def _count(self, method: str, outcome: str) -> None:
+        # `labels()` takes a lock and builds a key on every call; the children are cached
+        # (bounded: a client can send any method name, and the cache must not grow with it).
+        child = self._counters.get((method, outcome))
+        if child is None:
+            child = self.metrics.requests.labels(method, outcome)
+            if len(self._counters) < MAX_CACHED_COUNTERS:
+                self._counters[(method, outcome)] = child
+        child.inc()
 
     def check(self, request: web.Request) -> None:
         check_one_session(request)

@@ -1,0 +1,456 @@
+"""The Redis store (`store.backend = "redis"`): the only module that knows Redis.
+
+Same contract as the SQLite store (SPEC 2.6): creating, closing, hibernating and resuming are
+applied before they are acknowledged, and every write is all or none. Each write is one Lua
+script run (`_APPLY`), which Redis executes atomically: it either ran whole or, when the call
+fails, the caller gets a `StoreError`. Activity is still written behind: one flush is one
+script call carrying every dirty session, so one round trip, whatever the request rate.
+
+Layout under `key_prefix` (default "mcp-sidecar:"):
+
+    schema          the layout's version (SCHEMA_VERSION); a newer one stops the start
+    s:<id>          a hash per session: its fields as strings, a None field absent
+    live, dormant   sets of session ids by state
+    closed          a sorted set of closed ids scored by closed_at (for `since` and purging)
+    pending         a hash of owed DELETEs: "<upstream>\\n<upstream session id>" -> JSON
+
+Values are written as Python prints them (`repr` of a float reads back exactly) and the
+scripts never convert them, so no precision is lost in Lua's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from ..config_render import mask_url_password
+from ..errors import StoreError, StoreTooNewError
+from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
+from .records import ActivityRow, PendingClose
+
+SCHEMA_VERSION = 1
+DEFAULT_PREFIX = "mcp-sidecar:"
+
+# How long one command may take before it fails: an `initialize` waits on the insert, so a
+# Redis that hangs must end in a 503 within a bounded time, not hold the client (SPEC 2.5).
+COMMAND_TIMEOUT = 2.0
+# One quick retry on a broken connection (a failover, a restarted Redis): enough to ride over
+# a reconnect, while a Redis that is really gone still fails the call within ~2 x the timeout.
+# The sidecar retries its owed writes itself; every write here is idempotent, so a retried
+# call that had in fact run does no harm.
+RETRIES = 1
+
+# ARGV[1] = prefix, ARGV[2] = a JSON list of operations, applied in order:
+#   {"op": "put", "id": ID, "fields": [name, value, ...]}     replace the session's record
+#   {"op": "update", "id": ID, "fields": [...], "when": S}    change an existing session
+#                                                             (only in state S when given)
+#   {"op": "pend", "field": F, "value": V} / {"op": "unpend", "field": F}
+# A JSON null value removes the field. The state indexes follow each session's new state.
+_APPLY = """
+local prefix = ARGV[1]
+local ops = cjson.decode(ARGV[2])
+-- One HSET and at most one HDEL per session; true when the state (or closed_at) changed,
+-- so the activity flush, which never changes either, skips the index work.
+local function set_fields(key, fields)
+  local set, unset, moved = {}, {}, false
+  for i = 1, #fields, 2 do
+    local name, value = fields[i], fields[i + 1]
+    if name == 'state' or name == 'closed_at' then moved = true end
+    if value == cjson.null then
+      unset[#unset + 1] = name
+    else
+      set[#set + 1] = name
+      set[#set + 1] = value
+    end
+  end
+  if #set > 0 then redis.call('HSET', key, unpack(set)) end
+  if #unset > 0 then redis.call('HDEL', key, unpack(unset)) end
+  return moved
+end
+local function reindex(id, key)
+  redis.call('SREM', prefix .. 'live', id)
+  redis.call('SREM', prefix .. 'dormant', id)
+  redis.call('ZREM', prefix .. 'closed', id)
+  local state = redis.call('HGET', key, 'state')
+  if state == 'closed' then
+    redis.call('ZADD', prefix .. 'closed', redis.call('HGET', key, 'closed_at') or '0', id)
+  elseif state then
+    redis.call('SADD', prefix .. state, id)
+  end
+end
+for _, op in ipairs(ops) do
+  if op.op == 'put' then
+    local key = prefix .. 's:' .. op.id
+    redis.call('DEL', key)
+    set_fields(key, op.fields)
+    reindex(op.id, key)
+  elseif op.op == 'update' then
+    local key = prefix .. 's:' .. op.id
+    local state = redis.call('HGET', key, 'state')
+    if state and (op.when == nil or op.when == state) then
+      if set_fields(key, op.fields) then reindex(op.id, key) end
+    end
+  elseif op.op == 'pend' then
+    redis.call('HSET', prefix .. 'pending', op.field, op.value)
+  elseif op.op == 'unpend' then
+    redis.call('HDEL', prefix .. 'pending', op.field)
+  end
+end
+return #ops
+"""
+
+# ARGV[1] = prefix, ARGV[2] = older_than: delete closed sessions closed before it, except those
+# whose upstream session still owes a DELETE (as the SQLite store's purge); returns how many.
+_PURGE = """
+local prefix = ARGV[1]
+local doomed = redis.call('ZRANGEBYSCORE', prefix .. 'closed', '-inf', '(' .. ARGV[2])
+if #doomed == 0 then return 0 end
+local owed = {}
+for _, field in ipairs(redis.call('HKEYS', prefix .. 'pending')) do
+  owed[string.match(field, '\\n(.*)$')] = true
+end
+local purged = 0
+for _, id in ipairs(doomed) do
+  local key = prefix .. 's:' .. id
+  local upstream_id = redis.call('HGET', key, 'upstream_session_id') or id
+  if not owed[upstream_id] then
+    redis.call('DEL', key)
+    redis.call('ZREM', prefix .. 'closed', id)
+    purged = purged + 1
+  end
+end
+return purged
+"""
+
+
+class RedisStore:
+    """Sessions in one Redis (or a Redis-compatible server), through redis-py's asyncio client."""
+
+    def __init__(self, url: str, key_prefix: str = DEFAULT_PREFIX) -> None:
+        self.url = url
+        self.prefix = key_prefix
+        self.transactions = 0  # write round trips applied: for metrics and benchmarks
+        self._redis: aioredis.Redis | None = None
+        self._apply: Any = None
+        self._purge: Any = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            client = aioredis.Redis.from_url(
+                self.url,
+                decode_responses=True,
+                socket_timeout=COMMAND_TIMEOUT,
+                socket_connect_timeout=COMMAND_TIMEOUT,
+                retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), RETRIES),
+            )
+        except ValueError as exc:
+            raise StoreError(f"store.url is not a usable Redis URL ({exc})") from exc
+        self._redis = client
+        self._apply = client.register_script(_APPLY)
+        self._purge = client.register_script(_PURGE)
+        try:
+            await self._check_schema()
+        except RedisError as exc:
+            await self.close()
+            raise StoreError(
+                f"cannot use the Redis store at {self.where} ({exc}); check that it is running "
+                "and reachable, and the password in store.url"
+            ) from exc
+        except StoreError:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            client, self._redis = self._redis, None
+            await client.aclose()
+
+    async def _check_schema(self) -> None:
+        key = self.prefix + "schema"
+        await self.db.set(key, str(SCHEMA_VERSION), nx=True)
+        version = int(await self.db.get(key) or 0)
+        if version > SCHEMA_VERSION:
+            raise StoreTooNewError(
+                f"the Redis store at {self.where} has schema version {version}, written by a "
+                f"newer mcp-sidecar; this version understands up to {SCHEMA_VERSION}. Upgrade "
+                "mcp-sidecar, or set another store.key_prefix. Nothing was changed."
+            )
+
+    @property
+    def where(self) -> str:
+        """The URL without its password, and the prefix: what messages may name."""
+        return f"{mask_url_password(self.url)} (prefix {self.prefix!r})"
+
+    @property
+    def db(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise StoreError("the session store is not open")
+        return self._redis
+
+    # ---- writes ------------------------------------------------------------------------
+    async def _write(self, ops: list[dict[str, Any]]) -> None:
+        """Apply operations in one atomic script call; a failure is a StoreError.
+
+        A call that fails after Redis ran it (the reply was lost) is reported as failed too;
+        every operation is idempotent, so the caller's retry does no harm.
+        """
+        if self._apply is None or self._redis is None:
+            raise StoreError("the session store is not open")
+        try:
+            await self._apply(args=[self.prefix, json.dumps(ops)])
+        except RedisError as exc:
+            raise StoreError(
+                f"writing to the Redis store at {self.where} failed ({exc}); check that Redis "
+                "is running, reachable and not out of memory"
+            ) from exc
+        self.transactions += 1
+
+    async def insert(self, session: Session) -> None:
+        await self._write([{"op": "put", "id": session.id, "fields": _fields(session)}])
+
+    async def mark_closed_many(self, closes: Sequence[tuple[Session, PendingClose | None]]) -> None:
+        ops: list[dict[str, Any]] = []
+        for session, pending in closes:
+            fields = {
+                "state": State.CLOSED.value,
+                "close_reason": session.close_reason,
+                "closed_at": session.closed_at,
+                "last_activity_at": session.last_activity_at,
+                "requests": session.requests,
+            }
+            ops.append(_update(session.id, fields))
+            if pending is not None:
+                ops.append(_pend(pending))
+        if ops:
+            await self._write(ops)
+
+    async def hibernate_many(self, sessions: Sequence[tuple[Session, PendingClose | None]]) -> None:
+        ops: list[dict[str, Any]] = []
+        for session, pending in sessions:
+            fields = {
+                "state": State.DORMANT.value,
+                "dormant_since": session.dormant_since,
+                "upstream": None,
+                "upstream_session_id": None,
+                "last_activity_at": session.last_activity_at,
+                "requests": session.requests,
+                "resume": _resume_json(session),
+            }
+            ops.append(_update(session.id, fields))
+            if pending is not None:
+                ops.append(_pend(pending))
+        if ops:
+            await self._write(ops)
+
+    async def rebind(self, session: Session) -> None:
+        binding = session.binding
+        assert binding is not None
+        fields = {
+            "state": State.LIVE.value,
+            "dormant_since": None,
+            "upstream": binding.upstream,
+            "upstream_session_id": binding.session_id,
+            "protocol_version": session.protocol_version,
+            "resumes": session.resumes,
+        }
+        await self._write([_update(session.id, fields)])
+
+    async def set_persistent(self, session_id: str, persistent: bool) -> None:
+        await self._write([_update(session_id, {"persistent": persistent})])
+
+    async def write_activity(self, rows: Sequence[ActivityRow]) -> None:
+        """The write-behind flush: every dirty session in one script call, one round trip."""
+        if rows:
+            await self._write([_activity(row) for row in rows])
+
+    async def save_pending(self, pending: PendingClose, error: str | None = None) -> None:
+        await self._write([_pend(pending, error)])
+
+    async def drop_pending(self, pending: PendingClose) -> None:
+        await self._write([{"op": "unpend", "field": _pending_field(pending)}])
+
+    async def purge_tombstones(self, older_than: float) -> int:
+        if self._purge is None or self._redis is None:
+            raise StoreError("the session store is not open")
+        try:
+            purged = int(await self._purge(args=[self.prefix, repr(float(older_than))]))
+        except RedisError as exc:
+            raise StoreError(
+                f"purging tombstones in the Redis store at {self.where} failed ({exc})"
+            ) from exc
+        if purged:
+            self.transactions += 1
+        return purged
+
+    # ---- reads -------------------------------------------------------------------------
+    async def load(self, state: State, since: float | None = None) -> list[Session]:
+        try:
+            if state is State.CLOSED:
+                low = "-inf" if since is None else repr(float(since))
+                found = await self.db.zrangebyscore(self.prefix + "closed", low, "+inf")
+            else:
+                found = list(await self.db.smembers(self.prefix + state.value))
+            # decode_responses=True: redis-py's types cannot say so, the values are str.
+            ids = cast(list[str], found)
+            return await self._read_many(ids)
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+
+    async def _read_many(self, ids: Sequence[str]) -> list[Session]:
+        """Every named session in one round trip (a pipeline of HGETALLs)."""
+        if not ids:
+            return []
+        async with self.db.pipeline(transaction=False) as pipe:
+            for session_id in ids:
+                pipe.hgetall(self._key(session_id))
+            hashes = await pipe.execute()
+        return [_session(h) for h in hashes if h]
+
+    async def get(self, session_id: str) -> Session | None:
+        try:
+            found = await self.db.hgetall(self._key(session_id))
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+        return _session(cast(dict[str, str], found)) if found else None
+
+    async def pending_closes(self) -> list[PendingClose]:
+        try:
+            values = await self.db.hvals(self.prefix + "pending")
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+        return [_pending(json.loads(v)) for v in values]
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}s:{session_id}"
+
+
+def _read_error(store: RedisStore, exc: RedisError) -> StoreError:
+    return StoreError(f"reading the Redis store at {store.where} failed ({exc})")
+
+
+# ---- records <-> hash fields -------------------------------------------------------------
+
+
+def _text(value: object) -> str | None:
+    """A field's stored form: None stays None (the field is removed), floats read back exact."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _flat(fields: Mapping[str, object]) -> list[str | None]:
+    return [item for name, value in fields.items() for item in (name, _text(value))]
+
+
+def _update(session_id: str, fields: Mapping[str, object]) -> dict[str, Any]:
+    return {"op": "update", "id": session_id, "fields": _flat(fields)}
+
+
+def _activity(row: ActivityRow) -> dict[str, Any]:
+    # Empty or None values keep what the session has, as in the SQLite flush.
+    fields: dict[str, object] = {
+        "last_activity_at": row.last_activity_at,
+        "requests": row.requests,
+    }
+    if row.protocol_version is not None:
+        fields["protocol_version"] = row.protocol_version
+    if row.client_info:
+        fields["client_info"] = row.client_info
+    if row.resume is not None:
+        fields["resume"] = row.resume
+    return {**_update(row.session_id, fields), "when": State.LIVE.value}
+
+
+def _pending_field(pending: PendingClose) -> str:
+    return f"{pending.upstream}\n{pending.session_id}"
+
+
+def _pend(pending: PendingClose, error: str | None = None) -> dict[str, Any]:
+    value = {
+        "upstream": pending.upstream,
+        "session_id": pending.session_id,
+        "protocol_version": pending.protocol_version,
+        "attempts": pending.attempts,
+        "next_attempt_at": pending.next_attempt_at,
+        "last_error": error,
+    }
+    return {"op": "pend", "field": _pending_field(pending), "value": json.dumps(value)}
+
+
+def _pending(value: dict[str, Any]) -> PendingClose:
+    return PendingClose(
+        value["session_id"],
+        value["protocol_version"],
+        int(value["attempts"]),
+        float(value["next_attempt_at"]),
+        value["upstream"] or "",
+    )
+
+
+def _resume_json(s: Session) -> str | None:
+    return None if s.resume is None else s.resume.to_json()
+
+
+def _fields(s: Session) -> list[str | None]:
+    return _flat(
+        {
+            "id": s.id,
+            "transport": s.transport.value,
+            "client": s.client,
+            "user_agent": s.user_agent,
+            "client_info": s.client_info,
+            "protocol_version": s.protocol_version,
+            "created_at": s.created_at,
+            "last_activity_at": s.last_activity_at,
+            "requests": s.requests,
+            "persistent": s.persistent,
+            "state": s.state.value,
+            "close_reason": s.close_reason,
+            "closed_at": s.closed_at,
+            "upstream_endpoint": s.upstream_endpoint,
+            "upstream": None if s.binding is None else s.binding.upstream,
+            "upstream_session_id": None if s.binding is None else s.binding.session_id,
+            "resume": _resume_json(s),
+            "dormant_since": s.dormant_since,
+            "resumes": s.resumes,
+        }
+    )
+
+
+def _float(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _session(h: dict[str, str]) -> Session:
+    upstream_id = h.get("upstream_session_id")
+    return Session(
+        id=h["id"],
+        transport=Transport(h["transport"]),
+        client=h["client"],
+        user_agent=h.get("user_agent", ""),
+        client_info=h.get("client_info", ""),
+        protocol_version=h.get("protocol_version"),
+        created_at=float(h["created_at"]),
+        last_activity_at=float(h["last_activity_at"]),
+        requests=int(h.get("requests", "0")),
+        persistent=h.get("persistent") == "1",
+        state=State(h["state"]),
+        close_reason=CloseReason(h["close_reason"]) if h.get("close_reason") else None,
+        closed_at=_float(h.get("closed_at")),
+        upstream_endpoint=h.get("upstream_endpoint"),
+        binding=None if upstream_id is None else Binding(h.get("upstream", ""), upstream_id),
+        resume=ResumeState.from_json(h.get("resume")),
+        dormant_since=_float(h.get("dormant_since")),
+        resumes=int(h.get("resumes", "0")),
+    )
