@@ -567,8 +567,16 @@ class SessionManager:
         due = list(dict.fromkeys(due))  # in flight at the last sweep and due now: once
         ended = 0
         for start in range(0, len(due), SWEEP_SLICE):
-            ended += await self._sweep_slice(due[start : start + SWEEP_SLICE], now)
-            await asyncio.sleep(0)
+            try:
+                ended += await self._sweep_slice(due[start : start + SWEEP_SLICE], now)
+                await asyncio.sleep(0)
+            except BaseException:
+                # Whatever stopped this sweep, the sessions it had not reached yet are filed
+                # again, so the next sweep still finds them.
+                for session in due[start:]:
+                    if session.usable:
+                        self._schedule(session)
+                raise
         self.tombstones.forget_older_than(now - self.tombstone_ttl)
         return ended
 
