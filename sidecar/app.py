@@ -24,7 +24,7 @@ from .gone import GonePatterns
 from .manager import Clock, Limits, SessionManager
 from .metrics import Metrics
 from .monitor import Monitor
-from .sessions import Policy
+from .sessions import CloseReason, Policy
 from .store import Store, open_store
 from .sweeper import Sweeper
 from .transports import (
@@ -35,7 +35,7 @@ from .transports import (
     Router,
     StreamableHttp,
 )
-from .upstream import Upstream, UpstreamPool
+from .upstream import HealthChecker, Upstream, UpstreamPool
 
 log = logging.getLogger("sidecar.app")
 
@@ -89,7 +89,7 @@ class Service:
         self.metrics = Metrics()
         self.store: Store = open_store(settings.store)
         up = settings.upstream
-        self.upstreams = UpstreamPool(up.url, up.connect_timeout, up.read_timeout, up.headers)
+        self.upstreams = UpstreamPool(up.replicas, up.connect_timeout, up.read_timeout, up.headers)
         self.closer = UpstreamCloser(self.upstreams, self.store, self.metrics, clock)
         self.manager = SessionManager(
             self.store,
@@ -123,6 +123,14 @@ class Service:
             clock,
         )
         self.manager.close_listeners.append(self.monitor.record_close)
+        # Health checks only choose between replicas: one upstream is used whatever it does.
+        self.health = (
+            HealthChecker(self.upstreams, up.health_interval, up.down_grace, self._replicas_gone)
+            if len(self.upstreams) > 1
+            else None
+        )
+        if self.health is not None:  # one upstream is never probed: its gauge would say nothing
+            self.metrics.bind_upstreams(self._upstreams_up, self._upstream_sessions)
         self.ready = False
         self.metrics.bind_service_state(
             lambda: (self.manager.limits.max_sessions, self.manager.limits.max_sessions_per_client),
@@ -146,6 +154,8 @@ class Service:
             restoring.add_done_callback(self._forget_task)
             self._tasks += self.sweeper.tasks()
             self._tasks.append(asyncio.create_task(self.monitor.run(), name="sidecar-monitor"))
+            if self.health is not None:
+                self._tasks.append(asyncio.create_task(self.health.run(), name="sidecar-health"))
         except BaseException:
             await self.stop()
             raise
@@ -174,6 +184,40 @@ class Service:
         if not task.cancelled() and (exc := task.exception()) is not None:
             # The sweeper's next round retries; meanwhile requests refuse expired ids.
             log.error("ending the sessions that expired while stopped failed", exc_info=exc)
+
+    async def _replicas_gone(self, names: list[str]) -> None:
+        """Replicas down for `down_grace`: their sessions are closed `upstream_gone` (a DELETE
+        stays owed, should the replica come back). With `recover_lost` they are left bound:
+        each is re-created on a healthy replica by its next request (SPEC 2.8)."""
+        if self.forwarder.options.recover_lost:
+            return
+        pool = self.upstreams
+        gone = set(names)
+        # Taken with no await before the close below flips them: all are live, each once.
+        owed = [
+            (s, s.binding, dict(s.credentials))
+            for s in self.manager.live.values()
+            if s.binding is not None and pool.canonical(s.binding.upstream) in gone
+        ]
+        if not owed:
+            return
+        log.warning(
+            "closing %d sessions of upstream %s, down longer than upstream.down_grace",
+            len(owed),
+            ", ".join(pool.at(name).authority for name in names),
+        )
+        await self.manager.close_many([s for s, _, _ in owed], CloseReason.UPSTREAM_GONE)
+        for session, binding, credentials in owed:  # upstream_gone owes no DELETE by itself
+            await self.manager.owe_close(binding, session.protocol_version, credentials)
+
+    def _upstreams_up(self) -> dict[str, bool]:
+        return {r.label: r.up for r in self.upstreams.replicas}
+
+    def _upstream_sessions(self) -> dict[str, int]:
+        pool = self.upstreams
+        live = self.manager.live.values()
+        counts = pool.tally(s.binding.upstream for s in live if s.binding is not None)
+        return {pool.at(name).authority: count for name, count in counts.items()}
 
     @property
     def upstream(self) -> Upstream:
@@ -206,6 +250,7 @@ class Service:
                 ("store.url", old.store.url, new.store.url),
                 ("store.key_prefix", old.store.key_prefix, new.store.key_prefix),
                 ("upstream.url", old.upstream.url, new.upstream.url),
+                ("upstream.urls", old.upstream.urls, new.upstream.urls),
             )
             if before != after
         ]
@@ -219,6 +264,9 @@ class Service:
         self.upstreams.configure(
             new.upstream.connect_timeout, new.upstream.read_timeout, new.upstream.headers
         )
+        if self.health is not None:
+            self.health.interval = new.upstream.health_interval
+            self.health.down_grace = new.upstream.down_grace
         sidecar_log.set_level(new.log.level)
         self.settings = new.model_copy(
             update={
@@ -240,7 +288,9 @@ class Service:
                         "key_prefix": old.store.key_prefix,
                     }
                 ),
-                "upstream": new.upstream.model_copy(update={"url": old.upstream.url}),
+                "upstream": new.upstream.model_copy(
+                    update={"url": old.upstream.url, "urls": old.upstream.urls}
+                ),
             }
         )
         return ignored

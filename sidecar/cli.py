@@ -92,7 +92,12 @@ def _run(args: argparse.Namespace) -> int:
         from .server import serve
 
         path = resolve_config_path(args.config)
-        overrides = {"upstream": {"url": args.upstream}, "server": {"listen": args.listen}}
+        # The flag names one upstream: it replaces replicas a file may list.
+        replicas: list[str] | None = [] if args.upstream else None
+        overrides = {
+            "upstream": {"url": args.upstream, "urls": replicas},
+            "server": {"listen": args.listen},
+        }
         return serve(load(path, overrides), path, overrides)
     if args.command == "check-config":
         path = resolve_config_path(args.path)

@@ -32,6 +32,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -149,6 +150,19 @@ class UpstreamSettings(_Section):
         default="http://127.0.0.1:8000/mcp",
         description="The MCP endpoint of the server; its path is the Streamable HTTP path.",
     )
+    urls: list[Annotated[str, AfterValidator(_check_http_url)]] = Field(
+        default_factory=list,
+        description="Or the MCP endpoints of several replicas of it (same path; replaces url).",
+    )
+    health_interval: Duration = Field(
+        default=5.0, gt=0, description="How often each replica is probed (with several urls)."
+    )
+    down_grace: Duration = Field(
+        default=30.0,
+        ge=0,
+        description="A replica down this long has its sessions closed (or, with recover_lost, "
+        "re-created on another).",
+    )
     sse_path: UrlPath = Field(
         default="/sse", description="Path of the legacy HTTP+SSE stream, if any."
     )
@@ -178,10 +192,46 @@ class UpstreamSettings(_Section):
         "client's id and send the request again, once.",
     )
 
+    @field_validator("urls")
+    @classmethod
+    def _one_server(cls, urls: list[str]) -> list[str]:
+        return _check_replicas(urls)
+
+    @model_validator(mode="after")
+    def _url_or_urls(self) -> UpstreamSettings:
+        # Both set is ambiguous: which one did the operator mean to remove?
+        if self.urls and "url" in self.model_fields_set:
+            raise ValueError(
+                "upstream.url and upstream.urls are both set; keep urls alone for replicas "
+                "(or url alone for one server)"
+            )
+        return self
+
+    @property
+    def replicas(self) -> list[str]:
+        """The upstream endpoints: `urls` when set, else the one `url`."""
+        return list(self.urls) or [self.url]
+
     @property
     def path(self) -> str:
-        """The Streamable HTTP path clients use, taken from `url` ("/" when it has none)."""
-        return urlsplit(self.url).path or "/"
+        """The Streamable HTTP path clients use, taken from the upstream URL ("/" when none)."""
+        return urlsplit(self.replicas[0]).path or "/"
+
+
+def _check_replicas(urls: list[str]) -> list[str]:
+    """Replicas of one server: each once, all serving the MCP endpoint on the same path
+    (clients use one path, whichever replica their session is bound to)."""
+    seen: set[tuple[str, str | None, int | None]] = set()
+    for url in urls:
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.hostname, parts.port)
+        if key in seen:
+            raise ValueError(f"{url!r} is listed twice; list each replica once")
+        seen.add(key)
+    paths = {urlsplit(url).path or "/" for url in urls}
+    if len(paths) > 1:
+        raise ValueError("replicas must serve the same path, found " + ", ".join(sorted(paths)))
+    return urls
 
 
 class SessionSettings(_Section):

@@ -80,6 +80,10 @@ class _Layers:
         source = self.sources.get(tuple(map(str, loc[:2])), self.sources.get((str(loc[0]),), ""))
         if error["type"] == "extra_forbidden":
             return f"{where}: {_unknown_key(self.model, loc)}{source}"
+        if len(loc) == 1 and "error" in (error.get("ctx") or {}):
+            # A rule across keys of a section: its message names them, and the section's
+            # values (headers may hold credentials) are not repeated.
+            return f"{where}: {error['ctx']['error']}{source}"
         value = _lookup(self.data, loc, default=error.get("input"))
         return f"{where}: {value!r} is not allowed; {_expected(self.model, error, loc)}{source}"
 

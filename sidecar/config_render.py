@@ -42,6 +42,10 @@ def _toml_lines(settings: Settings, comments: bool) -> Iterator[str]:
         yield from _comment(section_field, comments)
         yield f"[{name}]"
         for key, field in type(section).model_fields.items():
+            if (name, key) == ("upstream", "url") and getattr(section, "urls", None):
+                # Both keys in one file are refused; the replicas replace the one URL.
+                yield "# url: replaced by urls"
+                continue
             yield from _comment(field, comments)
             yield f"{key} = {_toml_value(_masked(name, key, getattr(section, key)), field)}"
             if comments:

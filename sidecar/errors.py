@@ -7,6 +7,7 @@
     │   └── StoreTooNewError          written by a newer mcp-sidecar (schema ahead of us)
     ├── UpstreamError                 the MCP server behind the sidecar misbehaved
     │   ├── UpstreamUnreachableError  (also ConnectionError) connect refused / reset -> 502
+    │   │   └── UpstreamRefusedError  no connection at all: the request never reached it
     │   └── UpstreamTimeoutError      (also TimeoutError) no answer in time -> 504
     └── AdminClientError              the CLI could not talk to the admin API
 
@@ -48,6 +49,11 @@ class UpstreamError(SidecarError):
 
 class UpstreamUnreachableError(UpstreamError, ConnectionError):
     """Connecting to the upstream failed (refused, reset, DNS); answered with 502."""
+
+
+class UpstreamRefusedError(UpstreamUnreachableError):
+    """No connection could be made (refused, no route): nothing of the request reached the
+    upstream, so it may go to another replica (SPEC 2.8)."""
 
 
 class UpstreamTimeoutError(UpstreamError, TimeoutError):

@@ -552,6 +552,21 @@ class SessionManager:
         self._schedule(session)  # its live deadline may come before its dormant one
         self.metrics.sessions_resumed.labels(cause).inc()
 
+    async def owe_close(
+        self, binding: Binding, protocol_version: str | None, credentials: dict[str, str]
+    ) -> None:
+        """An upstream session left on a replica that stopped answering (SPEC 2.8): its
+        session moved to another replica, or was closed `upstream_gone` when the replica
+        stayed down. Should that replica come back still holding it, the DELETE frees it."""
+        pending = PendingClose(
+            binding.session_id, protocol_version, 0, self.clock(), binding.upstream
+        )
+        try:
+            await self.store.save_pending(pending)
+        except StoreError as exc:
+            self.store_failed("pending", exc)  # still attempted: memory holds it until then
+        self.closer.schedule(pending, credentials)
+
     # ---- background work (sweeper, flusher, start-up) ------------------------------------
     async def sweep(self) -> int:
         """End (or hibernate) every expired session; returns how many were ended.

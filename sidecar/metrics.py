@@ -8,7 +8,7 @@ fixed vocabularies, and client strings never become labels (see `clients.py`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -137,6 +137,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.upstream_up = Gauge(
+            PREFIX + "upstream_up",
+            "1 while a replica answers its health checks, 0 while it is down (SPEC 2.8).",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_sessions = Gauge(
+            PREFIX + "upstream_sessions",
+            "Live sessions bound to each replica.",
+            ["upstream"],
+            registry=r,
+        )
         self.session_limit = Gauge(
             PREFIX + "session_limit",
             "Configured limit on live sessions, by scope (global, per_client); 0 is unlimited.",
@@ -165,6 +177,15 @@ class Metrics:
         for state in ("live", "dormant", "closed"):
             self.sessions.labels(state).set_function(_reader(counts, state))
 
+    def bind_upstreams(
+        self, up: Callable[[], dict[str, bool]], sessions: Callable[[], dict[str, int]]
+    ) -> None:
+        """Read each replica's health and session count at scrape time (one label value per
+        configured replica: bounded)."""
+        for label in up():
+            self.upstream_up.labels(label).set_function(_reader(up, label))
+            self.upstream_sessions.labels(label).set_function(_reader(sessions, label))
+
     def bind_service_state(
         self,
         limits: Callable[[], tuple[int, int]],
@@ -182,7 +203,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _reader(counts: Callable[[], dict[str, int]], state: str) -> Callable[[], float]:
+def _reader(counts: Callable[[], Mapping[str, float]], state: str) -> Callable[[], float]:
     def read() -> float:
         return float(counts()[state])
 

@@ -98,14 +98,15 @@ class Server:
         )
         await self._listen(self._proxy, settings.server.listen, "server.listen")
         self.service.ready = True
+        upstreams = ", ".join(settings.upstream.replicas)
         log.info(
             "listening on %s for %s (admin on %s)",
             settings.server.listen,
-            settings.upstream.url,
+            upstreams,
             settings.admin.listen,
         )
         log.info("%s", settings.summary_line())
-        self.notifier.ready(f"proxying {settings.upstream.url}")
+        self.notifier.ready(f"proxying {upstreams}")
 
     async def _listen(self, runner: web.AppRunner, address: str, key: str) -> None:
         await runner.setup()  # for the proxy: opens the store and restores sessions

@@ -149,6 +149,23 @@ INVALID = [
         "expected an http:// or https:// URL",
     ),
     ('[upstream]\nurl = "http:///mcp"', "upstream.url", "with a host"),
+    (
+        '[upstream]\nurl = "http://a:1/mcp"\nurls = ["http://b:1/mcp"]\nheaders = {X-Key = "s"}',
+        "upstream",
+        "upstream.url and upstream.urls are both set; keep urls alone",
+    ),
+    (
+        '[upstream]\nurls = ["http://a:1/mcp", "http://A:1/other"]',
+        "upstream.urls",
+        "'http://A:1/other' is listed twice",
+    ),
+    (
+        '[upstream]\nurls = ["http://a:1/mcp", "http://b:1/v2/mcp"]',
+        "upstream.urls",
+        "replicas must serve the same path, found /mcp, /v2/mcp",
+    ),
+    ('[upstream]\nurls = ["http://a:1/mcp", "b:1"]', "upstream.urls[1]", "http://"),
+    ("[upstream]\nhealth_interval = 0", "upstream.health_interval", "greater than 0"),
     ('[upstream]\nsse_path = "sse"', "upstream.sse_path", 'starting with "/"'),
     (
         '[upstream]\nsession_gone = ["gone", "("]',
@@ -457,6 +474,25 @@ def test_rendered_toml_loads_back_to_equal_settings(tmp_path: Path) -> None:
     assert load_text(tmp_path, rendered) == original
     commented = render_toml(original, comments=True)
     assert load_text(tmp_path, commented) == original
+
+
+def test_replicas_replace_url_and_render_back_without_it(tmp_path: Path) -> None:
+    urls = ["http://10.0.0.1:8000/mcp", "http://10.0.0.2:8000/mcp"]
+    text = f'[upstream]\nurls = ["{urls[0]}", "{urls[1]}"]\ndown_grace = "1m"'
+    settings = load_text(tmp_path, text)
+    assert settings.upstream.replicas == urls
+    assert (settings.upstream.path, settings.upstream.down_grace) == ("/mcp", 60)
+    rendered = settings.to_toml()
+    assert "url" not in tomllib.loads(rendered)["upstream"]
+    assert load_text(tmp_path, rendered) == settings
+    assert load_settings(environ={}).upstream.replicas == ["http://127.0.0.1:8000/mcp"]
+
+
+def test_the_upstream_flag_replaces_the_replicas_of_the_file(tmp_path: Path) -> None:
+    flag = {"upstream": {"url": "http://127.0.0.1:9/mcp", "urls": []}}
+    text = '[upstream]\nurls = ["http://10.0.0.1:8000/mcp", "http://10.0.0.2:8000/mcp"]'
+    settings = load_text(tmp_path, text, overrides=flag)
+    assert settings.upstream.replicas == ["http://127.0.0.1:9/mcp"]
 
 
 def test_rendering_never_shows_credentials() -> None:

@@ -647,6 +647,27 @@ async def test_client_delete_closes_the_session_whatever_the_upstream_answers(
     assert status == 404
 
 
+@pytest.mark.parametrize("path", ["/other", "/mcp/sub"])
+async def test_a_2xx_to_a_delete_off_the_endpoint_closed_nothing_upstream(
+    make: Make, path: str
+) -> None:
+    """A DELETE naming a session on another path gets the session rules, but an upstream's
+    catch-all page answering it 200 did not close the session: the sidecar's own DELETE is
+    owed (only a 2xx on a spelling of the endpoint's path, like Express's `/MCP`, counts)."""
+    from tests.peers.mcp_clients import eventually
+
+    p = await make()
+    session_id = await p.initialize()
+    async with p.client.delete(path, headers={SID: session_id}) as response:
+        assert 200 <= response.status < 300
+    assert session_id not in p.service.manager.live
+    # The client's DELETE on `path`, then the closer's own on the endpoint.
+    await eventually(lambda: len(p.fake.forwarded("DELETE")) >= 2, within=5, interval=0.005)
+    first, second = p.fake.forwarded("DELETE")[:2]
+    assert first.path_qs == path
+    assert (second.path_qs, second.headers[SID]) == ("/mcp", session_id)
+
+
 @pytest.mark.parametrize("upstream_status", [500, 502, 503])
 async def test_client_delete_the_upstream_failed_is_retried_by_the_closer(
     make: Make, upstream_status: int
@@ -911,7 +932,9 @@ async def test_no_task_is_left_pending_after_shutdown(make: Make) -> None:
         assert await stream.content.readuntil(b"\n\n") == b": keepalive\n\n"
     other = await p.initialize()
     await p.service.manager.close(p.service.manager.live[other], CloseReason.ADMIN)
-    assert len(p.service.tasks) == 5  # closer, sweeper, flusher, purger, monitor
+    # closer, sweeper, flusher, purger, monitor; the health checker runs only with several
+    # replicas
+    assert len(p.service.tasks) == 5
     assert _sidecar_tasks()
     stream.close()
     await p.client.close()

@@ -134,15 +134,19 @@ class SqliteStore:
         # Group commit: single-row writes queued while a transaction runs share the next one.
         self._queued: list[tuple[tuple[str, Sequence[Any]], asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
+        # Set when a write failed with an I/O error (SQLITE_IOERR): the connection's file
+        # handles may point at a filesystem that went away (shut down, remounted), so the
+        # next write opens a fresh connection first. `_closed`: closed on purpose, never
+        # reopened behind the owner's back.
+        self._reconnect = False
+        self._closed = False
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
+        self._closed = False
         self._prepare_directory()
         try:
-            self._db = await aiosqlite.connect(
-                self.path, isolation_level=None, timeout=BUSY_TIMEOUT
-            )
-            await self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+            self._db = await self._connect()
             await self._check_integrity()
             await self._migrate()
             # WAL only once the file is known to be ours: switching rewrites its header, and
@@ -168,10 +172,44 @@ class SqliteStore:
     async def close(self) -> None:
         if self._committer is not None:
             await asyncio.gather(self._committer, return_exceptions=True)
+        self._closed = True
         if self._db is not None:
             async with self._write_lock:  # a write already under way (shielded) finishes first
                 db, self._db = self._db, None
                 await db.close()
+
+    async def _connect(self, *pragmas: str) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT)
+        try:
+            for pragma in (f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}", *pragmas):
+                await db.execute(pragma)
+        except BaseException:
+            await db.close()  # a half-set-up connection must not keep the file open
+            raise
+        return db
+
+    async def _reopen(self) -> None:
+        """A fresh connection after an I/O error (called under the write lock).
+
+        The old one is closed first, whatever it says: its open files keep a filesystem that
+        was shut down from being unmounted and mounted again. While the new one cannot be
+        opened (the filesystem is still gone) the flag stays and the next write tries again."""
+        if self._closed:
+            return
+        old, self._db = self._db, None
+        if old is not None:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await old.close()
+        try:
+            # synchronous is per connection; journal_mode=WAL is kept in the file.
+            db = await self._connect("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"reopening {self.path} after an I/O error failed ({exc}); check the disk"
+            ) from exc
+        log.info("reopened %s after an I/O error", self.path)
+        self._db = db
+        self._reconnect = False
 
     def _prepare_directory(self) -> None:
         parent = Path(self.path).parent
@@ -234,16 +272,22 @@ class SqliteStore:
         self,
         statements: list[tuple[str, Sequence[Any]]],
     ) -> None:
-        db = self.db
         async with self._write_lock:
+            if self._reconnect:
+                await self._reopen()
+            db = self.db
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 for sql, params in statements:
                     await db.execute(sql, params)
                 await db.execute("COMMIT")
             except sqlite3.Error as exc:
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
+                if _is_io_error(exc):
+                    self._reconnect = True
+                # The ROLLBACK fails too when the disk is gone; the write's error is the news.
+                with contextlib.suppress(sqlite3.Error):
+                    if db.in_transaction:
+                        await db.execute("ROLLBACK")
                 raise StoreError(
                     f"writing to {self.path} failed ({exc}); check disk space and permissions"
                 ) from exc
@@ -440,6 +484,16 @@ class SqliteStore:
             return [
                 PendingClose(r[0], r[1], int(r[2]), float(r[3]), r[4] or "") async for r in cursor
             ]
+
+
+# SQLite's primary result code for an I/O error; extended codes (SQLITE_IOERR_WRITE, ...)
+# carry it in their low byte.
+_SQLITE_IOERR = 10
+
+
+def _is_io_error(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_IOERR
 
 
 def _unusable(path: str, exc: sqlite3.Error) -> StoreCorruptError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from .. import jsonrpc
-from ..errors import UpstreamError, UpstreamTimeoutError
+from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..forwarding import (
     EventHook,
     StreamRelay,
@@ -29,7 +29,7 @@ from ..forwarding import (
     relay_stream,
     upstream_request_headers,
 )
-from ..gate import check_one_session
+from ..gate import Route, check_one_session, route_of
 from ..gone import GonePatterns
 from ..intake import (
     Rejected,
@@ -48,6 +48,10 @@ from ..upstream import PROTOCOL_HEADER, SESSION_HEADER, Upstream, UpstreamPool
 from .rejections import not_found
 
 log = logging.getLogger("sidecar.proxy")
+
+# The methods the Streamable HTTP endpoint serves (SPEC 2.1); any other method there gets the
+# upstream router's answer, never one about a session.
+ENDPOINT_METHODS = frozenset({"POST", "GET", "DELETE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +151,12 @@ class Forwarder:
         body: bytes | None,
         timer: RequestTimer,
         session: Session | None = None,
+        upstream: Upstream | None = None,
     ) -> aiohttp.ClientResponse:
-        upstream = self.upstream_of(session)
+        """Send the client's request to its session's member (else `upstream`, else the
+        primary); a refused connection marks that member down at once (SPEC 2.8)."""
+        if upstream is None or session is not None:
+            upstream = self.upstream_of(session)
         headers = upstream_request_headers(request, upstream.authority)
         if session is not None and session.binding is not None and SESSION_HEADER in headers:
             headers[SESSION_HEADER] = session.binding.session_id
@@ -157,8 +165,18 @@ class Forwarder:
             return await upstream.request(
                 request.method, upstream.target(request.path_qs), headers, body
             )
+        except UpstreamRefusedError:
+            self.upstreams.refused(upstream)
+            raise
         finally:
             timer.upstream_answered()
+
+    def place(self) -> str:
+        """The member a new (or re-created) session goes to: fewest live sessions."""
+        return self.upstreams.place_live(self._bound)
+
+    def _bound(self) -> Iterable[str]:
+        return (s.binding.upstream for s in self.manager.live.values() if s.binding is not None)
 
     async def relay(
         self,
@@ -238,30 +256,56 @@ class Forwarder:
     def _note_accepted_version(
         self, request: web.Request, upstream: aiohttp.ClientResponse, session: Session
     ) -> None:
+        """Remember the protocol version the upstream accepted, for the sidecar's own DELETE.
+
+        Only the exact endpoint's answer to an MCP method says the version was accepted: a 2xx
+        elsewhere (Express's CORS answers any OPTIONS 204 before MCP sees it) proves nothing,
+        and a version noted from it makes the upstream refuse the close later."""
         version = request.headers.get(PROTOCOL_HEADER)
-        if version and 200 <= upstream.status < 300:
+        if version and 200 <= upstream.status < 300 and self._at_exact_endpoint(request):
             self.manager.note_protocol_version(session, version)
+
+    def _at_exact_endpoint(self, request: web.Request) -> bool:
+        """Whether the upstream's MCP handler itself answered, not its router.
+
+        The path as sent (`raw_path`: Express does not decode `/%6Dcp`, FastMCP's Starlette
+        does not fold case) and a method the endpoint serves: Express answers PUT or PATCH
+        on `/mcp` 404 (no such route), which says nothing about the session."""
+        return (
+            request.method in ENDPOINT_METHODS and request.rel_url.raw_path == self.options.mcp_path
+        )
 
     def answers_for_session(self, request: web.Request, session: Session) -> bool:
         """Whether an upstream "not found" on this request speaks about the session.
 
         Only the exact MCP endpoint's 404 means "no such session" (SPEC 2.1): the same 404 on
-        another spelling or path is the router's "no such route" (FastMCP's routes are
-        case-sensitive), and believing it would stop tracking a session the upstream still
-        holds. A legacy session is different: closing it cuts its stream, which frees it
-        upstream whatever the 404 meant.
+        another spelling, path or method is the router's "no such route" (FastMCP's routes
+        are case-sensitive, Express's are method-bound), and believing it would stop tracking
+        a session the upstream still holds. A legacy session is different: closing it cuts
+        its stream, which frees it upstream whatever the 404 meant.
         """
         if session.transport is not Transport.STREAMABLE_HTTP:
             return True
-        return request.path == self.options.mcp_path
+        return self._at_exact_endpoint(request)
 
     def closed_upstream_by(self, request: web.Request, status: int) -> bool:
-        """Did the client's own DELETE close the session upstream? Only a 2xx, 404 or 405 from
-        the exact endpoint says so (SPEC 2.4); otherwise (5xx, another 4xx, another path)
-        the closer sends the sidecar's own DELETE, with the negotiated protocol version."""
-        if request.path != self.options.mcp_path:
-            return False
-        return 200 <= status < 300 or status in (404, 405)
+        """Did the client's own DELETE close the session upstream? (SPEC 2.4)
+
+        A 2xx to a DELETE naming the session on a spelling of the endpoint's path (Express
+        serves `/MCP` as `/mcp`) is the upstream closing it; a 404 or 405 says so
+        only from the exact endpoint, elsewhere it is the router's. Otherwise (5xx, another
+        4xx, a router's 404) the closer sends the sidecar's own DELETE, with the negotiated
+        protocol version."""
+        if 200 <= status < 300:
+            return self._at_endpoint_spelling(request)
+        return status in (404, 405) and self._at_exact_endpoint(request)
+
+    def _at_endpoint_spelling(self, request: web.Request) -> bool:
+        # Not any path: a DELETE naming a session on `/other` gets the session rules too, and
+        # an upstream's catch-all page answering it 2xx has closed nothing.
+        options = self.options
+        route = route_of(request.path, options.mcp_path, options.sse_path, options.messages_path)
+        return route is Route.MCP
 
     def event_watcher(self, session: Session) -> EventHook:
         watch = ping_watcher(self.manager, session)

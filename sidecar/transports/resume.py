@@ -179,6 +179,8 @@ class Resumer:
         request_id: jsonrpc.RequestId | None,
     ) -> None:
         started = time.perf_counter()
+        # A dormant session's old upstream session is owed its DELETE already (hibernation).
+        previous = session.binding if session.live else None
         name = self._member_for(session)
         member = self.fw.upstreams.member(name) or self.fw.upstreams.primary
         try:
@@ -195,6 +197,8 @@ class Resumer:
             self.manager.store_failed("resume", exc)
             await self.fw.delete_orphan(request, new_id, member)
             raise store_rejection(request_id) from exc
+        if previous is not None and self._left_down_replica(previous, name):
+            await self.manager.owe_close(previous, session.protocol_version, session.credentials)
         await self._join_held(session)
         log.info(
             "resumed session %s cause=%s upstream=%s took=%.1fms",
@@ -205,12 +209,26 @@ class Resumer:
         )
 
     def _member_for(self, session: Session) -> str:
-        """A lost session stays on its upstream while it is configured; a dormant one is
-        placed like a new session."""
+        """A lost session stays on its upstream while it is configured and up (it restarted,
+        or reaped the session); a dormant one, or one whose replica is down, is placed like
+        a new session."""
         binding = session.binding
-        if binding is not None and self.fw.upstreams.member(binding.upstream) is not None:
+        pool = self.fw.upstreams
+        if (
+            session.live
+            and binding is not None
+            and pool.member(binding.upstream) is not None
+            and pool.is_up(binding.upstream)
+        ):
             return binding.upstream
-        return self.fw.upstreams.place()
+        return self.fw.place()
+
+    def _left_down_replica(self, previous: Binding, name: str) -> bool:
+        """Did a live session move off a replica that is down? Its old upstream session may
+        still exist there (a partition, not a crash)."""
+        pool = self.fw.upstreams
+        moved = pool.canonical(previous.upstream) != pool.canonical(name)
+        return moved and not pool.is_up(previous.upstream)
 
     async def _give_up(self, session: Session, exc: ResumeRefusedError) -> None:
         self.metrics.resume_failures.labels(exc.reason).inc()

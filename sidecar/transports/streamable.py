@@ -19,7 +19,7 @@ from .. import jsonrpc
 from ..activity import classify
 from ..admission import LimitReachedError
 from ..clients import initialize_client
-from ..errors import StoreError, UpstreamError
+from ..errors import StoreError, UpstreamError, UpstreamRefusedError
 from ..forwarding import StreamRelay, relay_stream
 from ..intake import Rejected, RequestTimer, credentials, request_identity
 from ..manager import Outcome
@@ -84,12 +84,23 @@ class StreamableHttp:
         if request.method == "DELETE":
             return await self._client_delete(request, session, timer)
         recover = self.fw.options.recover_lost and session.resume is not None
+        if recover and not self._replica_up(session):
+            # SPEC 2.8: its replica is down; re-created on a healthy one before sending.
+            await self.resumer.resume(request, session, "upstream_lost", batch.first_id)
         try:
             return await self._exchange(request, body, batch, session, timer, may_recover=recover)
+        except UpstreamRefusedError:
+            # The request never reached the replica: re-created elsewhere and sent, once.
+            if not recover or len(self.fw.upstreams) == 1:
+                raise
         except SessionLostError:
-            # SPEC 2.7 recover_lost: re-create behind the same id and send it again, once.
-            await self.resumer.resume(request, session, "upstream_lost", batch.first_id)
-            return await self._exchange(request, body, batch, session, timer, may_recover=False)
+            pass  # SPEC 2.7 recover_lost: re-create behind the same id and send it again, once.
+        await self.resumer.resume(request, session, "upstream_lost", batch.first_id)
+        return await self._exchange(request, body, batch, session, timer, may_recover=False)
+
+    def _replica_up(self, session: Session) -> bool:
+        binding = session.binding
+        return binding is None or self.fw.upstreams.is_up(binding.upstream)
 
     async def _dormant(
         self,
@@ -214,20 +225,36 @@ class StreamableHttp:
         except LimitReachedError as exc:
             raise limit_rejection(exc, initialize.id) from exc
         try:
-            upstream = await self.fw.forward(request, body, timer)
+            member, upstream = await self._forward_placed(request, body, timer)
             session_id = upstream.headers.get(SESSION_HEADER)
             session = None
             # Only a successful answer creates a session: the Python SDK's 400 carries a
             # throw-away id that must not be tracked (SPEC 2.1).
             if session_id is not None and 200 <= upstream.status < 300:
                 session = await self._track_or_undo(
-                    request, upstream, session_id, identity, initialize
+                    request, upstream, session_id, identity, initialize, member=member
                 )
             elif 200 <= upstream.status < 300:
                 self.metrics.stateless_requests.inc()
         finally:
             self.manager.release(identity)
         return await self.fw.relay(request, upstream, session, timer)
+
+    async def _forward_placed(
+        self, request: web.Request, body: bytes, timer: RequestTimer
+    ) -> tuple[str, aiohttp.ClientResponse]:
+        """Send an `initialize` to the member `place()` picks; a replica that refuses the
+        connection never saw it, so the next healthy one is tried (SPEC 2.8)."""
+        pool = self.fw.upstreams
+        for _ in range(len(pool) - 1):
+            name = self.fw.place()
+            try:
+                return name, await self.fw.forward(request, body, timer, upstream=pool.at(name))
+            except UpstreamRefusedError:
+                if not any(r.up for r in pool.replicas):
+                    raise
+        name = self.fw.place()
+        return name, await self.fw.forward(request, body, timer, upstream=pool.at(name))
 
     async def _track_or_undo(
         self,
@@ -236,22 +263,30 @@ class StreamableHttp:
         session_id: str,
         identity: str,
         initialize: jsonrpc.Message,
+        *,
+        member: str,
     ) -> Session | None:
         """Track the new session, or, when the store cannot record it, close it upstream again
         at once and answer 503: the client never holds an id the sidecar could not commit."""
         try:
-            return await self._track_new(request, session_id, identity, initialize)
+            return await self._track_new(request, session_id, identity, initialize, member=member)
         except StoreError as exc:
             self.manager.store_failed("insert", exc)
             upstream.release()
             log.warning(
                 "cannot record session %s (store failed); closing it upstream", short(session_id)
             )
-            await self.fw.delete_orphan(request, session_id)
+            await self.fw.delete_orphan(request, session_id, self.fw.upstreams.member(member))
             raise store_rejection(initialize.id) from exc
 
     async def _track_new(
-        self, request: web.Request, session_id: str, identity: str, initialize: jsonrpc.Message
+        self,
+        request: web.Request,
+        session_id: str,
+        identity: str,
+        initialize: jsonrpc.Message,
+        *,
+        member: str,
     ) -> Session | None:
         if not valid_session_id(session_id):
             log.warning("upstream issued a malformed session id; passing it through untracked")
@@ -266,7 +301,7 @@ class StreamableHttp:
             client_info=client_info,
             credentials=credentials(request),
             resume=initial_resume_state(initialize.params),
-            upstream=self.fw.upstreams.place(),
+            upstream=member,
         )
 
     async def _adopt(

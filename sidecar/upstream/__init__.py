@@ -1,9 +1,17 @@
-"""The upstream side: one HTTP client per MCP server (`client.py`), and the pool of them that
-sessions are bound to (`pool.py`)."""
+"""The upstream side: one HTTP client per MCP server (`client.py`), the pool of replicas
+sessions are bound to (`pool.py`), and their health checks (`health.py`)."""
 
 from __future__ import annotations
 
 from .client import PROTOCOL_HEADER, SESSION_HEADER, Upstream
-from .pool import UpstreamPool
+from .health import HealthChecker
+from .pool import Replica, UpstreamPool
 
-__all__ = ["PROTOCOL_HEADER", "SESSION_HEADER", "Upstream", "UpstreamPool"]
+__all__ = [
+    "PROTOCOL_HEADER",
+    "SESSION_HEADER",
+    "HealthChecker",
+    "Replica",
+    "Upstream",
+    "UpstreamPool",
+]

@@ -25,7 +25,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..errors import UpstreamTimeoutError, UpstreamUnreachableError
+from ..errors import UpstreamRefusedError, UpstreamTimeoutError, UpstreamUnreachableError
 
 POOL_IDLE_SECONDS = 3.0
 SESSION_HEADER = "Mcp-Session-Id"
@@ -148,6 +148,22 @@ class Upstream:
         except aiohttp.ClientError as exc:
             raise _unreachable(url, exc) from exc
 
+    async def probe(self, within: float) -> bool:
+        """A health check (SPEC 2.8): does the MCP endpoint give any HTTP answer in time?
+
+        HEAD: no SDK server opens a stream for it or counts it as a session's request, and
+        any status (405 included) proves the server is there.
+        """
+        try:
+            async with asyncio.timeout(within):
+                response = await self.client.request(
+                    "HEAD", self.url, headers=self.static_headers, allow_redirects=False
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        response.release()
+        return True
+
     async def delete_session(
         self, session_id: str, protocol_version: str | None, credentials: Mapping[str, str]
     ) -> int:
@@ -162,7 +178,10 @@ class Upstream:
 
 
 def _unreachable(url: URL, exc: BaseException) -> UpstreamUnreachableError:
-    return UpstreamUnreachableError(
+    # No connection at all (refused, no route, DNS): the request was never sent.
+    never_sent = isinstance(exc, aiohttp.ClientConnectorError)
+    kind = UpstreamRefusedError if never_sent else UpstreamUnreachableError
+    return kind(
         f"cannot reach the upstream MCP server at {url.origin()} ({exc}); "
         "check that it is running and that upstream.url is right"
     )

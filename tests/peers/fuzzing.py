@@ -1,5 +1,6 @@
-"""Random requests against a real sidecar in front of a real FastMCP, and the invariants
-they must never break (SPEC 2.1, 2.5 "No side doors", 2.6).
+"""Random requests against a real sidecar in front of a real upstream (FastMCP, or the
+TypeScript SDK's server-everything on Express), and the invariants they must never break
+(SPEC 2.1, 2.5 "No side doors", 2.6).
 
 Shared by ``tests/test_fuzz.py`` (about a thousand cases in the suite) and ``bench/fuzz.py``
 (as many as you like). A case is drawn by hypothesis as a *description*: which session it
@@ -36,6 +37,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.peers.mcp_clients import ACCEPT_BOTH, PROTOCOL_VERSION, initialize_message
+from tests.peers.node_peers import LoggedEverything, start_logged_everything
+from tests.peers.processes import SidecarHandle, UpstreamHandle, start_sidecar, start_upstream
 
 SIDECAR_500 = "Internal error in mcp-sidecar"
 ALICE = "Bearer fuzz-alice"
@@ -280,14 +283,20 @@ class UpstreamView:
         return set(self.owner) - self.deleted
 
 
-def acted_on(record: dict[str, Any]) -> str | None:
-    """The session a request reaching FastMCP named, as FastMCP reads it: the header on any
-    path; a `session_id` query parameter only on its legacy endpoints (`/messages/`, `/sse`),
-    the Streamable HTTP endpoint never looks at the query."""
+FASTMCP_LEGACY_PATHS = ("/messages", "/sse")
+
+
+def acted_on(
+    record: dict[str, Any], legacy_paths: tuple[str, ...] = FASTMCP_LEGACY_PATHS
+) -> str | None:
+    """The session a request reaching the upstream named, as the upstream reads it: the
+    header on any path; a `session_id` query parameter only on its legacy endpoints (FastMCP:
+    `/messages/`, `/sse`; server-everything in Streamable HTTP mode has none), the Streamable
+    HTTP endpoint never looks at the query."""
     if record.get("header_session_id"):
         return str(record["header_session_id"])
     path = record["path"].lower()
-    if path.startswith(("/messages", "/sse")):
+    if legacy_paths and path.startswith(legacy_paths):
         return record["session_id"]
     return None
 
@@ -299,8 +308,16 @@ class InvariantError(AssertionError):
 class FuzzTarget:
     """Sends cases to one sidecar and checks every answer and the upstream's log after it."""
 
-    def __init__(self, *, base: str, admin_url: str, upstream_log: Path) -> None:
+    def __init__(
+        self,
+        *,
+        base: str,
+        admin_url: str,
+        upstream_log: Path,
+        legacy_paths: tuple[str, ...] = FASTMCP_LEGACY_PATHS,
+    ) -> None:
         self.base = base
+        self.legacy_paths = legacy_paths
         self.admin_url = admin_url
         self.http = httpx.Client(timeout=HTTP_TIMEOUT)
         self.view = UpstreamView(upstream_log)
@@ -352,7 +369,7 @@ class FuzzTarget:
             if issued and 200 <= record["status"] < 300 and issued not in self.view.owner:
                 self.view.owner[issued] = record.get("authorization")
             if record["method"] == "DELETE" and 200 <= record["status"] < 300:
-                self.view.deleted.add(acted_on(record) or "")
+                self.view.deleted.add(acted_on(record, self.legacy_paths) or "")
         self.view.all.extend(records)
         for ids in self.live.values():
             gone = [i for i in ids if i in self.view.deleted]
@@ -446,9 +463,9 @@ class FuzzTarget:
         # DELETE within the same batch is fine, so replay the batch in order.
         for record in reversed(records):
             if record["method"] == "DELETE" and 200 <= record["status"] < 300:
-                closed_before.discard(acted_on(record) or "")
+                closed_before.discard(acted_on(record, self.legacy_paths) or "")
         for record in records:
-            session_id = acted_on(record)
+            session_id = acted_on(record, self.legacy_paths)
             if session_id is None:
                 continue
             if session_id not in self.view.owner:
@@ -576,3 +593,50 @@ def run_cases(
             raise target.failure from None
         raise
     check(target.check_untracked)
+
+
+# ---- the stacks a run fuzzes: a sidecar in front of one real upstream ---------------------
+
+UPSTREAMS = ("fastmcp", "everything")
+
+
+@dataclass
+class FuzzStack:
+    """One upstream (with its request log) and one sidecar in front of it."""
+
+    upstream_kind: str
+    upstream: UpstreamHandle | LoggedEverything
+    sidecar: SidecarHandle
+
+    def target(self) -> FuzzTarget:
+        # server-everything's Streamable HTTP app reads the session from the header alone.
+        legacy = FASTMCP_LEGACY_PATHS if self.upstream_kind == "fastmcp" else ()
+        return FuzzTarget(
+            base=self.sidecar.base,
+            admin_url=self.sidecar.admin_url,
+            upstream_log=self.upstream.request_log,
+            legacy_paths=legacy,
+        )
+
+    def stop(self) -> None:
+        try:
+            self.sidecar.stop()
+        finally:
+            self.upstream.stop()
+
+
+def start_stack(tmp_path: Path, upstream_kind: str) -> FuzzStack:
+    """FastMCP (stateful Streamable HTTP) or server-everything, and a sidecar, on 127.0.0.1."""
+    upstream: UpstreamHandle | LoggedEverything
+    if upstream_kind == "fastmcp":
+        upstream = start_upstream(tmp_path, "streamable-http")
+    elif upstream_kind == "everything":
+        upstream = start_logged_everything(tmp_path)
+    else:
+        raise ValueError(f"upstream must be one of {UPSTREAMS}, not {upstream_kind!r}")
+    try:
+        sidecar = start_sidecar(tmp_path, upstream.url, log={"level": "info"})
+    except BaseException:
+        upstream.stop()
+        raise
+    return FuzzStack(upstream_kind, upstream, sidecar)

@@ -304,3 +304,38 @@ def make_script(
     ``make_script(server.url, "sse", {"op": "connect"}, {"op": "listTools"}, timeoutMs=5000)``.
     """
     return {"url": url, "transport": transport, "steps": [dict(s) for s in steps], **extra}
+
+
+REQUEST_LOG_SCRIPT = NODE_DIR / "request_log.mjs"
+
+
+class LoggedEverything(NodeServer):
+    """server-everything (Streamable HTTP) behind ``tests/node/request_log.mjs``: its
+    ``request_log`` has one JSON line per request in ``tests.peers.upstream_server``'s format,
+    so a verdict written for FastMCP's log reads it unchanged."""
+
+    def __init__(self, process: ManagedProcess, *, port: int, request_log: Path) -> None:
+        super().__init__(process, mode="streamable-http", port=port)
+        self.request_log = request_log
+
+
+def start_logged_everything(tmp_path: Path, *, timeout: float = START_TIMEOUT) -> LoggedEverything:
+    """Start server-everything's Streamable HTTP app with a request log, on 127.0.0.1 and a
+    free port (``url`` is its ``/mcp``; the log: ``tmp_path/everything-requests-<port>.jsonl``)."""
+    node = _require_node()
+    chosen = free_port()
+    request_log = tmp_path / f"everything-requests-{chosen}.jsonl"
+    process = ManagedProcess(
+        [node, f"--import={LOOPBACK_IMPORT}", str(REQUEST_LOG_SCRIPT), str(request_log)],
+        log_path=tmp_path / f"server-everything-logged-{chosen}.log",
+        env={**os.environ, "PORT": str(chosen)},
+        cwd=NODE_DIR,
+        name=f"server-everything:logged:{chosen}",
+    )
+    process.start()
+    try:
+        process.wait_port(HOST, chosen, timeout)
+    except BaseException:
+        process.stop()
+        raise
+    return LoggedEverything(process, port=chosen, request_log=request_log)
