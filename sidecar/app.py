@@ -138,6 +138,9 @@ class Service:
             lambda: len(self.manager.stuck),
         )
         self._tasks: list[asyncio.Task[None]] = []
+        # The start's one-off sweep of what expired while stopped: owned (cancelled and
+        # awaited by stop) like the loops, but not one of them.
+        self._restoring: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Open the store, restore sessions and start the background loops."""
@@ -146,12 +149,10 @@ class Service:
             await self.upstreams.start()
             self._tasks.append(asyncio.create_task(self.closer.run(), name="sidecar-closer"))
             legacy = await self.manager.restore(sweep=False)
-            # Owned like the loops while it runs, and out of the list once done.
-            restoring = asyncio.create_task(
+            self._restoring = asyncio.create_task(
                 self.manager.sweep_restored(legacy), name="sidecar-restore-sweep"
             )
-            self._tasks.append(restoring)
-            restoring.add_done_callback(self._forget_task)
+            self._restoring.add_done_callback(_report_failure)
             self._tasks += self.sweeper.tasks()
             self._tasks.append(asyncio.create_task(self.monitor.run(), name="sidecar-monitor"))
             if self.health is not None:
@@ -162,10 +163,12 @@ class Service:
 
     async def stop(self) -> None:
         self.ready = False
-        for task in self._tasks:
+        owned = [*self._tasks, *([self._restoring] if self._restoring is not None else [])]
+        for task in owned:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*owned, return_exceptions=True)
         self._tasks.clear()
+        self._restoring = None
         try:
             await self.manager.flush()
         except StoreError as exc:
@@ -177,13 +180,6 @@ class Service:
             )
         await self.upstreams.close()
         await self.store.close()
-
-    def _forget_task(self, task: asyncio.Task[None]) -> None:
-        if task in self._tasks:
-            self._tasks.remove(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            # The sweeper's next round retries; meanwhile requests refuse expired ids.
-            log.error("ending the sessions that expired while stopped failed", exc_info=exc)
 
     async def _replicas_gone(self, names: list[str]) -> None:
         """Replicas down for `down_grace`: their sessions are closed `upstream_gone` (a DELETE
@@ -373,3 +369,9 @@ async def _end_streams(app: web.Application) -> None:
     count = service.abort_open_streams()
     if count:
         log.info("shutting down: ended %d relayed streams (their sessions stay live)", count)
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        # The sweeper's next round retries; meanwhile requests refuse expired ids.
+        log.error("ending the sessions that expired while stopped failed", exc_info=exc)
