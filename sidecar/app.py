@@ -82,7 +82,9 @@ def options_from(settings: Settings) -> ProxyOptions:
 class Service:
     """Everything one running sidecar owns, shared by the proxy and admin listeners."""
 
-    def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
+    def __init__(
+        self, settings: Settings, clock: Clock = time.time, *, freeze_heap: bool = False
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.store: Store = open_store(settings.store)
@@ -110,7 +112,10 @@ class Service:
         self.legacy = LegacySse(self.forwarder, self.streamable)
         self.router = Router(self.forwarder, self.streamable, self.legacy)
         self.sweeper = Sweeper(
-            self.manager, settings.sessions.effective_sweep_interval, settings.store.flush_interval
+            self.manager,
+            settings.sessions.effective_sweep_interval,
+            settings.store.flush_interval,
+            freeze_heap=freeze_heap,
         )
         self.monitor = Monitor(
             lambda: (len(self.manager.live), len(self.manager.dormant)),
@@ -133,6 +138,9 @@ class Service:
             lambda: len(self.manager.stuck),
         )
         self._tasks: list[asyncio.Task[None]] = []
+        # The start's one-off sweep of what expired while stopped: owned (cancelled and
+        # awaited by stop) like the loops, but not one of them.
+        self._restoring: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Open the store, restore sessions and start the background loops."""
@@ -140,7 +148,11 @@ class Service:
         try:
             await self.upstreams.start()
             self._tasks.append(asyncio.create_task(self.closer.run(), name="sidecar-closer"))
-            await self.manager.restore()
+            legacy = await self.manager.restore(sweep=False)
+            self._restoring = asyncio.create_task(
+                self.manager.sweep_restored(legacy), name="sidecar-restore-sweep"
+            )
+            self._restoring.add_done_callback(_report_failure)
             self._tasks += self.sweeper.tasks()
             self._tasks.append(asyncio.create_task(self.monitor.run(), name="sidecar-monitor"))
             if self.health is not None:
@@ -151,10 +163,12 @@ class Service:
 
     async def stop(self) -> None:
         self.ready = False
-        for task in self._tasks:
+        owned = [*self._tasks, *([self._restoring] if self._restoring is not None else [])]
+        for task in owned:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*owned, return_exceptions=True)
         self._tasks.clear()
+        self._restoring = None
         try:
             await self.manager.flush()
         except StoreError as exc:
@@ -355,3 +369,9 @@ async def _end_streams(app: web.Application) -> None:
     count = service.abort_open_streams()
     if count:
         log.info("shutting down: ended %d relayed streams (their sessions stay live)", count)
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        # The sweeper's next round retries; meanwhile requests refuse expired ids.
+        log.error("ending the sessions that expired while stopped failed", exc_info=exc)

@@ -11,6 +11,7 @@ resuming await the store, because SPEC 2.6 wants them committed before the clien
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from .admission import Admission, LimitReachedError, Limits
 from .aio import uncancellable
 from .clients import StuckClients, client_label
 from .closer import UpstreamCloser
+from .deadlines import Deadlines
 from .errors import StoreError
 from .jsonrpc import RequestId
 from .log import Throttled
@@ -56,6 +58,10 @@ __all__ = [
 Clock = Callable[[], float]
 CloseListener = Callable[[Session, CloseReason, float], None]
 
+# Sessions ended per store transaction when many expire at once: each slice's write yields to
+# the event loop, so a mass expiry never stalls the requests being served meanwhile.
+SWEEP_SLICE = 500
+
 
 class Outcome(StrEnum):
     """What a session id resolves to; the non-LIVE values are also rejection reasons."""
@@ -88,7 +94,6 @@ class SessionManager:
         self.store = store
         self.closer = closer
         self.metrics = metrics
-        self.policy = policy
         self.limits = limits
         self.tombstone_ttl = tombstone_ttl
         self.clock = clock
@@ -102,6 +107,12 @@ class SessionManager:
         self._store_log = Throttled(log)
         self._dirty: set[str] = set()
         self._resume_dirty: set[str] = set()
+        # The sweeper's work list: sessions by when they could first expire, and those whose
+        # idle clock is suspended (calls in flight, a stream that keeps them alive), which
+        # have no deadline until that ends and so are looked at on every sweep.
+        self._deadlines = Deadlines()
+        self._kept: set[Session] = set()
+        self._policy = policy
         # Called with (session, reason, now) after each close is logged: the status page's
         # recent closes. A listener must be cheap and must not raise.
         self.close_listeners: list[CloseListener] = []
@@ -112,6 +123,26 @@ class SessionManager:
                 "closed": len(self.tombstones),
             }
         )
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        """A reload may move deadlines earlier (a shorter idle_timeout): file every session
+        again under the new rules; the entries left behind are dropped as stale."""
+        self._policy = policy
+        for session in [*self.live.values(), *self.dormant]:
+            self._schedule(session)
+
+    def _schedule(self, session: Session) -> None:
+        """File a session under the earliest time it could expire (SPEC 2.4)."""
+        if session.live and session.kept_alive(self._policy):
+            self._kept.add(session)
+        deadline = session.expires_at(self._policy)
+        if deadline is not None:
+            self._deadlines.schedule(session, deadline)
 
     # ---- request path ------------------------------------------------------------------
     async def resolve(self, session_id: str, identity: str) -> Resolution:
@@ -323,6 +354,7 @@ class SessionManager:
         self.tombstones.forget(session_id)
         self.live[session_id] = session
         self.admission.bound(identity)
+        self._schedule(session)
         self.metrics.sessions_created.inc()
         log.info(
             "created session %s transport=%s client=%s",
@@ -419,6 +451,8 @@ class SessionManager:
             self.dormant.remove(session.id)
         self._dirty.discard(session.id)
         self._resume_dirty.discard(session.id)
+        self._deadlines.unschedule(session)
+        self._kept.discard(session)
         if session.runtime is not None:
             for relay in list(session.runtime.relays):
                 relay.abort()
@@ -443,6 +477,7 @@ class SessionManager:
     async def set_persistent(self, session: Session, persistent: bool) -> None:
         await self.store.set_persistent(session.id, persistent)
         session.persistent = persistent
+        self._schedule(session)
 
     # ---- hibernation and resume (SPEC 2.7) ------------------------------------------------
     async def hibernate_many(self, sessions: Iterable[Session]) -> None:
@@ -463,6 +498,7 @@ class SessionManager:
             session.dormant_since = now
             session.binding = None
             self.dormant.add(session)
+            self._schedule(session)
         try:
             await uncancellable(self.store.hibernate_many(entries))
         except StoreError as exc:
@@ -513,6 +549,7 @@ class SessionManager:
             self.dormant.remove(session.id)
             self.live[session.id] = session
             self.admission.bound(session.client)
+        self._schedule(session)  # its live deadline may come before its dormant one
         self.metrics.sessions_resumed.labels(cause).inc()
 
     async def owe_close(
@@ -532,22 +569,50 @@ class SessionManager:
 
     # ---- background work (sweeper, flusher, start-up) ------------------------------------
     async def sweep(self) -> int:
-        """End (or hibernate) every expired session; returns how many were ended."""
+        """End (or hibernate) every expired session; returns how many were ended.
+
+        Only the sessions whose deadline may have come are looked at (`deadlines.py`), in
+        slices that each yield to the event loop. A request that arrives for an expired
+        session before its slice is reached is refused at request time all the same.
+        """
         now = self.clock()
+        due: list[Session] = [*self._kept]
+        self._kept.clear()
+        due += self._deadlines.pop_due(now)  # type: ignore[arg-type]  # only sessions are filed
+        due = list(dict.fromkeys(due))  # in flight at the last sweep and due now: once
+        ended = 0
+        for start in range(0, len(due), SWEEP_SLICE):
+            try:
+                ended += await self._sweep_slice(due[start : start + SWEEP_SLICE], now)
+                await asyncio.sleep(0)
+            except BaseException:
+                # Whatever stopped this sweep, the sessions it had not reached yet are filed
+                # again, so the next sweep still finds them.
+                for session in due[start:]:
+                    if session.usable:
+                        self._schedule(session)
+                raise
+        self.tombstones.forget_older_than(now - self.tombstone_ttl)
+        return ended
+
+    async def _sweep_slice(self, sessions: list[Session], now: float) -> int:
         by_reason: dict[CloseReason, list[Session]] = {}
         hibernating: list[Session] = []
-        for session in [*self.live.values(), *self.dormant]:
-            session.forget_stale_calls(now, self.policy)
-            reason = session.expiry_reason(self.policy, now)
-            if reason is not None and self._hibernates(session, reason):
+        for session in sessions:
+            if not session.usable:
+                continue  # closed since it was filed; a duplicate from _kept
+            session.forget_stale_calls(now, self._policy)
+            reason = session.expiry_reason(self._policy, now)
+            if reason is None:
+                self._schedule(session)
+            elif self._hibernates(session, reason):
                 hibernating.append(session)
-            elif reason is not None:
+            else:
                 by_reason.setdefault(reason, []).append(session)
         if hibernating:
             await self.hibernate_many(hibernating)
-        for reason, sessions in by_reason.items():
-            await self.close_many(sessions, reason)
-        self.tombstones.forget_older_than(now - self.tombstone_ttl)
+        for reason, ending in by_reason.items():
+            await self.close_many(ending, reason)
         return sum(len(s) for s in by_reason.values()) + len(hibernating)
 
     async def purge_tombstones(self) -> int:
@@ -569,35 +634,58 @@ class SessionManager:
             return 0
         dirty, self._dirty = self._dirty, set()
         resume_dirty, self._resume_dirty = self._resume_dirty, set()
-        rows = [
-            ActivityRow(
-                s.id,
-                s.last_activity_at,
-                s.requests,
-                s.protocol_version,
-                s.client_info,
-                s.resume.to_json() if s.resume is not None and s.id in resume_dirty else None,
-            )
-            for s in (self.live.get(i) for i in dirty)
-            if s is not None
-        ]
         start = time.perf_counter()
         try:
+            rows = await self._activity_rows(list(dirty), resume_dirty)
             await self.store.write_activity(rows)
         except StoreError as exc:
             self._dirty |= dirty  # try again next time rather than lose the activity
             self._resume_dirty |= resume_dirty
             self.store_failed("activity", exc)
             return 0
-        except Exception:
+        except BaseException:
+            # Cancelled between slices (shutdown) too: the final flush must still see them.
             self._dirty |= dirty
             self._resume_dirty |= resume_dirty
             raise
         self.metrics.store_flush_duration.observe(time.perf_counter() - start)
         return len(rows)
 
-    async def restore(self) -> None:
-        """Pick up where the last run left off (SPEC 2.6)."""
+    async def _activity_rows(self, dirty: list[str], resume_dirty: set[str]) -> list[ActivityRow]:
+        """The rows to write, built in slices that yield: after a burst, 100,000 of them.
+
+        A session touched meanwhile is dirty again for the next flush; one closed meanwhile
+        is skipped by the store (its row is no longer live).
+        """
+        rows: list[ActivityRow] = []
+        for first in range(0, len(dirty), SWEEP_SLICE * 10):
+            for session_id in dirty[first : first + SWEEP_SLICE * 10]:
+                s = self.live.get(session_id)
+                if s is None:
+                    continue
+                setup = s.resume is not None and session_id in resume_dirty
+                rows.append(
+                    ActivityRow(
+                        s.id,
+                        s.last_activity_at,
+                        s.requests,
+                        s.protocol_version,
+                        s.client_info,
+                        s.resume.to_json() if setup and s.resume is not None else None,
+                    )
+                )
+            await asyncio.sleep(0)
+        return rows
+
+    async def restore(self, *, sweep: bool = True) -> int:
+        """Pick up where the last run left off (SPEC 2.6).
+
+        With `sweep=False` the sessions that expired while the sidecar was stopped are left
+        for `sweep_restored()`, which the service runs in the background: the port opens at
+        once (a systemd start must not time out behind 100,000 closes), and until their
+        slice is reached each of them is refused at request time like any expired session.
+        Returns how many legacy sessions were closed (their streams died with the last run).
+        """
         now = self.clock()
         closed = await self.store.load(State.CLOSED, now - self.tombstone_ttl)
         for tombstone_session in sorted(closed, key=lambda s: s.closed_at or 0.0):
@@ -619,20 +707,33 @@ class SessionManager:
         for session in restored:
             self.live[session.id] = session
             self.admission.bound(session.client)
+            self._schedule(session)
         for session in await self.store.load(State.DORMANT):
             self.dormant.add(session)
+            self._schedule(session)
         legacy = [s for s in restored if s.transport is Transport.SSE]
         await self.close_many(legacy, CloseReason.RESTART)
-        expired = await self.sweep()
         for pending in owed:
             self.closer.schedule(pending, {})
+        if sweep:
+            await self.sweep_restored(len(legacy))
+        return len(legacy)
+
+    async def sweep_restored(self, legacy: int = 0) -> None:
+        """End what expired while stopped; then say what the start picked up."""
+        try:
+            expired = await self.sweep()
+        except StoreError as exc:
+            # The sweeper's next round retries; the sessions are refused at request time.
+            self.store_failed("close", exc)
+            expired = 0
         log.info(
             "restored %d live and %d dormant sessions (%d expired while stopped, %d legacy "
             "closed), %d tombstones",
             len(self.live),
             len(self.dormant),
             expired,
-            len(legacy),
+            legacy,
             len(self.tombstones),
         )
 

@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import uvloop
 from aiohttp import web
 
+from . import heap
 from . import log as sidecar_log
 from .admin import build_admin_app
 from .app import Service, build_proxy_app
@@ -36,11 +38,15 @@ class Server:
         settings: Settings,
         config_path: str | None = None,
         overrides: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.overrides = overrides
-        self.service = Service(settings)
+        # The clock is a parameter for the scale benchmark, which moves time to expire
+        # sessions on purpose; the command line always runs on the wall clock.
+        # Only a real server process tunes the garbage collector (heap.py), not a test's.
+        self.service = Service(settings, clock, freeze_heap=True)
         self.notifier = Notifier.from_env()
         self._stop = asyncio.Event()
         self._admin: web.AppRunner | None = None
@@ -125,6 +131,7 @@ class Server:
             if runner is not None:
                 await runner.cleanup()
         self._proxy = self._admin = None
+        heap.release()
         if started:
             log.info(
                 "stopped; %d live sessions kept for the next start",

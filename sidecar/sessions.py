@@ -14,11 +14,13 @@ was closed, and the next request re-creates one from the stored `ResumeState`.
 from __future__ import annotations
 
 import json
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
+from .deadlines import Bucket
 from .jsonrpc import RequestId
 
 # How many unanswered server ping ids to remember per session; a server that pings far more
@@ -187,10 +189,19 @@ class Session:
     dormant_since: float | None = None
     resumes: int = 0
     runtime: Runtime | None = field(default=None, repr=False)
+    # The sweeper's index entry (`deadlines.py`); process-only, never copied to a new record.
+    due: Bucket | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.binding is None and self.state is State.LIVE:
             self.binding = Binding("", self.id)
+        # Thousands of sessions share a handful of these values (one client, one user agent,
+        # one protocol version): one copy each instead of one per session (~200 B a session).
+        self.client = sys.intern(self.client)
+        self.user_agent = sys.intern(self.user_agent)
+        self.client_info = sys.intern(self.client_info)
+        if self.protocol_version is not None:
+            self.protocol_version = sys.intern(self.protocol_version)
 
     # ---- the runtime, allocated on first use --------------------------------------------
     @property

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from . import heap
 from .errors import StoreError
 from .manager import SessionManager
 
@@ -54,17 +55,31 @@ async def every(
 
 class Sweeper:
     def __init__(
-        self, manager: SessionManager, sweep_interval: float, flush_interval: float
+        self,
+        manager: SessionManager,
+        sweep_interval: float,
+        flush_interval: float,
+        *,
+        freeze_heap: bool = False,
     ) -> None:
         self.manager = manager
         self.sweep_interval = sweep_interval
         self.flush_interval = flush_interval
+        self.freeze_heap = freeze_heap  # see heap.py: the server process only
 
     async def sweep_once(self) -> int:
         start = time.perf_counter()
         closed = await self.manager.sweep()
         self.manager.metrics.sweep_duration.observe(time.perf_counter() - start)
+        if self.freeze_heap:
+            heap.settle()
         return closed
+
+    async def purge_once(self) -> int:
+        purged = await self.manager.purge_tombstones()
+        if self.freeze_heap:
+            heap.full_collection()
+        return purged
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """Start the loops; the caller owns, cancels and awaits the returned tasks."""
@@ -77,7 +92,7 @@ class Sweeper:
                 name="sidecar-flusher",
             ),
             asyncio.create_task(
-                every(lambda: PURGE_INTERVAL, self.manager.purge_tombstones, "tombstone purge"),
+                every(lambda: PURGE_INTERVAL, self.purge_once, "tombstone purge"),
                 name="sidecar-purger",
             ),
         ]
