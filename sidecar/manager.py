@@ -154,6 +154,8 @@ class SessionManager:
         `idle_action = "hibernate"` is hibernated here and resolves as dormant.
         """
         session = self.live.get(session_id) or self.dormant.get(session_id)
+        if session is None and self.store.shared and self.tombstones.get(session_id) is None:
+            session = await self._adopt(session_id)
         if session is None:
             tombstone = self.tombstones.get(session_id)
             if tombstone is None:
@@ -165,6 +167,9 @@ class SessionManager:
         now = self.clock()
         session.forget_stale_calls(now, self.policy)
         reason = session.expiry_reason(self.policy, now)
+        if reason is CloseReason.IDLE_TIMEOUT and self.store.shared:
+            await self._merge_uses([session])  # another sidecar may have served it since
+            reason = session.expiry_reason(self.policy, now)
         if reason is not None and self._hibernates(session, reason):
             await self.hibernate_many([session])
         elif reason is not None:
@@ -174,6 +179,65 @@ class SessionManager:
         if session.dormant:
             return Resolution(Outcome.DORMANT, session)
         return Resolution(Outcome.LIVE, session)
+
+    async def _adopt(self, session_id: str) -> Session | None:
+        """SPEC 2.8: a session another sidecar on the same store created (or resumed) is
+        served here too, bound to the same upstream session; read once, then held."""
+        try:
+            stored = await self.store.get(session_id)
+        except StoreError as exc:
+            self.store_failed("read", exc)
+            return None
+        held = self.live.get(session_id) or self.dormant.get(session_id)
+        if stored is None or held is not None:
+            return held  # unknown, or adopted by a concurrent request meanwhile
+        if stored.state is State.CLOSED:
+            assert stored.close_reason is not None
+            assert stored.closed_at is not None
+            self.tombstones.remember(
+                Tombstone(
+                    stored.id, stored.close_reason, stored.closed_at, stored.client, _label(stored)
+                )
+            )
+            return None
+        if stored.live:
+            self.live[session_id] = stored
+            self.admission.bound(stored.client)
+        else:
+            self.dormant.add(stored)
+        self._schedule(stored)
+        return stored
+
+    async def _merge_uses(self, sessions: list[Session]) -> None:
+        """Take the later last use the store holds: another sidecar's flushed activity."""
+        try:
+            stored = await self.store.last_uses([s.id for s in sessions])
+        except StoreError as exc:
+            self.store_failed("read", exc)  # the claim that follows fails the same way
+            return
+        for session in sessions:
+            last = stored.get(session.id)
+            if last is not None and last > session.last_activity_at:
+                session.last_activity_at = last
+
+    async def _claimed(self, sessions: list[Session]) -> list[Session]:
+        """SPEC 2.8: of the sessions to close or hibernate, those this sidecar won the claim
+        for; it alone sends their DELETEs. The others are dropped from memory: another
+        sidecar closed or resumed them, and the next request reads what it wrote."""
+        if not sessions:
+            return sessions
+        claims = [(s.id, None if s.binding is None else s.binding.session_id) for s in sessions]
+        try:
+            won = await self.store.claim(claims)
+        except StoreError as exc:
+            self.store_failed("claim", exc)
+            for session in sessions:
+                self._schedule(session)  # tried again by the next sweep
+            return []
+        for session in sessions:
+            if session.id not in won:
+                self._unlist(session, session.live)
+        return [s for s in sessions if s.id in won]
 
     def _hibernates(self, session: Session, reason: CloseReason) -> bool:
         """SPEC 2.7: an idle Streamable HTTP session that can be re-created is hibernated."""
@@ -380,6 +444,8 @@ class SessionManager:
         """
         now = self.clock()
         closing = [s for s in sessions if s.usable]
+        if self.store.shared:
+            closing = await uncancellable(self._claimed(closing))
         for session in closing:
             self._mark_closed(session, reason, now)
         await uncancellable(self._persist_closes(closing, reason, upstream_done, now))
@@ -489,6 +555,8 @@ class SessionManager:
         """
         now = self.clock()
         going = [s for s in sessions if s.live]
+        if self.store.shared:
+            going = await uncancellable(self._claimed(going))
         entries = []
         for session in going:
             pending = self._pending_close(session, CloseReason.IDLE_TIMEOUT, False, now)
@@ -598,6 +666,8 @@ class SessionManager:
     async def _sweep_slice(self, sessions: list[Session], now: float) -> int:
         by_reason: dict[CloseReason, list[Session]] = {}
         hibernating: list[Session] = []
+        if self.store.shared:
+            await self._merge_uses([s for s in sessions if s.live])
         for session in sessions:
             if not session.usable:
                 continue  # closed since it was filed; a duplicate from _kept

@@ -27,6 +27,9 @@ class Store(Protocol):
     """What the sidecar needs of a session store."""
 
     transactions: int  # write transactions committed: for metrics and benchmarks
+    # Other sidecars may use this store at the same time (SPEC 2.8): the manager then reads
+    # the sessions it does not hold from it, and claims a session before closing it.
+    shared: bool
 
     async def open(self) -> None: ...
 
@@ -62,6 +65,13 @@ class Store(Protocol):
     async def get(self, session_id: str) -> Session | None: ...
 
     async def pending_closes(self) -> list[PendingClose]: ...
+
+    async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:
+        """Of (session id, upstream session id or None when dormant) pairs, the ids this
+        sidecar may close or hibernate; a store no other sidecar uses grants them all."""
+
+    async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
+        """The last use of each session as stored (other sidecars' activity included)."""
 
 
 def open_store(settings: StoreSettings) -> Store:

@@ -20,6 +20,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
         self.pending: dict[tuple[str, str], tuple[PendingClose, str | None]] = {}
+        self.shared = False  # this process's alone (SPEC 2.8 needs Redis)
         self.transactions = 0
         self.fail_writes = False
         self.opened = False
@@ -136,6 +137,13 @@ class MemoryStore:
 
     async def pending_closes(self) -> list[PendingClose]:
         return [pending for pending, _ in self.pending.values()]
+
+    async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:
+        """One sidecar per file: every claim is its own."""
+        return {session_id for session_id, _ in claims}
+
+    async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
+        return {}  # only this sidecar writes activity, and it holds the latest in memory
 
 
 def _copy(session: Session) -> Session:

@@ -13,6 +13,13 @@ Layout under `key_prefix` (default "mcp-sidecar:"):
     live, dormant   sets of session ids by state
     closed          a sorted set of closed ids scored by closed_at (for `since` and purging)
     pending         a hash of owed DELETEs: "<upstream>\\n<upstream session id>" -> JSON
+    claim:<id>:<upstream session id>
+                    a short-lived claim (SET NX with a TTL): the sidecar that set it closes or
+                    hibernates that session's upstream session; the others drop their copy
+
+Several sidecars may share one prefix (SPEC 2.8): activity merges (the last use is the latest
+any of them saw, request counts add), and a close or hibernation is preceded by a claim, so
+each upstream session is closed by exactly one of them.
 
 Values are written as Python prints them (`repr` of a float reads back exactly) and the
 scripts never convert them, so no precision is lost in Lua's numbers.
@@ -50,6 +57,9 @@ RETRIES = 1
 #   {"op": "put", "id": ID, "fields": [name, value, ...]}     replace the session's record
 #   {"op": "update", "id": ID, "fields": [...], "when": S}    change an existing session
 #                                                             (only in state S when given)
+#   {"op": "touch", "id": ID, "last": T, "added": N, "fields": [...]}
+#                       activity of a live session: last use the later of T and the stored
+#                       one, N requests added (several sidecars' counts merge), fields set
 #   {"op": "pend", "field": F, "value": V} / {"op": "unpend", "field": F}
 # A JSON null value removes the field. The state indexes follow each session's new state.
 _APPLY = """
@@ -96,6 +106,15 @@ for _, op in ipairs(ops) do
     if state and (op.when == nil or op.when == state) then
       if set_fields(key, op.fields) then reindex(op.id, key) end
     end
+  elseif op.op == 'touch' then
+    -- Activity from several sidecars merges: the latest use wins, request counts add.
+    local key = prefix .. 's:' .. op.id
+    if redis.call('HGET', key, 'state') == 'live' then
+      local last = tonumber(redis.call('HGET', key, 'last_activity_at') or '0')
+      if tonumber(op.last) > last then redis.call('HSET', key, 'last_activity_at', op.last) end
+      if op.added ~= 0 then redis.call('HINCRBY', key, 'requests', op.added) end
+      set_fields(key, op.fields)
+    end
   elseif op.op == 'pend' then
     redis.call('HSET', prefix .. 'pending', op.field, op.value)
   elseif op.op == 'unpend' then
@@ -129,6 +148,33 @@ return purged
 """
 
 
+# ARGV[1] = prefix, ARGV[2] = the claim's TTL in ms, ARGV[3] = a JSON list of [id, upstream
+# session id] pairs ("" for a dormant session). A claim is won only if the session is still in
+# the state the caller saw (live on that upstream session, or dormant) and nobody holds it:
+# a sidecar that closed it, resumed it elsewhere or is closing it now makes the others lose.
+# The TTL only has to outlive the store write that follows; should the winner die before it,
+# the claim lapses and another sidecar closes the session.
+_CLAIM = """
+local prefix = ARGV[1]
+local won = {}
+for _, pair in ipairs(cjson.decode(ARGV[3])) do
+  local id, upstream_id = pair[1], pair[2]
+  local key = prefix .. 's:' .. id
+  local state = redis.call('HGET', key, 'state')
+  local current = (upstream_id == '' and state == 'dormant')
+    or (state == 'live' and redis.call('HGET', key, 'upstream_session_id') == upstream_id)
+  if current and redis.call(
+      'SET', prefix .. 'claim:' .. id .. ':' .. upstream_id, '1', 'NX', 'PX', ARGV[2]) then
+    won[#won + 1] = id
+  end
+end
+return won
+"""
+
+# How long a claim holds when its winner never writes the close (it died in between).
+CLAIM_TTL = 30.0
+
+
 class RedisStore:
     """Sessions in one Redis (or a Redis-compatible server), through redis-py's asyncio client."""
 
@@ -136,9 +182,14 @@ class RedisStore:
         self.url = url
         self.prefix = key_prefix
         self.transactions = 0  # write round trips applied: for metrics and benchmarks
+        self.shared = True  # other sidecars may use the same prefix (SPEC 2.8)
+        # Each live session's request count as last read or written: the flush adds only what
+        # this sidecar counted since, so counts from several sidecars add up.
+        self._requests_seen: dict[str, int] = {}
         self._redis: aioredis.Redis | None = None
         self._apply: Any = None
         self._purge: Any = None
+        self._claim: Any = None
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
@@ -155,6 +206,7 @@ class RedisStore:
         self._redis = client
         self._apply = client.register_script(_APPLY)
         self._purge = client.register_script(_PURGE)
+        self._claim = client.register_script(_CLAIM)
         try:
             await self._check_schema()
         except RedisError as exc:
@@ -214,6 +266,12 @@ class RedisStore:
 
     async def insert(self, session: Session) -> None:
         await self._write([{"op": "put", "id": session.id, "fields": _fields(session)}])
+        self._requests_seen[session.id] = session.requests
+
+    def _merge_use(self, session: Session) -> dict[str, Any]:
+        """The session's activity as a merging write (SPEC 2.8), forgetting its count."""
+        seen = self._requests_seen.pop(session.id, session.requests)
+        return _touch(session.id, session.last_activity_at, session.requests - seen, {})
 
     async def mark_closed_many(self, closes: Sequence[tuple[Session, PendingClose | None]]) -> None:
         ops: list[dict[str, Any]] = []
@@ -222,9 +280,8 @@ class RedisStore:
                 "state": State.CLOSED.value,
                 "close_reason": session.close_reason,
                 "closed_at": session.closed_at,
-                "last_activity_at": session.last_activity_at,
-                "requests": session.requests,
             }
+            ops.append(self._merge_use(session))
             ops.append(_update(session.id, fields))
             if pending is not None:
                 ops.append(_pend(pending))
@@ -239,10 +296,9 @@ class RedisStore:
                 "dormant_since": session.dormant_since,
                 "upstream": None,
                 "upstream_session_id": None,
-                "last_activity_at": session.last_activity_at,
-                "requests": session.requests,
                 "resume": _resume_json(session),
             }
+            ops.append(self._merge_use(session))
             ops.append(_update(session.id, fields))
             if pending is not None:
                 ops.append(_pend(pending))
@@ -267,8 +323,48 @@ class RedisStore:
 
     async def write_activity(self, rows: Sequence[ActivityRow]) -> None:
         """The write-behind flush: every dirty session in one script call, one round trip."""
-        if rows:
-            await self._write([_activity(row) for row in rows])
+        if not rows:
+            return
+        ops = [
+            _activity(row, row.requests - self._requests_seen.get(row.session_id, row.requests))
+            for row in rows
+        ]
+        await self._write(ops)
+        for row in rows:
+            self._requests_seen[row.session_id] = row.requests
+
+    async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:
+        """Claim sessions for closing or hibernating (SPEC 2.8): the ids this sidecar won.
+
+        Each pair is a session id and the upstream session id this sidecar holds it bound to
+        (None: dormant). Not a lock held across the upstream call: the claim is won once, the
+        close is written after it, and the DELETE it owes goes out like any other.
+        """
+        if not claims:
+            return set()
+        if self._claim is None or self._redis is None:
+            raise StoreError("the session store is not open")
+        pairs = [[session_id, upstream_id or ""] for session_id, upstream_id in claims]
+        try:
+            won = await self._claim(args=[self.prefix, int(CLAIM_TTL * 1000), json.dumps(pairs)])
+        except RedisError as exc:
+            raise StoreError(
+                f"claiming sessions in the Redis store at {self.where} failed ({exc})"
+            ) from exc
+        return set(cast(list[str], won))
+
+    async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
+        """When each session was last used, as every sidecar's flushed activity says."""
+        if not session_ids:
+            return {}
+        try:
+            async with self.db.pipeline(transaction=False) as pipe:
+                for session_id in session_ids:
+                    pipe.hget(self._key(session_id), "last_activity_at")
+                found = await pipe.execute()
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+        return {i: float(v) for i, v in zip(session_ids, found, strict=True) if v is not None}
 
     async def save_pending(self, pending: PendingClose, error: str | None = None) -> None:
         await self._write([_pend(pending, error)])
@@ -311,14 +407,25 @@ class RedisStore:
             for session_id in ids:
                 pipe.hgetall(self._key(session_id))
             hashes = await pipe.execute()
-        return [_session(h) for h in hashes if h]
+        sessions = [_session(h) for h in hashes if h]
+        self._note_counts(sessions)
+        return sessions
+
+    def _note_counts(self, sessions: Sequence[Session]) -> None:
+        for session in sessions:
+            if session.state is State.LIVE:
+                self._requests_seen[session.id] = session.requests
 
     async def get(self, session_id: str) -> Session | None:
         try:
             found = await self.db.hgetall(self._key(session_id))
         except RedisError as exc:
             raise _read_error(self, exc) from exc
-        return _session(cast(dict[str, str], found)) if found else None
+        if not found:
+            return None
+        session = _session(cast(dict[str, str], found))
+        self._note_counts([session])
+        return session
 
     async def pending_closes(self) -> list[PendingClose]:
         try:
@@ -357,19 +464,28 @@ def _update(session_id: str, fields: Mapping[str, object]) -> dict[str, Any]:
     return {"op": "update", "id": session_id, "fields": _flat(fields)}
 
 
-def _activity(row: ActivityRow) -> dict[str, Any]:
-    # Empty or None values keep what the session has, as in the SQLite flush.
-    fields: dict[str, object] = {
-        "last_activity_at": row.last_activity_at,
-        "requests": row.requests,
+def _touch(
+    session_id: str, last: float, added: int, fields: Mapping[str, object]
+) -> dict[str, Any]:
+    return {
+        "op": "touch",
+        "id": session_id,
+        "last": repr(float(last)),
+        "added": added,
+        "fields": _flat(fields),
     }
+
+
+def _activity(row: ActivityRow, added: int) -> dict[str, Any]:
+    # Empty or None values keep what the session has, as in the SQLite flush.
+    fields: dict[str, object] = {}
     if row.protocol_version is not None:
         fields["protocol_version"] = row.protocol_version
     if row.client_info:
         fields["client_info"] = row.client_info
     if row.resume is not None:
         fields["resume"] = row.resume
-    return {**_update(row.session_id, fields), "when": State.LIVE.value}
+    return _touch(row.session_id, row.last_activity_at, added, fields)
 
 
 def _pending_field(pending: PendingClose) -> str:
