@@ -444,7 +444,8 @@ class SessionManager:
         """
         now = self.clock()
         closing = [s for s in sessions if s.usable]
-        if self.store.shared:
+        # Nothing to send upstream when it already ended there: no claim to win, either.
+        if self.store.shared and not upstream_done:
             closing = await uncancellable(self._claimed(closing))
         for session in closing:
             self._mark_closed(session, reason, now)
