@@ -28,6 +28,7 @@ from .errors import StoreError
 from .jsonrpc import RequestId
 from .log import Throttled
 from .metrics import Metrics
+from .peers import Event, closed, moved, pinned
 from .sessions import (
     ACTIVE_WINDOW,
     Binding,
@@ -113,6 +114,9 @@ class SessionManager:
         self._deadlines = Deadlines()
         self._kept: set[Session] = set()
         self._policy = policy
+        # Tells the other sidecars on a shared store (SPEC 2.8; `peers.py` wires it): queues,
+        # never blocks. Alone on its store the sidecar tells nobody.
+        self.announce: Callable[[Event], None] = _tell_nobody
         # Called with (session, reason, now) after each close is logged: the status page's
         # recent closes. A listener must be cheap and must not raise.
         self.close_listeners: list[CloseListener] = []
@@ -238,6 +242,39 @@ class SessionManager:
             if session.id not in won:
                 self._unlist(session, session.live)
         return [s for s in sessions if s.id in won]
+
+    async def find(self, session_id: str) -> Session | None:
+        """A live or dormant session by id; on a shared store, also one only another
+        sidecar has served so far (the admin API acts on every session, SPEC 2.8)."""
+        held = self.live.get(session_id) or self.dormant.get(session_id)
+        if held is None and self.store.shared:
+            held = await self._adopt(session_id)
+        return held
+
+    # ---- what other sidecars on the same store did (SPEC 2.8, `peers.py`) ----------------
+    def closed_elsewhere(self, session_ids: list[str], reason: CloseReason, at: float) -> None:
+        """Closed by another sidecar, which owes its DELETE: 404 here at once, streams
+        aborted, nothing written or sent."""
+        for session_id in session_ids:
+            session = self.live.get(session_id) or self.dormant.get(session_id)
+            if session is not None:
+                self._mark_closed(session, reason, at)
+                log.info("session %s closed by another sidecar", session.short_id)
+
+    def moved_elsewhere(self, session_ids: list[str]) -> None:
+        """Hibernated or resumed by another sidecar: the copy here is bound to an upstream
+        session that is gone; dropped, so the next request reads the session again."""
+        for session_id in session_ids:
+            session = self.live.get(session_id) or self.dormant.get(session_id)
+            if session is not None:
+                self._unlist(session, session.live)
+
+    def pinned_elsewhere(self, session_ids: list[str], persistent: bool) -> None:
+        for session_id in session_ids:
+            session = self.live.get(session_id) or self.dormant.get(session_id)
+            if session is not None:
+                session.persistent = persistent
+                self._schedule(session)
 
     def _hibernates(self, session: Session, reason: CloseReason) -> bool:
         """SPEC 2.7: an idle Streamable HTTP session that can be re-created is hibernated."""
@@ -482,6 +519,8 @@ class SessionManager:
             )
             for listener in self.close_listeners:
                 listener(session, reason, now)
+        if closes and self.store.shared:
+            self.announce(closed(closing, reason, now))
 
     def store_failed(self, operation: str, exc: StoreError) -> None:
         """Count and log (throttled) a store write that failed; the caller keeps its data."""
@@ -545,6 +584,8 @@ class SessionManager:
         await self.store.set_persistent(session.id, persistent)
         session.persistent = persistent
         self._schedule(session)
+        if self.store.shared:
+            self.announce(pinned(session))
 
     # ---- hibernation and resume (SPEC 2.7) ------------------------------------------------
     async def hibernate_many(self, sessions: Iterable[Session]) -> None:
@@ -589,6 +630,8 @@ class SessionManager:
             if session.runtime is not None and not session.runtime.relays:
                 session.runtime = None  # a dormant session costs only its record
             self.metrics.sessions_hibernated.inc()
+            if self.store.shared:
+                self.announce(moved([session]))
             log.info(
                 "hibernated session %s reason=idle_timeout idle=%.1fs took=%.1fms",
                 session.short_id,
@@ -620,6 +663,8 @@ class SessionManager:
             self.admission.bound(session.client)
         self._schedule(session)  # its live deadline may come before its dormant one
         self.metrics.sessions_resumed.labels(cause).inc()
+        if self.store.shared:
+            self.announce(moved([session]))
 
     async def owe_close(
         self, binding: Binding, protocol_version: str | None, credentials: dict[str, str]
@@ -827,3 +872,7 @@ class SessionManager:
 
 def _label(session: Session) -> str:
     return client_label(session.user_agent, session.client_info)
+
+
+def _tell_nobody(event: Event) -> None:
+    """No other sidecar shares the store."""

@@ -21,6 +21,7 @@ from sidecar.store.redis import RedisStore
 from tests.peers.mcp_clients import (
     RawSession,
     eventually,
+    open_stream,
     raw_client,
     sdk_session,
     sleep_until,
@@ -170,3 +171,34 @@ async def test_a_sidecar_killed_loses_nothing(cluster: Cluster) -> None:
         )
     counts = deletes_per_session(upstreams)
     assert [counts[i] for i in ids if i is not None] == [1, 1, 1]
+
+
+async def test_admin_close_on_one_sidecar_is_a_404_on_the_other_and_ends_its_stream(
+    cluster: Cluster,
+) -> None:
+    upstreams = [cluster.replica()]
+    first, second = (cluster.shared_sidecar(upstreams) for _ in range(2))
+    async with raw_client() as http:
+        raw = RawSession(http, second.url)
+        assert (await raw.initialize("streaming")).status_code == 200
+        assert await raw.call_text("echo", {"text": "on 2"}) == "on 2"
+        async with open_stream(raw) as stream:
+            assert stream.status == 200
+            # Sidecar 1 never saw this session: its admin API finds it in Redis all the same.
+            closed = await http.delete(f"{first.admin_url}/sessions/{raw.session_id}")
+            assert closed.status_code == 200, closed.text
+            await stream.wait_ended(within=5)
+
+            async def refused_on_2() -> bool:
+                response = await raw.call("echo", {"text": "after"})
+                return response.status_code == 404
+
+            await eventually(refused_on_2, within=2, what="404 on sidecar 2")
+            raw.url = first.url
+            assert (await raw.call("echo", {"text": "after"})).status_code == 404
+    # Closed upstream once, by the sidecar that closed it; sidecar 2 heard of the close and
+    # refused the later calls itself: none of them reached the replica.
+    assert deletes_per_session(upstreams) == {raw.session_id: 1}
+    methods = [r["method"] for r in upstreams[0].requests_for(str(raw.session_id))]
+    assert methods[-1] == "DELETE", methods
+    assert "closed by another sidecar" in second.output()

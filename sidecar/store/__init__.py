@@ -13,8 +13,8 @@ or raises `StoreError` having changed nothing; `write_activity` is the write-beh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..sessions import Session, State
 from .records import ActivityRow, PendingClose
@@ -72,6 +72,12 @@ class Store(Protocol):
 
     async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
         """The last use of each session as stored (other sidecars' activity included)."""
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """Tell the other sidecars on this store of a close, pin or limit change."""
+
+    async def listen(self, deliver: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Hand each event another sidecar published to `deliver`, until cancelled."""
 
 
 def open_store(settings: StoreSettings) -> Store:

@@ -8,8 +8,9 @@ raise `StoreError`, as a full disk would, with nothing changed.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from ..errors import StoreError
 from ..sessions import ResumeState, Session, State
@@ -144,6 +145,12 @@ class MemoryStore:
 
     async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
         return {}  # only this sidecar writes activity, and it holds the latest in memory
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """No other sidecar to tell."""
+
+    async def listen(self, deliver: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """No other sidecar to hear from."""
 
 
 def _copy(session: Session) -> Session:

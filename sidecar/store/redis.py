@@ -13,6 +13,8 @@ Layout under `key_prefix` (default "mcp-sidecar:"):
     live, dormant   sets of session ids by state
     closed          a sorted set of closed ids scored by closed_at (for `since` and purging)
     pending         a hash of owed DELETEs: "<upstream>\\n<upstream session id>" -> JSON
+    events          a pub/sub channel: closes, pins and limit changes told to the other
+                    sidecars, so they take effect on every one at once (SPEC 2.8)
     claim:<id>:<upstream session id>
                     a short-lived claim (SET NX with a TTL): the sidecar that set it closes or
                     hibernates that session's upstream session; the others drop their copy
@@ -27,8 +29,11 @@ scripts never convert them, so no precision is lost in Lua's numbers.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -40,6 +45,8 @@ from ..config_render import mask_url_password
 from ..errors import StoreError, StoreTooNewError
 from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
 from .records import ActivityRow, PendingClose
+
+log = logging.getLogger("sidecar.store")
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "mcp-sidecar:"
@@ -173,6 +180,12 @@ return won
 
 # How long a claim holds when its winner never writes the close (it died in between).
 CLAIM_TTL = 30.0
+# How long the event listener waits for a message before it looks again (and notices a
+# broken connection); and how long it waits before subscribing again after a fault.
+LISTEN_POLL = 1.0
+LISTEN_RETRY = 1.0
+
+Event = dict[str, Any]
 
 
 class RedisStore:
@@ -183,6 +196,7 @@ class RedisStore:
         self.prefix = key_prefix
         self.transactions = 0  # write round trips applied: for metrics and benchmarks
         self.shared = True  # other sidecars may use the same prefix (SPEC 2.8)
+        self.node = secrets.token_hex(8)  # names this process's events, to skip its own
         # Each live session's request count as last read or written: the flush adds only what
         # this sidecar counted since, so counts from several sidecars add up.
         self._requests_seen: dict[str, int] = {}
@@ -384,6 +398,42 @@ class RedisStore:
         if purged:
             self.transactions += 1
         return purged
+
+    # ---- events between sidecars (SPEC 2.8) ----------------------------------------------
+    async def publish(self, event: Event) -> None:
+        """Tell the other sidecars on this prefix; a failure is a StoreError."""
+        message = json.dumps({**event, "from": self.node})
+        try:
+            await self.db.publish(self.prefix + "events", message)
+        except RedisError as exc:
+            raise StoreError(
+                f"publishing to the Redis store at {self.where} failed ({exc})"
+            ) from exc
+
+    async def listen(self, deliver: Callable[[Event], Awaitable[None]]) -> None:
+        """Hand every other sidecar's event to `deliver`, until cancelled.
+
+        A Redis fault ends the subscription; it is made again once Redis answers. Events
+        published meanwhile are missed: the claims and the store still decide every close,
+        and an id closed elsewhere gets its 404 once the session is read again.
+        """
+        while True:
+            try:
+                await self._listen_once(deliver)
+            except (RedisError, OSError) as exc:
+                log.warning("events from other sidecars interrupted: %s", exc)
+                await asyncio.sleep(LISTEN_RETRY)
+
+    async def _listen_once(self, deliver: Callable[[Event], Awaitable[None]]) -> None:
+        async with self.db.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(self.prefix + "events")
+            while True:
+                message = await pubsub.get_message(timeout=LISTEN_POLL)
+                if message is None or message.get("type") != "message":
+                    continue
+                event = json.loads(message["data"])
+                if isinstance(event, dict) and event.get("from") != self.node:
+                    await deliver(event)
 
     # ---- reads -------------------------------------------------------------------------
     async def load(self, state: State, since: float | None = None) -> list[Session]:

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -492,6 +492,12 @@ class SqliteStore:
 
     async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
         return {}  # only this sidecar writes activity, and it holds the latest in memory
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """No other sidecar to tell."""
+
+    async def listen(self, deliver: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """No other sidecar to hear from."""
 
 
 # SQLite's primary result code for an I/O error; extended codes (SQLITE_IOERR_WRITE, ...)
