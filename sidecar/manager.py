@@ -361,8 +361,9 @@ class SessionManager:
         in between, so concurrent initializes at the limit can never overshoot it; only the
         evicted sessions' store write is awaited afterwards.
         """
+        stored = await self._stored_counts(identity)
         now = self.clock()
-        victims = self._reserve(identity, now)
+        victims = self._reserve(identity, now, stored)
         if victims:
             try:
                 await uncancellable(self._persist_closes(victims, CloseReason.EVICTED, False, now))
@@ -370,7 +371,21 @@ class SessionManager:
                 self.release(identity)  # the caller only releases what admit() returned from
                 raise
 
-    def _reserve(self, identity: str, now: float) -> list[Session]:
+    async def _stored_counts(self, identity: str) -> tuple[int, int] | None:
+        """SPEC 2.8: on a shared store the limits count every sidecar's live sessions, as
+        the store holds them (plus this sidecar's initializes not yet answered). Two
+        sidecars admitting at the same instant can each see the other's not yet written:
+        the limit can be passed by the initializes in flight at that moment, no more."""
+        limits = self.limits
+        if not self.store.shared or (
+            limits.max_sessions <= 0 and limits.max_sessions_per_client <= 0
+        ):
+            return None
+        return await self.store.live_counts(identity)
+
+    def _reserve(
+        self, identity: str, now: float, stored: tuple[int, int] | None = None
+    ) -> list[Session]:
         """Choose every victim first, close them in memory only if all limits can be met."""
         victims: list[Session] = []
         for scope, limit, owner in (
@@ -378,7 +393,7 @@ class SessionManager:
             ("max_sessions_per_client", self.limits.max_sessions_per_client, identity),
         ):
             freed = sum(1 for v in victims if owner is None or v.client == owner)
-            if limit <= 0 or self._used(owner) - freed < limit:
+            if limit <= 0 or self._used(owner, stored) - freed < limit:
                 continue
             victim = (
                 self._eviction_candidate(owner, victims)
@@ -393,7 +408,9 @@ class SessionManager:
         self.admission.reserve(identity)
         return victims
 
-    def _used(self, owner: str | None) -> int:
+    def _used(self, owner: str | None, stored: tuple[int, int] | None = None) -> int:
+        if stored is not None:
+            return self.admission.used_stored(owner, stored[0] if owner is None else stored[1])
         return self.admission.used(owner, len(self.live))
 
     def release(self, identity: str) -> None:

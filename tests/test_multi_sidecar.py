@@ -44,11 +44,11 @@ class Cluster(Replicas):
         self.redis = redis
 
     def shared_sidecar(
-        self, replicas: list[UpstreamHandle], idle_timeout: float = 60
+        self, replicas: list[UpstreamHandle], idle_timeout: float = 60, **sessions: object
     ) -> SidecarHandle:
         return self.sidecar(
             replicas,
-            sessions={"idle_timeout": idle_timeout, "sweep_interval": SWEEP},
+            sessions={"idle_timeout": idle_timeout, "sweep_interval": SWEEP, **sessions},
             store={
                 "backend": "redis",
                 "url": self.redis.url,
@@ -202,3 +202,29 @@ async def test_admin_close_on_one_sidecar_is_a_404_on_the_other_and_ends_its_str
     methods = [r["method"] for r in upstreams[0].requests_for(str(raw.session_id))]
     assert methods[-1] == "DELETE", methods
     assert "closed by another sidecar" in second.output()
+
+
+async def test_limits_count_the_sessions_of_every_sidecar(cluster: Cluster) -> None:
+    upstreams = [cluster.replica()]
+    first, second = (
+        cluster.shared_sidecar(upstreams, max_sessions=3, max_sessions_per_client=2)
+        for _ in range(2)
+    )
+    async with raw_client() as http:
+        alice = [RawSession(http, s.url, authorization="Bearer alice") for s in (first, second)]
+        for raw in alice:
+            assert (await raw.initialize("alice")).status_code == 200
+        # Alice has two sessions, one on each sidecar: a third is refused on either.
+        for sidecar in (first, second):
+            third = RawSession(http, sidecar.url, authorization="Bearer alice")
+            assert (await third.initialize("alice")).status_code == 503
+        bob = RawSession(http, second.url, authorization="Bearer bob")
+        assert (await bob.initialize("bob")).status_code == 200
+        # Three live in all, made on two sidecars: the fourth is refused by the first.
+        carol = RawSession(http, first.url, authorization="Bearer carol")
+        response = await carol.initialize("carol")
+        assert response.status_code == 503, response.text
+        # One closed (by its client, through the other sidecar): room again on both.
+        bob.url = first.url
+        assert (await http.delete(first.url, headers=bob.headers())).status_code == 200
+        assert (await carol.initialize("carol")).status_code == 200

@@ -73,6 +73,10 @@ class Store(Protocol):
     async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
         """The last use of each session as stored (other sidecars' activity included)."""
 
+    async def live_counts(self, client: str) -> tuple[int, int]:
+        """Live sessions across all sidecars sharing the store: in all, and of `client`
+        (only asked of a shared store)."""
+
     async def publish(self, event: dict[str, Any]) -> None:
         """Tell the other sidecars on this store of a close, pin or limit change."""
 

@@ -11,6 +11,7 @@ Layout under `key_prefix` (default "mcp-sidecar:"):
     schema          the layout's version (SCHEMA_VERSION); a newer one stops the start
     s:<id>          a hash per session: its fields as strings, a None field absent
     live, dormant   sets of session ids by state
+    clients         a hash: live sessions per client identity (limits across sidecars)
     closed          a sorted set of closed ids scored by closed_at (for `since` and purging)
     pending         a hash of owed DELETEs: "<upstream>\\n<upstream session id>" -> JSON
     events          a pub/sub channel: closes, pins and limit changes told to the other
@@ -90,11 +91,19 @@ local function set_fields(key, fields)
   if #unset > 0 then redis.call('HDEL', key, unpack(unset)) end
   return moved
 end
+-- Live sessions per client: what max_sessions_per_client counts across sidecars.
+local function count_live(key, delta)
+  local client = redis.call('HGET', key, 'client') or ''
+  if redis.call('HINCRBY', prefix .. 'clients', client, delta) <= 0 then
+    redis.call('HDEL', prefix .. 'clients', client)
+  end
+end
 local function reindex(id, key)
-  redis.call('SREM', prefix .. 'live', id)
+  local was_live = redis.call('SREM', prefix .. 'live', id) == 1
   redis.call('SREM', prefix .. 'dormant', id)
   redis.call('ZREM', prefix .. 'closed', id)
   local state = redis.call('HGET', key, 'state')
+  if (state == 'live') ~= was_live then count_live(key, was_live and -1 or 1) end
   if state == 'closed' then
     redis.call('ZADD', prefix .. 'closed', redis.call('HGET', key, 'closed_at') or '0', id)
   elseif state then
@@ -104,6 +113,7 @@ end
 for _, op in ipairs(ops) do
   if op.op == 'put' then
     local key = prefix .. 's:' .. op.id
+    if redis.call('SREM', prefix .. 'live', op.id) == 1 then count_live(key, -1) end
     redis.call('DEL', key)
     set_fields(key, op.fields)
     reindex(op.id, key)
@@ -178,6 +188,18 @@ end
 return won
 """
 
+# Rebuilds the per-client counts of live sessions where a store written before they were kept
+# has none. ARGV[1] = prefix.
+_COUNT_CLIENTS = """
+local prefix = ARGV[1]
+if redis.call('EXISTS', prefix .. 'clients') == 1 then return 0 end
+for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'live')) do
+  local client = redis.call('HGET', prefix .. 's:' .. id, 'client') or ''
+  redis.call('HINCRBY', prefix .. 'clients', client, 1)
+end
+return 1
+"""
+
 # How long a claim holds when its winner never writes the close (it died in between).
 CLAIM_TTL = 30.0
 # How long the event listener waits for a message before it looks again (and notices a
@@ -242,6 +264,8 @@ class RedisStore:
         key = self.prefix + "schema"
         await self.db.set(key, str(SCHEMA_VERSION), nx=True)
         version = int(await self.db.get(key) or 0)
+        if version <= SCHEMA_VERSION:
+            await self.db.eval(_COUNT_CLIENTS, 0, self.prefix)
         if version > SCHEMA_VERSION:
             raise StoreTooNewError(
                 f"the Redis store at {self.where} has schema version {version}, written by a "
@@ -366,6 +390,17 @@ class RedisStore:
                 f"claiming sessions in the Redis store at {self.where} failed ({exc})"
             ) from exc
         return set(cast(list[str], won))
+
+    async def live_counts(self, client: str) -> tuple[int, int]:
+        """Live sessions across every sidecar on this prefix: in all, and of `client`."""
+        try:
+            async with self.db.pipeline(transaction=False) as pipe:
+                pipe.scard(self.prefix + "live")
+                pipe.hget(self.prefix + "clients", client)
+                total, mine = await pipe.execute()
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+        return int(total), int(mine or 0)
 
     async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
         """When each session was last used, as every sidecar's flushed activity says."""
