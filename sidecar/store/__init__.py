@@ -73,6 +73,10 @@ class Store(Protocol):
     async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
         """The last use of each session as stored (other sidecars' activity included)."""
 
+    async def claim_owed(self, pending: PendingClose) -> bool:
+        """May this sidecar make this attempt at an owed DELETE? Sidecars sharing a store
+        each hold the owed DELETEs they read at their start: one of them sends each attempt."""
+
     async def live_counts(self, client: str) -> tuple[int, int]:
         """Live sessions across all sidecars sharing the store: in all, and of `client`
         (only asked of a shared store)."""

@@ -146,6 +146,9 @@ class MemoryStore:
     async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
         return {}  # only this sidecar writes activity, and it holds the latest in memory
 
+    async def claim_owed(self, pending: PendingClose) -> bool:
+        return True
+
     async def live_counts(self, client: str) -> tuple[int, int]:
         raise StoreError("only a shared store counts across sidecars")
 

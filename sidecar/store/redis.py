@@ -16,6 +16,8 @@ Layout under `key_prefix` (default "mcp-sidecar:"):
     pending         a hash of owed DELETEs: "<upstream>\\n<upstream session id>" -> JSON
     events          a pub/sub channel: closes, pins and limit changes told to the other
                     sidecars, so they take effect on every one at once (SPEC 2.8)
+    owed:<upstream>\\n<upstream session id>:<attempt>
+                    the same for one attempt at an owed DELETE
     claim:<id>:<upstream session id>
                     a short-lived claim (SET NX with a TTL): the sidecar that set it closes or
                     hibernates that session's upstream session; the others drop their copy
@@ -390,6 +392,16 @@ class RedisStore:
                 f"claiming sessions in the Redis store at {self.where} failed ({exc})"
             ) from exc
         return set(cast(list[str], won))
+
+    async def claim_owed(self, pending: PendingClose) -> bool:
+        """Claim one attempt at an owed DELETE (SET NX with a TTL), keyed by its attempt
+        number: sidecars holding the same owed DELETE send each attempt once."""
+        key = f"{self.prefix}owed:{_pending_field(pending)}:{pending.attempts}"
+        try:
+            won = await self.db.set(key, "1", nx=True, px=int(CLAIM_TTL * 1000))
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+        return bool(won)
 
     async def live_counts(self, client: str) -> tuple[int, int]:
         """Live sessions across every sidecar on this prefix: in all, and of `client`."""
