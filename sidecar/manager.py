@@ -844,7 +844,10 @@ class SessionManager:
         for session in await self.store.load(State.DORMANT):
             self.dormant.add(session)
             self._schedule(session)
-        legacy = [s for s in restored if s.transport is Transport.SSE]
+        # Alone on its store, this process's last run held every legacy stream, and they
+        # died with it. On a shared store another sidecar may be relaying them now: those of
+        # a sidecar that died expire like any idle session instead.
+        legacy = [s for s in restored if s.transport is Transport.SSE and not self.store.shared]
         await self.close_many(legacy, CloseReason.RESTART)
         for pending in owed:
             self.closer.schedule(pending, {})
