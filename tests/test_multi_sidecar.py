@@ -4,7 +4,9 @@ A real `redis-server`, two FastMCP replicas and two sidecar processes sharing on
 raw clients whose requests alternate between the sidecars. What is proven here: a session
 created on one sidecar is served by the other, on the replica that created it; each expired
 session is closed upstream exactly once, whichever sidecar sweeps first; a sidecar killed
-with SIGKILL loses nothing.
+with SIGKILL loses nothing; an admin close or pin on one sidecar holds on the other at once
+(its relayed stream ends, its requests get 404 without reaching the replica); limits count
+the sessions of both.
 """
 
 from __future__ import annotations
@@ -228,3 +230,22 @@ async def test_limits_count_the_sessions_of_every_sidecar(cluster: Cluster) -> N
         bob.url = first.url
         assert (await http.delete(first.url, headers=bob.headers())).status_code == 200
         assert (await carol.initialize("carol")).status_code == 200
+
+
+async def test_a_pin_on_one_sidecar_holds_on_the_other(cluster: Cluster) -> None:
+    upstreams = [cluster.replica()]
+    first, second = (cluster.shared_sidecar(upstreams) for _ in range(2))
+    async with raw_client() as http:
+        raw = RawSession(http, second.url)
+        assert (await raw.initialize("pinned")).status_code == 200
+        assert await raw.call_text("echo", {"text": "held by 2"}) == "held by 2"
+        pinned = await http.put(
+            f"{first.admin_url}/sessions/{raw.session_id}/persistent", json={"persistent": True}
+        )
+        assert pinned.status_code == 200, pinned.text
+
+        async def pinned_on_2() -> bool:
+            view = (await http.get(f"{second.admin_url}/sessions/{raw.session_id}")).json()
+            return view["persistent"] is True
+
+        await eventually(pinned_on_2, within=2, what="the pin seen by sidecar 2")
