@@ -238,10 +238,12 @@ class SessionManager:
             for session in sessions:
                 self._schedule(session)  # tried again by the next sweep
             return []
-        for session in sessions:
+        # Closed meanwhile (another sidecar's event, a racing request): not again.
+        current = [s for s in sessions if s.usable]
+        for session in current:
             if session.id not in won:
                 self._unlist(session, session.live)
-        return [s for s in sessions if s.id in won]
+        return [s for s in current if s.id in won]
 
     async def find(self, session_id: str) -> Session | None:
         """A live or dormant session by id; on a shared store, also one only another
@@ -615,7 +617,7 @@ class SessionManager:
         now = self.clock()
         going = [s for s in sessions if s.live]
         if self.store.shared:
-            going = await uncancellable(self._claimed(going))
+            going = [s for s in await uncancellable(self._claimed(going)) if s.live]
         entries = []
         for session in going:
             pending = self._pending_close(session, CloseReason.IDLE_TIMEOUT, False, now)
