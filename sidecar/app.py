@@ -126,7 +126,13 @@ class Service:
         self.manager.close_listeners.append(self.monitor.record_close)
         # Health checks only choose between replicas: one upstream is used whatever it does.
         self.health = (
-            HealthChecker(self.upstreams, up.health_interval, up.down_grace, self._replicas_gone)
+            HealthChecker(
+                self.upstreams,
+                up.health_interval,
+                up.down_grace,
+                self._replicas_gone,
+                on_up=self.closer.retry_now,
+            )
             if len(self.upstreams) > 1
             else None
         )

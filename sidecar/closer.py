@@ -62,6 +62,25 @@ class UpstreamCloser:
         heapq.heappush(self._queue, (pending.next_attempt_at, next(self._seq), pending))
         self._wake.set()
 
+    def retry_now(self, upstream: str) -> int:
+        """A replica is back up: the DELETEs owed to it are due now, not at their backoff
+        (which may be minutes away after a long outage). Returns how many were moved."""
+        now = self.clock()
+        moved = 0
+        queue = []
+        for due, seq, pending in self._queue:
+            if due > now and self.upstreams.canonical(pending.upstream) == upstream:
+                moved += 1
+                queue.append((now, seq, pending))
+            else:
+                queue.append((due, seq, pending))
+        if moved:
+            heapq.heapify(queue)
+            self._queue = queue
+            self._wake.set()
+            log.info("retrying %d DELETEs owed to upstream %s now that it is up", moved, upstream)
+        return moved
+
     @property
     def backlog(self) -> int:
         return len(self._queue) + len(self._attempts)

@@ -358,3 +358,21 @@ async def test_cancelling_run_cancels_attempts_in_progress(
     finally:
         await upstream.close()
         await store.close()
+
+
+async def test_deletes_owed_to_an_upstream_back_up_go_out_at_once(
+    aiohttp_server: ServerFactory,
+    fake: FakeUpstream,
+    start: Callable[[str], Awaitable[Harness]],
+) -> None:
+    # A replica that was down for long has its DELETEs minutes away on the backoff; the
+    # health check that sees it up again makes them due now.
+    server = await aiohttp_server(fake.app())
+    h = await start(str(server.make_url("/mcp")))
+    await h.owe("backed-off", due=600)
+    assert h.closer.retry_now("another-replica") == 0
+    assert h.closer.backlog == 1
+    assert h.closer.retry_now("") == 1
+    await h.settled()
+    assert [s["headers"]["Mcp-Session-Id"] for s in fake.seen] == ["backed-off"]
+    assert h.result("ok") == 1

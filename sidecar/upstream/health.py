@@ -5,7 +5,8 @@ Every `health_interval` each member is probed (any HTTP answer from the MCP endp
 refused, reset or no answer in time = down); a transition is logged once by the pool. A
 member down for `down_grace` is handed to `on_gone`, every round while it stays down, so
 sessions bound to it after the first round (there should be none: it gets no new ones) are
-not missed. With one upstream there is nothing to choose between and no loop runs.
+not missed. A member back up is handed to `on_up`: the DELETEs owed to it go out at once
+instead of at their backoff. With one upstream there is nothing to choose between and no loop runs.
 """
 
 from __future__ import annotations
@@ -19,16 +20,27 @@ from .pool import UpstreamPool
 log = logging.getLogger("sidecar.upstream")
 
 OnGone = Callable[[list[str]], Awaitable[None]]
+OnUp = Callable[[str], object]
+
+
+def _nothing(_name: str) -> None:
+    return None
 
 
 class HealthChecker:
     def __init__(
-        self, pool: UpstreamPool, interval: float, down_grace: float, on_gone: OnGone
+        self,
+        pool: UpstreamPool,
+        interval: float,
+        down_grace: float,
+        on_gone: OnGone,
+        on_up: OnUp = _nothing,
     ) -> None:
         self.pool = pool
         self.interval = interval  # both follow a reload
         self.down_grace = down_grace
         self.on_gone = on_gone
+        self.on_up = on_up  # a member back up (after being down), by name
 
     async def run(self) -> None:
         """Owned by the service: probe, act, sleep, until cancelled."""
@@ -40,7 +52,11 @@ class HealthChecker:
         replicas = self.pool.replicas
         results = await asyncio.gather(*(r.upstream.probe(self._within()) for r in replicas))
         for replica, up in zip(replicas, results, strict=True):
-            self.pool.mark(replica.name, up, "health check" if up else "health check failed")
+            changed = self.pool.mark(
+                replica.name, up, "health check" if up else "health check failed"
+            )
+            if changed and up:
+                self.on_up(replica.name)
         gone = self.pool.down_longer_than(self.down_grace)
         if gone:
             try:
