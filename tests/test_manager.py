@@ -538,14 +538,17 @@ async def test_a_mass_expiry_lets_other_tasks_run_between_short_runs_of_closes(
     make: Factory,
 ) -> None:
     """Ending thousands of sessions at once must not hold the event loop: a task beside the
-    sweep gets turns while the closes are being announced, at most ANNOUNCE_RUN apart, and
-    every session still ends once with its DELETE owed."""
+    sweep gets turns while the closes are being announced, at most ANNOUNCE_RUN apart, the
+    hook between slices runs after each slice, and every session still ends once with its
+    DELETE owed."""
     h = await make()
     count = 3 * SWEEP_SLICE + 7
     await asyncio.gather(*(h.create(f"s{i}") for i in range(count)))
     turns = 0
     seen: list[int] = []  # the other task's turns as each close was announced
     h.manager.close_listeners.append(lambda session, reason, now: seen.append(turns))
+    slices: list[int] = []
+    h.manager.between_slices = lambda: slices.append(len(seen))
 
     async def beside() -> None:
         nonlocal turns
@@ -564,6 +567,8 @@ async def test_a_mass_expiry_lets_other_tasks_run_between_short_runs_of_closes(
     assert len(h.closer.scheduled) == count
     longest = max(len(list(run)) for _, run in itertools.groupby(seen))
     assert longest <= ANNOUNCE_RUN
+    # The server freezes the heap between slices (heap.settle): once after each store write.
+    assert slices == [SWEEP_SLICE, 2 * SWEEP_SLICE, 3 * SWEEP_SLICE, count]
 
 
 async def test_sweep_forgets_tombstones_past_their_ttl(make: Factory) -> None:
