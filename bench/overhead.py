@@ -54,6 +54,7 @@ from benchlib import (
     SESSION_HEADER,
     BenchError,
     fmt,
+    initialize,
     machine_busy,
     print_table,
     process_cpu_seconds,
@@ -245,35 +246,8 @@ def proxy_server(port: int, upstream_port: int, name: str) -> str:
 
 async def open_sessions(base: str, count: int) -> list[str]:
     """`initialize` + `notifications/initialized` per session, through the path measured."""
-    headers = {"Accept": ACCEPT, "Content-Type": "application/json"}
-    initialize = json.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": 0,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": PROTOCOL_VERSION,
-                "capabilities": {},
-                "clientInfo": {"name": "mcp-sidecar-bench", "version": "1"},
-            },
-        }
-    ).encode()
-    initialized = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
-    ids = []
     async with aiohttp.ClientSession() as client:
-        for _ in range(count):
-            async with client.post(base, data=initialize, headers=headers) as response:
-                await response.read()
-                session_id = response.headers.get(SESSION_HEADER)
-                if response.status != 200 or session_id is None:
-                    raise BenchError(f"initialize at {base} answered {response.status}")
-            follow = {**headers, SESSION_HEADER: session_id, PROTOCOL_HEADER: PROTOCOL_VERSION}
-            async with client.post(base, data=initialized, headers=follow) as response:
-                await response.read()
-                if response.status >= 300:
-                    raise BenchError(f"initialized at {base} answered {response.status}")
-            ids.append(session_id)
-    return ids
+        return [(await initialize(client, base)).session_id for _ in range(count)]
 
 
 def run_wrk(

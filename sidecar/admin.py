@@ -197,7 +197,7 @@ async def show_session(request: web.Request) -> web.Response:
 
 async def close_session(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    session = _usable(service, request.match_info["id"])
+    session = await service.manager.find(request.match_info["id"])
     if session is None:
         known = await service.store.get(request.match_info["id"])
         return _error(
@@ -215,8 +215,8 @@ async def set_persistent(request: web.Request) -> web.Response:
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("persistent"), bool):
         return _error(400, 'body must be JSON {"persistent": true} or {"persistent": false}')
-    session = service.manager.live.get(request.match_info["id"])
-    if session is None:
+    session = await service.manager.find(request.match_info["id"])
+    if session is None or not session.live:
         return _error(404, "no such live session")
     await service.manager.set_persistent(session, body["persistent"])
     return web.json_response(view(service, session))

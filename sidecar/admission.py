@@ -42,6 +42,10 @@ class Admission:
             return bound + self._reserved
         return self.per_client[owner] + self._pending[owner]
 
+    def used_stored(self, owner: str | None, stored: int) -> int:
+        """As `used`, with the live sessions counted by a store other sidecars share."""
+        return stored + (self._reserved if owner is None else self._pending[owner])
+
     def reserve(self, identity: str) -> None:
         self._reserved += 1
         self._pending[identity] += 1

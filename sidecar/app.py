@@ -24,6 +24,7 @@ from .gone import GonePatterns
 from .manager import Clock, Limits, SessionManager
 from .metrics import Metrics
 from .monitor import Monitor
+from .peers import Peers, limits_changed
 from .sessions import CloseReason, Policy
 from .store import Store, open_store
 from .sweeper import Sweeper
@@ -140,6 +141,11 @@ class Service:
             lambda: len(self.manager.stuck),
         )
         self._tasks: list[asyncio.Task[None]] = []
+        # Sidecars sharing one Redis tell each other of closes, pins and limits (SPEC 2.8).
+        self.peers: Peers | None = None
+        if self.store.shared:
+            self.peers = Peers(self.manager)
+            self.manager.announce = self.peers.announce
         # The start's one-off sweep of what expired while stopped: owned (cancelled and
         # awaited by stop) like the loops, but not one of them.
         self._restoring: asyncio.Task[None] | None = None
@@ -159,6 +165,8 @@ class Service:
             self._tasks.append(asyncio.create_task(self.monitor.run(), name="sidecar-monitor"))
             if self.health is not None:
                 self._tasks.append(asyncio.create_task(self.health.run(), name="sidecar-health"))
+            if self.peers is not None:
+                self._tasks.append(asyncio.create_task(self.peers.run(), name="sidecar-peers"))
         except BaseException:
             await self.stop()
             raise
@@ -254,6 +262,8 @@ class Service:
         ]
         self.manager.policy = policy_from(new)
         self.manager.limits = limits_from(new)
+        if self.peers is not None and limits_from(old) != self.manager.limits:
+            self.peers.announce(limits_changed(self.manager.limits))
         self.manager.tombstone_ttl = new.sessions.tombstone_ttl
         self.forwarder.options = options_from(new)
         self.forwarder.gone = GonePatterns(new.upstream.session_gone)

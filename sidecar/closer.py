@@ -95,6 +95,11 @@ class UpstreamCloser:
 
     async def _attempt(self, pending: PendingClose) -> None:
         try:
+            if not await self._claimed(pending):
+                log.debug(
+                    "session %s is closed upstream by another sidecar", short(pending.session_id)
+                )
+                return
             result, error = await self._delete(pending)
             self.metrics.upstream_close.labels(result).inc()
             if result == "retry" and pending.attempts + 1 < MAX_ATTEMPTS:
@@ -117,6 +122,17 @@ class UpstreamCloser:
             )
         finally:
             self._slots.release()
+
+    async def _claimed(self, pending: PendingClose) -> bool:
+        """SPEC 2.8: on a store other sidecars share, send only the attempts won. A store
+        that cannot answer lets the attempt go: a second DELETE costs the upstream a 404,
+        a lost one leaves its session open."""
+        if not self.store.shared:
+            return True
+        try:
+            return await self.store.claim_owed(pending)
+        except StoreError:
+            return True
 
     async def _delete(self, pending: PendingClose) -> tuple[str, str]:
         credentials = self._credentials.get(pending.key, {})

@@ -28,6 +28,7 @@ from .errors import StoreError
 from .jsonrpc import RequestId
 from .log import Throttled
 from .metrics import Metrics
+from .peers import Event, closed, moved, pinned
 from .sessions import (
     ACTIVE_WINDOW,
     Binding,
@@ -117,6 +118,9 @@ class SessionManager:
         self._deadlines = Deadlines()
         self._kept: set[Session] = set()
         self._policy = policy
+        # Tells the other sidecars on a shared store (SPEC 2.8; `peers.py` wires it): queues,
+        # never blocks. Alone on its store the sidecar tells nobody.
+        self.announce: Callable[[Event], None] = _tell_nobody
         # Called with (session, reason, now) after each close is logged: the status page's
         # recent closes. A listener must be cheap and must not raise.
         self.close_listeners: list[CloseListener] = []
@@ -163,6 +167,8 @@ class SessionManager:
         `idle_action = "hibernate"` is hibernated here and resolves as dormant.
         """
         session = self.live.get(session_id) or self.dormant.get(session_id)
+        if session is None and self.store.shared and self.tombstones.get(session_id) is None:
+            session = await self._adopt(session_id)
         if session is None:
             tombstone = self.tombstones.get(session_id)
             if tombstone is None:
@@ -174,6 +180,9 @@ class SessionManager:
         now = self.clock()
         session.forget_stale_calls(now, self.policy)
         reason = session.expiry_reason(self.policy, now)
+        if reason is CloseReason.IDLE_TIMEOUT and self.store.shared:
+            await self._merge_uses([session])  # another sidecar may have served it since
+            reason = session.expiry_reason(self.policy, now)
         if reason is not None and self._hibernates(session, reason):
             await self.hibernate_many([session])
         elif reason is not None:
@@ -183,6 +192,100 @@ class SessionManager:
         if session.dormant:
             return Resolution(Outcome.DORMANT, session)
         return Resolution(Outcome.LIVE, session)
+
+    async def _adopt(self, session_id: str) -> Session | None:
+        """SPEC 2.8: a session another sidecar on the same store created (or resumed) is
+        served here too, bound to the same upstream session; read once, then held."""
+        try:
+            stored = await self.store.get(session_id)
+        except StoreError as exc:
+            self.store_failed("read", exc)
+            return None
+        held = self.live.get(session_id) or self.dormant.get(session_id)
+        if stored is None or held is not None:
+            return held  # unknown, or adopted by a concurrent request meanwhile
+        if stored.state is State.CLOSED:
+            assert stored.close_reason is not None
+            assert stored.closed_at is not None
+            self.tombstones.remember(
+                Tombstone(
+                    stored.id, stored.close_reason, stored.closed_at, stored.client, _label(stored)
+                )
+            )
+            return None
+        if stored.live:
+            self.live[session_id] = stored
+            self.admission.bound(stored.client)
+        else:
+            self.dormant.add(stored)
+        self._schedule(stored)
+        return stored
+
+    async def _merge_uses(self, sessions: list[Session]) -> None:
+        """Take the later last use the store holds: another sidecar's flushed activity."""
+        try:
+            stored = await self.store.last_uses([s.id for s in sessions])
+        except StoreError as exc:
+            self.store_failed("read", exc)  # the claim that follows fails the same way
+            return
+        for session in sessions:
+            last = stored.get(session.id)
+            if last is not None and last > session.last_activity_at:
+                session.last_activity_at = last
+
+    async def _claimed(self, sessions: list[Session]) -> list[Session]:
+        """SPEC 2.8: of the sessions to close or hibernate, those this sidecar won the claim
+        for; it alone sends their DELETEs. The others are dropped from memory: another
+        sidecar closed or resumed them, and the next request reads what it wrote."""
+        if not sessions:
+            return sessions
+        claims = [(s.id, None if s.binding is None else s.binding.session_id) for s in sessions]
+        try:
+            won = await self.store.claim(claims)
+        except StoreError as exc:
+            self.store_failed("claim", exc)
+            for session in sessions:
+                self._schedule(session)  # tried again by the next sweep
+            return []
+        # Closed meanwhile (another sidecar's event, a racing request): not again.
+        current = [s for s in sessions if s.usable]
+        for session in current:
+            if session.id not in won:
+                self._unlist(session, session.live)
+        return [s for s in current if s.id in won]
+
+    async def find(self, session_id: str) -> Session | None:
+        """A live or dormant session by id; on a shared store, also one only another
+        sidecar has served so far (the admin API acts on every session, SPEC 2.8)."""
+        held = self.live.get(session_id) or self.dormant.get(session_id)
+        if held is None and self.store.shared:
+            held = await self._adopt(session_id)
+        return held
+
+    # ---- what other sidecars on the same store did (SPEC 2.8, `peers.py`) ----------------
+    def closed_elsewhere(self, session_ids: list[str], reason: CloseReason, at: float) -> None:
+        """Closed by another sidecar, which owes its DELETE: 404 here at once, streams
+        aborted, nothing written or sent."""
+        for session_id in session_ids:
+            session = self.live.get(session_id) or self.dormant.get(session_id)
+            if session is not None:
+                self._mark_closed(session, reason, at)
+                log.info("session %s closed by another sidecar", session.short_id)
+
+    def moved_elsewhere(self, session_ids: list[str]) -> None:
+        """Hibernated or resumed by another sidecar: the copy here is bound to an upstream
+        session that is gone; dropped, so the next request reads the session again."""
+        for session_id in session_ids:
+            session = self.live.get(session_id) or self.dormant.get(session_id)
+            if session is not None:
+                self._unlist(session, session.live)
+
+    def pinned_elsewhere(self, session_ids: list[str], persistent: bool) -> None:
+        for session_id in session_ids:
+            session = self.live.get(session_id) or self.dormant.get(session_id)
+            if session is not None:
+                session.persistent = persistent
+                self._schedule(session)
 
     def _hibernates(self, session: Session, reason: CloseReason) -> bool:
         """SPEC 2.7: an idle Streamable HTTP session that can be re-created is hibernated."""
@@ -269,8 +372,9 @@ class SessionManager:
         in between, so concurrent initializes at the limit can never overshoot it; only the
         evicted sessions' store write is awaited afterwards.
         """
+        stored = await self._stored_counts(identity)
         now = self.clock()
-        victims = self._reserve(identity, now)
+        victims = self._reserve(identity, now, stored)
         if victims:
             try:
                 await uncancellable(self._persist_closes(victims, CloseReason.EVICTED, False, now))
@@ -278,7 +382,21 @@ class SessionManager:
                 self.release(identity)  # the caller only releases what admit() returned from
                 raise
 
-    def _reserve(self, identity: str, now: float) -> list[Session]:
+    async def _stored_counts(self, identity: str) -> tuple[int, int] | None:
+        """SPEC 2.8: on a shared store the limits count every sidecar's live sessions, as
+        the store holds them (plus this sidecar's initializes not yet answered). Two
+        sidecars admitting at the same instant can each see the other's not yet written:
+        the limit can be passed by the initializes in flight at that moment, no more."""
+        limits = self.limits
+        if not self.store.shared or (
+            limits.max_sessions <= 0 and limits.max_sessions_per_client <= 0
+        ):
+            return None
+        return await self.store.live_counts(identity)
+
+    def _reserve(
+        self, identity: str, now: float, stored: tuple[int, int] | None = None
+    ) -> list[Session]:
         """Choose every victim first, close them in memory only if all limits can be met."""
         victims: list[Session] = []
         for scope, limit, owner in (
@@ -286,7 +404,7 @@ class SessionManager:
             ("max_sessions_per_client", self.limits.max_sessions_per_client, identity),
         ):
             freed = sum(1 for v in victims if owner is None or v.client == owner)
-            if limit <= 0 or self._used(owner) - freed < limit:
+            if limit <= 0 or self._used(owner, stored) - freed < limit:
                 continue
             victim = (
                 self._eviction_candidate(owner, victims)
@@ -301,7 +419,9 @@ class SessionManager:
         self.admission.reserve(identity)
         return victims
 
-    def _used(self, owner: str | None) -> int:
+    def _used(self, owner: str | None, stored: tuple[int, int] | None = None) -> int:
+        if stored is not None:
+            return self.admission.used_stored(owner, stored[0] if owner is None else stored[1])
         return self.admission.used(owner, len(self.live))
 
     def release(self, identity: str) -> None:
@@ -389,6 +509,9 @@ class SessionManager:
         """
         now = self.clock()
         closing = [s for s in sessions if s.usable]
+        # Nothing to send upstream when it already ended there: no claim to win, either.
+        if self.store.shared and not upstream_done:
+            closing = await uncancellable(self._claimed(closing))
         for session in closing:
             self._mark_closed(session, reason, now)
         await uncancellable(self._persist_closes(closing, reason, upstream_done, now))
@@ -428,6 +551,8 @@ class SessionManager:
             )
             for listener in self.close_listeners:
                 listener(session, reason, now)
+        if closes and self.store.shared:
+            self.announce(closed(closing, reason, now))
 
     def store_failed(self, operation: str, exc: StoreError) -> None:
         """Count and log (throttled) a store write that failed; the caller keeps its data."""
@@ -491,6 +616,8 @@ class SessionManager:
         await self.store.set_persistent(session.id, persistent)
         session.persistent = persistent
         self._schedule(session)
+        if self.store.shared:
+            self.announce(pinned(session))
 
     # ---- hibernation and resume (SPEC 2.7) ------------------------------------------------
     async def hibernate_many(self, sessions: Iterable[Session]) -> None:
@@ -502,6 +629,8 @@ class SessionManager:
         """
         now = self.clock()
         going = [s for s in sessions if s.live]
+        if self.store.shared:
+            going = [s for s in await uncancellable(self._claimed(going)) if s.live]
         entries = []
         for session in going:
             pending = self._pending_close(session, CloseReason.IDLE_TIMEOUT, False, now)
@@ -535,6 +664,8 @@ class SessionManager:
             if session.runtime is not None and not session.runtime.relays:
                 session.runtime = None  # a dormant session costs only its record
             self.metrics.sessions_hibernated.inc()
+            if self.store.shared:
+                self.announce(moved([session]))
             log.info(
                 "hibernated session %s reason=idle_timeout idle=%.1fs took=%.1fms",
                 session.short_id,
@@ -566,6 +697,8 @@ class SessionManager:
             self.admission.bound(session.client)
         self._schedule(session)  # its live deadline may come before its dormant one
         self.metrics.sessions_resumed.labels(cause).inc()
+        if self.store.shared:
+            self.announce(moved([session]))
 
     async def owe_close(
         self, binding: Binding, protocol_version: str | None, credentials: dict[str, str]
@@ -614,6 +747,8 @@ class SessionManager:
     async def _sweep_slice(self, sessions: list[Session], now: float) -> int:
         by_reason: dict[CloseReason, list[Session]] = {}
         hibernating: list[Session] = []
+        if self.store.shared:
+            await self._merge_uses([s for s in sessions if s.live])
         for session in sessions:
             if not session.usable:
                 continue  # closed since it was filed; a duplicate from _kept
@@ -727,7 +862,10 @@ class SessionManager:
         for session in await self.store.load(State.DORMANT):
             self.dormant.add(session)
             self._schedule(session)
-        legacy = [s for s in restored if s.transport is Transport.SSE]
+        # Alone on its store, this process's last run held every legacy stream, and they
+        # died with it. On a shared store another sidecar may be relaying them now: those of
+        # a sidecar that died expire like any idle session instead.
+        legacy = [s for s in restored if s.transport is Transport.SSE and not self.store.shared]
         await self.close_many(legacy, CloseReason.RESTART)
         for pending in owed:
             self.closer.schedule(pending, {})
@@ -776,3 +914,7 @@ def _label(session: Session) -> str:
 
 def _nothing() -> None:
     pass
+
+
+def _tell_nobody(event: Event) -> None:
+    """No other sidecar shares the store."""

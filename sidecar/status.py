@@ -7,13 +7,13 @@ reuse them. The cost is bounded: counts are `len()` of the tables, the top-N lis
 the monitor's cached scan, and every list here is cut to a fixed length.
 
 Upstreams are a list from the start, so replicas (SPEC 2.8) add rows, not a new section;
-`health` stays "not checked" until health checks exist.
+`health` is a replica's last health check ("not checked" for a single upstream: it is never
+probed).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -106,16 +106,22 @@ def gather(service: Service) -> StatusPage:
 
 
 def upstream_rows(service: Service) -> list[UpstreamRow]:
-    """One row per pool member; with one member every live session is on it (no scan)."""
-    members = list(service.upstreams)
+    """One row per pool member; with one member every live session is on it (no scan), and
+    it is never probed (SPEC 2.8 health checks replicas), so its health is "not checked"."""
+    pool = service.upstreams
     live = service.manager.live
-    if len(members) == 1:
-        counts = {members[0][0]: len(live)}
-    else:
-        counts = Counter(s.binding.upstream for s in live.values() if s.binding is not None)
+    if len(pool) == 1:
+        ((name, member),) = list(pool)
+        return [UpstreamRow(name or "default", safe_url(str(member.url)), len(live), NOT_CHECKED)]
+    counts = pool.tally(s.binding.upstream for s in live.values() if s.binding is not None)
     return [
-        UpstreamRow(name or "default", safe_url(str(member.url)), counts.get(name, 0), NOT_CHECKED)
-        for name, member in members
+        UpstreamRow(
+            replica.name,
+            safe_url(str(replica.upstream.url)),
+            counts.get(replica.name, 0),
+            "up" if replica.up else "down",
+        )
+        for replica in pool.replicas
     ]
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from sidecar.app import Service
 from sidecar.config import load_settings
+from sidecar.status import upstream_rows
 from sidecar.upstream import UpstreamPool
 from tests.peers.mcp_clients import RawSession, eventually, raw_client, sdk_session, text_of
 from tests.peers.processes import (
@@ -143,6 +144,12 @@ async def test_the_health_checker_is_a_task_of_the_service_only_with_replicas(
         assert len(names) == 6  # closer, sweeper, flusher, purger, monitor, health
         # Nothing listens on either port: the first round marks both down.
         await eventually(lambda: not any(r.up for r in service.upstreams.replicas))
+        # The status page shows each replica's health as the checker left it.
+        names = [f"{HOST}:{port}" for port in ports]
+        rows = [(r.name, r.sessions, r.health) for r in upstream_rows(service)]
+        assert rows == [(name, 0, "down") for name in names]
+        service.upstreams.mark(names[1], True, "test")
+        assert [r.health for r in upstream_rows(service)] == ["down", "up"]
         # A reload changes both at once (default interval 5 s); the replicas stay as they are.
         config.write_text(config.read_text().replace("health_interval = 60", "down_grace = 5"))
         assert service.apply(load_settings(config, environ={})) == []

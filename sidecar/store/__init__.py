@@ -13,8 +13,8 @@ or raises `StoreError` having changed nothing; `write_activity` is the write-beh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..sessions import Session, State
 from .records import ActivityRow, PendingClose
@@ -27,6 +27,9 @@ class Store(Protocol):
     """What the sidecar needs of a session store."""
 
     transactions: int  # write transactions committed: for metrics and benchmarks
+    # Other sidecars may use this store at the same time (SPEC 2.8): the manager then reads
+    # the sessions it does not hold from it, and claims a session before closing it.
+    shared: bool
 
     async def open(self) -> None: ...
 
@@ -62,6 +65,27 @@ class Store(Protocol):
     async def get(self, session_id: str) -> Session | None: ...
 
     async def pending_closes(self) -> list[PendingClose]: ...
+
+    async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:
+        """Of (session id, upstream session id or None when dormant) pairs, the ids this
+        sidecar may close or hibernate; a store no other sidecar uses grants them all."""
+
+    async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
+        """The last use of each session as stored (other sidecars' activity included)."""
+
+    async def claim_owed(self, pending: PendingClose) -> bool:
+        """May this sidecar make this attempt at an owed DELETE? Sidecars sharing a store
+        each hold the owed DELETEs they read at their start: one of them sends each attempt."""
+
+    async def live_counts(self, client: str) -> tuple[int, int]:
+        """Live sessions across all sidecars sharing the store: in all, and of `client`
+        (only asked of a shared store)."""
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """Tell the other sidecars on this store of a close, pin or limit change."""
+
+    async def listen(self, deliver: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Hand each event another sidecar published to `deliver`, until cancelled."""
 
 
 def open_store(settings: StoreSettings) -> Store:

@@ -11,8 +11,20 @@ Layout under `key_prefix` (default "mcp-sidecar:"):
     schema          the layout's version (SCHEMA_VERSION); a newer one stops the start
     s:<id>          a hash per session: its fields as strings, a None field absent
     live, dormant   sets of session ids by state
+    clients         a hash: live sessions per client identity (limits across sidecars)
     closed          a sorted set of closed ids scored by closed_at (for `since` and purging)
     pending         a hash of owed DELETEs: "<upstream>\\n<upstream session id>" -> JSON
+    events          a pub/sub channel: closes, pins and limit changes told to the other
+                    sidecars, so they take effect on every one at once (SPEC 2.8)
+    owed:<upstream>\\n<upstream session id>:<attempt>
+                    the same for one attempt at an owed DELETE
+    claim:<id>:<upstream session id>
+                    a short-lived claim (SET NX with a TTL): the sidecar that set it closes or
+                    hibernates that session's upstream session; the others drop their copy
+
+Several sidecars may share one prefix (SPEC 2.8): activity merges (the last use is the latest
+any of them saw, request counts add), and a close or hibernation is preceded by a claim, so
+each upstream session is closed by exactly one of them.
 
 Values are written as Python prints them (`repr` of a float reads back exactly) and the
 scripts never convert them, so no precision is lost in Lua's numbers.
@@ -20,8 +32,11 @@ scripts never convert them, so no precision is lost in Lua's numbers.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -33,6 +48,8 @@ from ..config_render import mask_url_password
 from ..errors import StoreError, StoreTooNewError
 from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
 from .records import ActivityRow, PendingClose
+
+log = logging.getLogger("sidecar.store")
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "mcp-sidecar:"
@@ -50,6 +67,9 @@ RETRIES = 1
 #   {"op": "put", "id": ID, "fields": [name, value, ...]}     replace the session's record
 #   {"op": "update", "id": ID, "fields": [...], "when": S}    change an existing session
 #                                                             (only in state S when given)
+#   {"op": "touch", "id": ID, "last": T, "added": N, "fields": [...]}
+#                       activity of a live session: last use the later of T and the stored
+#                       one, N requests added (several sidecars' counts merge), fields set
 #   {"op": "pend", "field": F, "value": V} / {"op": "unpend", "field": F}
 # A JSON null value removes the field. The state indexes follow each session's new state.
 _APPLY = """
@@ -73,11 +93,19 @@ local function set_fields(key, fields)
   if #unset > 0 then redis.call('HDEL', key, unpack(unset)) end
   return moved
 end
+-- Live sessions per client: what max_sessions_per_client counts across sidecars.
+local function count_live(key, delta)
+  local client = redis.call('HGET', key, 'client') or ''
+  if redis.call('HINCRBY', prefix .. 'clients', client, delta) <= 0 then
+    redis.call('HDEL', prefix .. 'clients', client)
+  end
+end
 local function reindex(id, key)
-  redis.call('SREM', prefix .. 'live', id)
+  local was_live = redis.call('SREM', prefix .. 'live', id) == 1
   redis.call('SREM', prefix .. 'dormant', id)
   redis.call('ZREM', prefix .. 'closed', id)
   local state = redis.call('HGET', key, 'state')
+  if (state == 'live') ~= was_live then count_live(key, was_live and -1 or 1) end
   if state == 'closed' then
     redis.call('ZADD', prefix .. 'closed', redis.call('HGET', key, 'closed_at') or '0', id)
   elseif state then
@@ -87,6 +115,7 @@ end
 for _, op in ipairs(ops) do
   if op.op == 'put' then
     local key = prefix .. 's:' .. op.id
+    if redis.call('SREM', prefix .. 'live', op.id) == 1 then count_live(key, -1) end
     redis.call('DEL', key)
     set_fields(key, op.fields)
     reindex(op.id, key)
@@ -95,6 +124,15 @@ for _, op in ipairs(ops) do
     local state = redis.call('HGET', key, 'state')
     if state and (op.when == nil or op.when == state) then
       if set_fields(key, op.fields) then reindex(op.id, key) end
+    end
+  elseif op.op == 'touch' then
+    -- Activity from several sidecars merges: the latest use wins, request counts add.
+    local key = prefix .. 's:' .. op.id
+    if redis.call('HGET', key, 'state') == 'live' then
+      local last = tonumber(redis.call('HGET', key, 'last_activity_at') or '0')
+      if tonumber(op.last) > last then redis.call('HSET', key, 'last_activity_at', op.last) end
+      if op.added ~= 0 then redis.call('HINCRBY', key, 'requests', op.added) end
+      set_fields(key, op.fields)
     end
   elseif op.op == 'pend' then
     redis.call('HSET', prefix .. 'pending', op.field, op.value)
@@ -129,6 +167,51 @@ return purged
 """
 
 
+# ARGV[1] = prefix, ARGV[2] = the claim's TTL in ms, ARGV[3] = a JSON list of [id, upstream
+# session id] pairs ("" for a dormant session). A claim is won only if the session is still in
+# the state the caller saw (live on that upstream session, or dormant) and nobody holds it:
+# a sidecar that closed it, resumed it elsewhere or is closing it now makes the others lose.
+# The TTL only has to outlive the store write that follows; should the winner die before it,
+# the claim lapses and another sidecar closes the session.
+_CLAIM = """
+local prefix = ARGV[1]
+local won = {}
+for _, pair in ipairs(cjson.decode(ARGV[3])) do
+  local id, upstream_id = pair[1], pair[2]
+  local key = prefix .. 's:' .. id
+  local state = redis.call('HGET', key, 'state')
+  local current = (upstream_id == '' and state == 'dormant')
+    or (state == 'live' and redis.call('HGET', key, 'upstream_session_id') == upstream_id)
+  if current and redis.call(
+      'SET', prefix .. 'claim:' .. id .. ':' .. upstream_id, '1', 'NX', 'PX', ARGV[2]) then
+    won[#won + 1] = id
+  end
+end
+return won
+"""
+
+# Rebuilds the per-client counts of live sessions where a store written before they were kept
+# has none. ARGV[1] = prefix.
+_COUNT_CLIENTS = """
+local prefix = ARGV[1]
+if redis.call('EXISTS', prefix .. 'clients') == 1 then return 0 end
+for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'live')) do
+  local client = redis.call('HGET', prefix .. 's:' .. id, 'client') or ''
+  redis.call('HINCRBY', prefix .. 'clients', client, 1)
+end
+return 1
+"""
+
+# How long a claim holds when its winner never writes the close (it died in between).
+CLAIM_TTL = 30.0
+# How long the event listener waits for a message before it looks again (and notices a
+# broken connection); and how long it waits before subscribing again after a fault.
+LISTEN_POLL = 1.0
+LISTEN_RETRY = 1.0
+
+Event = dict[str, Any]
+
+
 class RedisStore:
     """Sessions in one Redis (or a Redis-compatible server), through redis-py's asyncio client."""
 
@@ -136,9 +219,15 @@ class RedisStore:
         self.url = url
         self.prefix = key_prefix
         self.transactions = 0  # write round trips applied: for metrics and benchmarks
+        self.shared = True  # other sidecars may use the same prefix (SPEC 2.8)
+        self.node = secrets.token_hex(8)  # names this process's events, to skip its own
+        # Each live session's request count as last read or written: the flush adds only what
+        # this sidecar counted since, so counts from several sidecars add up.
+        self._requests_seen: dict[str, int] = {}
         self._redis: aioredis.Redis | None = None
         self._apply: Any = None
         self._purge: Any = None
+        self._claim: Any = None
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
@@ -155,6 +244,7 @@ class RedisStore:
         self._redis = client
         self._apply = client.register_script(_APPLY)
         self._purge = client.register_script(_PURGE)
+        self._claim = client.register_script(_CLAIM)
         try:
             await self._check_schema()
         except RedisError as exc:
@@ -176,6 +266,8 @@ class RedisStore:
         key = self.prefix + "schema"
         await self.db.set(key, str(SCHEMA_VERSION), nx=True)
         version = int(await self.db.get(key) or 0)
+        if version <= SCHEMA_VERSION:
+            await self.db.eval(_COUNT_CLIENTS, 0, self.prefix)
         if version > SCHEMA_VERSION:
             raise StoreTooNewError(
                 f"the Redis store at {self.where} has schema version {version}, written by a "
@@ -214,6 +306,12 @@ class RedisStore:
 
     async def insert(self, session: Session) -> None:
         await self._write([{"op": "put", "id": session.id, "fields": _fields(session)}])
+        self._requests_seen[session.id] = session.requests
+
+    def _merge_use(self, session: Session) -> dict[str, Any]:
+        """The session's activity as a merging write (SPEC 2.8), forgetting its count."""
+        seen = self._requests_seen.pop(session.id, session.requests)
+        return _touch(session.id, session.last_activity_at, session.requests - seen, {})
 
     async def mark_closed_many(self, closes: Sequence[tuple[Session, PendingClose | None]]) -> None:
         ops: list[dict[str, Any]] = []
@@ -222,9 +320,8 @@ class RedisStore:
                 "state": State.CLOSED.value,
                 "close_reason": session.close_reason,
                 "closed_at": session.closed_at,
-                "last_activity_at": session.last_activity_at,
-                "requests": session.requests,
             }
+            ops.append(self._merge_use(session))
             ops.append(_update(session.id, fields))
             if pending is not None:
                 ops.append(_pend(pending))
@@ -239,10 +336,9 @@ class RedisStore:
                 "dormant_since": session.dormant_since,
                 "upstream": None,
                 "upstream_session_id": None,
-                "last_activity_at": session.last_activity_at,
-                "requests": session.requests,
                 "resume": _resume_json(session),
             }
+            ops.append(self._merge_use(session))
             ops.append(_update(session.id, fields))
             if pending is not None:
                 ops.append(_pend(pending))
@@ -267,8 +363,69 @@ class RedisStore:
 
     async def write_activity(self, rows: Sequence[ActivityRow]) -> None:
         """The write-behind flush: every dirty session in one script call, one round trip."""
-        if rows:
-            await self._write([_activity(row) for row in rows])
+        if not rows:
+            return
+        ops = [
+            _activity(row, row.requests - self._requests_seen.get(row.session_id, row.requests))
+            for row in rows
+        ]
+        await self._write(ops)
+        for row in rows:
+            self._requests_seen[row.session_id] = row.requests
+
+    async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:
+        """Claim sessions for closing or hibernating (SPEC 2.8): the ids this sidecar won.
+
+        Each pair is a session id and the upstream session id this sidecar holds it bound to
+        (None: dormant). Not a lock held across the upstream call: the claim is won once, the
+        close is written after it, and the DELETE it owes goes out like any other.
+        """
+        if not claims:
+            return set()
+        if self._claim is None or self._redis is None:
+            raise StoreError("the session store is not open")
+        pairs = [[session_id, upstream_id or ""] for session_id, upstream_id in claims]
+        try:
+            won = await self._claim(args=[self.prefix, int(CLAIM_TTL * 1000), json.dumps(pairs)])
+        except RedisError as exc:
+            raise StoreError(
+                f"claiming sessions in the Redis store at {self.where} failed ({exc})"
+            ) from exc
+        return set(cast(list[str], won))
+
+    async def claim_owed(self, pending: PendingClose) -> bool:
+        """Claim one attempt at an owed DELETE (SET NX with a TTL), keyed by its attempt
+        number: sidecars holding the same owed DELETE send each attempt once."""
+        key = f"{self.prefix}owed:{_pending_field(pending)}:{pending.attempts}"
+        try:
+            won = await self.db.set(key, "1", nx=True, px=int(CLAIM_TTL * 1000))
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+        return bool(won)
+
+    async def live_counts(self, client: str) -> tuple[int, int]:
+        """Live sessions across every sidecar on this prefix: in all, and of `client`."""
+        try:
+            async with self.db.pipeline(transaction=False) as pipe:
+                pipe.scard(self.prefix + "live")
+                pipe.hget(self.prefix + "clients", client)
+                total, mine = await pipe.execute()
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+        return int(total), int(mine or 0)
+
+    async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
+        """When each session was last used, as every sidecar's flushed activity says."""
+        if not session_ids:
+            return {}
+        try:
+            async with self.db.pipeline(transaction=False) as pipe:
+                for session_id in session_ids:
+                    pipe.hget(self._key(session_id), "last_activity_at")
+                found = await pipe.execute()
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+        return {i: float(v) for i, v in zip(session_ids, found, strict=True) if v is not None}
 
     async def save_pending(self, pending: PendingClose, error: str | None = None) -> None:
         await self._write([_pend(pending, error)])
@@ -288,6 +445,42 @@ class RedisStore:
         if purged:
             self.transactions += 1
         return purged
+
+    # ---- events between sidecars (SPEC 2.8) ----------------------------------------------
+    async def publish(self, event: Event) -> None:
+        """Tell the other sidecars on this prefix; a failure is a StoreError."""
+        message = json.dumps({**event, "from": self.node})
+        try:
+            await self.db.publish(self.prefix + "events", message)
+        except RedisError as exc:
+            raise StoreError(
+                f"publishing to the Redis store at {self.where} failed ({exc})"
+            ) from exc
+
+    async def listen(self, deliver: Callable[[Event], Awaitable[None]]) -> None:
+        """Hand every other sidecar's event to `deliver`, until cancelled.
+
+        A Redis fault ends the subscription; it is made again once Redis answers. Events
+        published meanwhile are missed: the claims and the store still decide every close,
+        and an id closed elsewhere gets its 404 once the session is read again.
+        """
+        while True:
+            try:
+                await self._listen_once(deliver)
+            except (RedisError, OSError) as exc:
+                log.warning("events from other sidecars interrupted: %s", exc)
+                await asyncio.sleep(LISTEN_RETRY)
+
+    async def _listen_once(self, deliver: Callable[[Event], Awaitable[None]]) -> None:
+        async with self.db.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(self.prefix + "events")
+            while True:
+                message = await pubsub.get_message(timeout=LISTEN_POLL)
+                if message is None or message.get("type") != "message":
+                    continue
+                event = json.loads(message["data"])
+                if isinstance(event, dict) and event.get("from") != self.node:
+                    await deliver(event)
 
     # ---- reads -------------------------------------------------------------------------
     async def load(self, state: State, since: float | None = None) -> list[Session]:
@@ -311,14 +504,25 @@ class RedisStore:
             for session_id in ids:
                 pipe.hgetall(self._key(session_id))
             hashes = await pipe.execute()
-        return [_session(h) for h in hashes if h]
+        sessions = [_session(h) for h in hashes if h]
+        self._note_counts(sessions)
+        return sessions
+
+    def _note_counts(self, sessions: Sequence[Session]) -> None:
+        for session in sessions:
+            if session.state is State.LIVE:
+                self._requests_seen[session.id] = session.requests
 
     async def get(self, session_id: str) -> Session | None:
         try:
             found = await self.db.hgetall(self._key(session_id))
         except RedisError as exc:
             raise _read_error(self, exc) from exc
-        return _session(cast(dict[str, str], found)) if found else None
+        if not found:
+            return None
+        session = _session(cast(dict[str, str], found))
+        self._note_counts([session])
+        return session
 
     async def pending_closes(self) -> list[PendingClose]:
         try:
@@ -357,19 +561,28 @@ def _update(session_id: str, fields: Mapping[str, object]) -> dict[str, Any]:
     return {"op": "update", "id": session_id, "fields": _flat(fields)}
 
 
-def _activity(row: ActivityRow) -> dict[str, Any]:
-    # Empty or None values keep what the session has, as in the SQLite flush.
-    fields: dict[str, object] = {
-        "last_activity_at": row.last_activity_at,
-        "requests": row.requests,
+def _touch(
+    session_id: str, last: float, added: int, fields: Mapping[str, object]
+) -> dict[str, Any]:
+    return {
+        "op": "touch",
+        "id": session_id,
+        "last": repr(float(last)),
+        "added": added,
+        "fields": _flat(fields),
     }
+
+
+def _activity(row: ActivityRow, added: int) -> dict[str, Any]:
+    # Empty or None values keep what the session has, as in the SQLite flush.
+    fields: dict[str, object] = {}
     if row.protocol_version is not None:
         fields["protocol_version"] = row.protocol_version
     if row.client_info:
         fields["client_info"] = row.client_info
     if row.resume is not None:
         fields["resume"] = row.resume
-    return {**_update(row.session_id, fields), "when": State.LIVE.value}
+    return _touch(row.session_id, row.last_activity_at, added, fields)
 
 
 def _pending_field(pending: PendingClose) -> str:
