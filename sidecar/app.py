@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from . import jsonrpc
+from . import heap, jsonrpc
 from . import log as sidecar_log
 from .closer import UpstreamCloser
 from .config import Settings
@@ -124,6 +124,8 @@ class Service:
             clock,
         )
         self.manager.close_listeners.append(self.monitor.record_close)
+        if freeze_heap:
+            self.manager.between_slices = heap.settle
         # Health checks only choose between replicas: one upstream is used whatever it does.
         self.health = (
             HealthChecker(

@@ -7,6 +7,7 @@ what it must receive (which DELETEs are owed, with what) is exactly what is unde
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,14 @@ from typing import Any, Literal
 
 import pytest
 
-from sidecar.manager import LimitReachedError, Limits, Outcome, SessionManager
+from sidecar.manager import (
+    ANNOUNCE_RUN,
+    SWEEP_SLICE,
+    LimitReachedError,
+    Limits,
+    Outcome,
+    SessionManager,
+)
 from sidecar.metrics import Metrics
 from sidecar.sessions import CloseReason, Policy, Session, State, Transport
 from sidecar.store import PendingClose
@@ -524,6 +532,43 @@ async def test_sweep_closes_only_expired_sessions(make: Factory) -> None:
     assert h.row("fresh")["close_reason"] == "idle_timeout"
     assert set(h.manager.live) == {"pinned"}
     assert await h.manager.sweep() == 0
+
+
+async def test_a_mass_expiry_lets_other_tasks_run_between_short_runs_of_closes(
+    make: Factory,
+) -> None:
+    """Ending thousands of sessions at once must not hold the event loop: a task beside the
+    sweep gets turns while the closes are being announced, at most ANNOUNCE_RUN apart, the
+    hook between slices runs after each slice, and every session still ends once with its
+    DELETE owed."""
+    h = await make()
+    count = 3 * SWEEP_SLICE + 7
+    await asyncio.gather(*(h.create(f"s{i}") for i in range(count)))
+    turns = 0
+    seen: list[int] = []  # the other task's turns as each close was announced
+    h.manager.close_listeners.append(lambda session, reason, now: seen.append(turns))
+    slices: list[int] = []
+    h.manager.between_slices = lambda: slices.append(len(seen))
+
+    async def beside() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(beside())
+    try:
+        h.clock.now = T0 + IDLE + EPS
+        assert await h.manager.sweep() == count
+    finally:
+        task.cancel()
+    assert len(seen) == count
+    assert h.manager.live == {}
+    assert len(h.closer.scheduled) == count
+    longest = max(len(list(run)) for _, run in itertools.groupby(seen))
+    assert longest <= ANNOUNCE_RUN
+    # The server freezes the heap between slices (heap.settle): once after each store write.
+    assert slices == [SWEEP_SLICE, 2 * SWEEP_SLICE, 3 * SWEEP_SLICE, count]
 
 
 async def test_sweep_forgets_tombstones_past_their_ttl(make: Factory) -> None:
