@@ -658,32 +658,64 @@ class SessionManager:
                 (self.clock() - now) * 1000,
             )
 
-    async def rebind(self, session: Session, binding: Binding, cause: str) -> None:
+    async def rebind(self, session: Session, binding: Binding, cause: str) -> bool:
         """A resume succeeded: the session is live again behind a new upstream session.
 
         Committed before the request that woke it is forwarded, so a crash right after
-        cannot restore it dormant while its new upstream session lives on unseen.
+        cannot restore it dormant while its new upstream session lives on unseen. False
+        when another sidecar on a shared store resumed (or closed) it first: nothing
+        changed here, and `binding` is this sidecar's to close (SPEC 2.8).
         """
-        was_dormant = session.dormant
         previous = session.binding
         session.binding = binding
         session.resumes += 1
         try:
-            await uncancellable(self.store.rebind(session))
+            rebound = await uncancellable(self.store.rebind(session, previous))
         except BaseException:
             session.binding = previous
             session.resumes -= 1
             raise
-        session.state = State.LIVE
-        session.dormant_since = None
-        if was_dormant:
-            self.dormant.remove(session.id)
-            self.live[session.id] = session
-            self.admission.bound(session.client)
-        self._schedule(session)  # its live deadline may come before its dormant one
+        if not rebound:
+            session.binding = previous
+            session.resumes -= 1
+            return False
+        self._go_live(session)
         self.metrics.sessions_resumed.labels(cause).inc()
         if self.store.shared:
             self.announce(moved([session]))
+        return True
+
+    def _go_live(self, session: Session) -> None:
+        """Live again with the binding it now has; listed and counted as live."""
+        session.state = State.LIVE
+        session.dormant_since = None
+        self.dormant.remove(session.id)
+        if session.id not in self.live:
+            self.live[session.id] = session
+            self.admission.bound(session.client)
+        self._schedule(session)  # its live deadline may come before its dormant one
+
+    async def take_winning_binding(self, session: Session) -> bool:
+        """Another sidecar resumed this session first (SPEC 2.8): take the binding it
+        stored, so the request is served on the upstream session that won. False when the
+        store holds no live binding for it (closed meanwhile, or unreadable): the copy
+        here is dropped, and a closed one answers 404 from now on."""
+        try:
+            stored = await self.store.get(session.id)
+        except StoreError as exc:
+            self.store_failed("read", exc)
+            stored = None
+        if stored is None or not stored.live or stored.binding is None:
+            if stored is not None and stored.state is State.CLOSED:
+                self._mark_closed(session, stored.close_reason or CloseReason.ADMIN, self.clock())
+            elif session.usable:
+                self._unlist(session, session.live)
+            return False
+        session.binding = stored.binding
+        session.protocol_version = stored.protocol_version
+        session.resumes = stored.resumes
+        self._go_live(session)
+        return True
 
     async def owe_close(
         self, binding: Binding, protocol_version: str | None, credentials: dict[str, str]
