@@ -263,13 +263,20 @@ class SessionManager:
                 self._mark_closed(session, reason, at)
                 log.info("session %s closed by another sidecar", session.short_id)
 
-    def moved_elsewhere(self, session_ids: list[str]) -> None:
+    def moved_elsewhere(self, session_ids: list[str], bound: list[str | None] | None) -> None:
         """Hibernated or resumed by another sidecar: the copy here is bound to an upstream
-        session that is gone; dropped, so the next request reads the session again."""
-        for session_id in session_ids:
+        session that is gone; dropped, so the next request reads the session again. A copy
+        already bound where the event says (`bound`, from a sidecar that sends it) is kept:
+        it took that binding after losing the race to resume it, and may be serving on it."""
+        now_bound = bound if bound is not None else [None] * len(session_ids)
+        for session_id, upstream_id in zip(session_ids, now_bound, strict=False):
             session = self.live.get(session_id) or self.dormant.get(session_id)
-            if session is not None:
-                self._unlist(session, session.live)
+            if session is None:
+                continue
+            current = session.binding
+            if session.live and current is not None and current.session_id == upstream_id:
+                continue
+            self._unlist(session, session.live)
 
     def pinned_elsewhere(self, session_ids: list[str], persistent: bool) -> None:
         for session_id in session_ids:
