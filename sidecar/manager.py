@@ -375,10 +375,28 @@ class SessionManager:
         victims = self._reserve(identity, now, stored)
         if victims:
             try:
+                if self.store.shared:
+                    victims = await uncancellable(self._claimed_victims(victims))
                 await uncancellable(self._persist_closes(victims, CloseReason.EVICTED, False, now))
             except BaseException:
                 self.release(identity)  # the caller only releases what admit() returned from
                 raise
+
+    async def _claimed_victims(self, victims: list[Session]) -> list[Session]:
+        """SPEC 2.8: an eviction is a close like any other, so on a shared store only the
+        victims this sidecar wins the claim for are closed (and DELETEd) by it. The others
+        were closed, hibernated or resumed by another sidecar meanwhile: their tombstones
+        here are forgotten, and the next request reads what that sidecar wrote."""
+        claims = [(v.id, None if v.binding is None else v.binding.session_id) for v in victims]
+        try:
+            won = await self.store.claim(claims)
+        except StoreError as exc:
+            self.store_failed("claim", exc)
+            won = set()
+        for victim in victims:
+            if victim.id not in won:
+                self.tombstones.forget(victim.id)
+        return [v for v in victims if v.id in won]
 
     async def _stored_counts(self, identity: str) -> tuple[int, int] | None:
         """SPEC 2.8: on a shared store the limits count every sidecar's live sessions, as
