@@ -731,9 +731,12 @@ class SessionManager:
             self.store_failed("read", exc)
             stored = None
         if stored is None or not stored.live or stored.binding is None:
-            if stored is not None and stored.state is State.CLOSED:
-                self._mark_closed(session, stored.close_reason or CloseReason.ADMIN, self.clock())
-            elif session.usable:
+            if not session.usable:
+                pass  # closed here already (the other sidecar's event came first)
+            elif stored is not None and stored.state is State.CLOSED:
+                reason = stored.close_reason or CloseReason.ADMIN
+                self._mark_closed(session, reason, stored.closed_at or self.clock())
+            else:
                 self._unlist(session, session.live)
             return False
         session.binding = stored.binding
