@@ -173,6 +173,9 @@ class Service:
                 self._tasks.append(asyncio.create_task(self.health.run(), name="sidecar-health"))
             if self.peers is not None:
                 self._tasks.append(asyncio.create_task(self.peers.run(), name="sidecar-peers"))
+                # DELETEs a sidecar that died was retrying: taken up without waiting for a start.
+                rescan = self.closer.rescan_periodically()
+                self._tasks.append(asyncio.create_task(rescan, name="sidecar-closer-rescan"))
         except BaseException:
             await self.stop()
             raise

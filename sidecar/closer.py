@@ -32,6 +32,11 @@ BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
 # 1+2+4+...+300 s: about two days of attempts before giving up, logged as abandoned.
 MAX_ATTEMPTS = 600
+# How often a sidecar on a shared store reads the owed DELETEs again (SPEC 2.8): those a
+# sidecar that died was retrying are taken over within this, not at some sidecar's restart.
+# Not below the owed-attempt claims' TTL: an attempt the dead sidecar claimed and never sent
+# is free again by the next read.
+RESCAN_INTERVAL = 45.0
 # DELETEs in flight at once: enough to hide the upstream's latency when 100,000 sessions
 # expire together (>= 2,000/s against a fast server), few enough not to flood it.
 PARALLEL_CLOSES = 32
@@ -55,12 +60,44 @@ class UpstreamCloser:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(PARALLEL_CLOSES)
         self._attempts: set[asyncio.Task[None]] = set()
+        # Owed DELETEs this closer holds (queued or being attempted): how many times each key
+        # is, so a rescan of a shared store schedules only the others.
+        self._held: dict[tuple[str, str], int] = {}
 
     def schedule(self, pending: PendingClose, credentials: Mapping[str, str]) -> None:
         if credentials:
             self._credentials[pending.key] = dict(credentials)
+        self._held[pending.key] = self._held.get(pending.key, 0) + 1
         heapq.heappush(self._queue, (pending.next_attempt_at, next(self._seq), pending))
         self._wake.set()
+
+    async def rescan(self) -> int:
+        """SPEC 2.8: take up the owed DELETEs now due that no closer here holds (a sidecar
+        that died was retrying them). Sending them twice is prevented by the per-attempt
+        claims, not here. Returns how many were scheduled; only on a shared store."""
+        if not self.store.shared:
+            return 0
+        now = self.clock()
+        taken = [
+            pending
+            for pending in await self.store.pending_closes()
+            if pending.key not in self._held and pending.next_attempt_at <= now
+        ]
+        for pending in taken:
+            self.schedule(pending, {})
+        if taken:
+            log.info("took up %d DELETEs owed by other sidecars", len(taken))
+        return len(taken)
+
+    async def rescan_periodically(self, interval: float = RESCAN_INTERVAL) -> None:
+        """Owned by the app on a shared store: `rescan` every `interval`, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.rescan()
+            except StoreError as exc:
+                self.metrics.store_errors.labels("pending").inc()
+                log.warning("reading the owed DELETEs failed: %s", exc)
 
     def retry_now(self, upstream: str) -> int:
         """A replica is back up: the DELETEs owed to it are due now, not at their backoff
@@ -114,6 +151,21 @@ class UpstreamCloser:
 
     async def _attempt(self, pending: PendingClose) -> None:
         try:
+            await self._attempt_held(pending)
+        finally:
+            self._release(pending)
+            self._slots.release()
+
+    def _release(self, pending: PendingClose) -> None:
+        """Its attempt is over (a retry is scheduled again before this)."""
+        left = self._held.get(pending.key, 0) - 1
+        if left > 0:
+            self._held[pending.key] = left
+        else:
+            self._held.pop(pending.key, None)
+
+    async def _attempt_held(self, pending: PendingClose) -> None:
+        try:
             if not await self._claimed(pending):
                 log.debug(
                     "session %s is closed upstream by another sidecar", short(pending.session_id)
@@ -139,8 +191,6 @@ class UpstreamCloser:
             log.error(
                 "could not record the upstream close of %s: %s", short(pending.session_id), exc
             )
-        finally:
-            self._slots.release()
 
     async def _claimed(self, pending: PendingClose) -> bool:
         """SPEC 2.8: on a store other sidecars share, send only the attempts won. A store

@@ -272,13 +272,20 @@ class SessionManager:
                 self._mark_closed(session, reason, at)
                 log.info("session %s closed by another sidecar", session.short_id)
 
-    def moved_elsewhere(self, session_ids: list[str]) -> None:
+    def moved_elsewhere(self, session_ids: list[str], bound: list[str | None] | None) -> None:
         """Hibernated or resumed by another sidecar: the copy here is bound to an upstream
-        session that is gone; dropped, so the next request reads the session again."""
-        for session_id in session_ids:
+        session that is gone; dropped, so the next request reads the session again. A copy
+        already bound where the event says (`bound`, from a sidecar that sends it) is kept:
+        it took that binding after losing the race to resume it, and may be serving on it."""
+        now_bound = bound if bound is not None else [None] * len(session_ids)
+        for session_id, upstream_id in zip(session_ids, now_bound, strict=False):
             session = self.live.get(session_id) or self.dormant.get(session_id)
-            if session is not None:
-                self._unlist(session, session.live)
+            if session is None:
+                continue
+            current = session.binding
+            if session.live and current is not None and current.session_id == upstream_id:
+                continue
+            self._unlist(session, session.live)
 
     def pinned_elsewhere(self, session_ids: list[str], persistent: bool) -> None:
         for session_id in session_ids:
@@ -377,10 +384,28 @@ class SessionManager:
         victims = self._reserve(identity, now, stored)
         if victims:
             try:
+                if self.store.shared:
+                    victims = await uncancellable(self._claimed_victims(victims))
                 await uncancellable(self._persist_closes(victims, CloseReason.EVICTED, False, now))
             except BaseException:
                 self.release(identity)  # the caller only releases what admit() returned from
                 raise
+
+    async def _claimed_victims(self, victims: list[Session]) -> list[Session]:
+        """SPEC 2.8: an eviction is a close like any other, so on a shared store only the
+        victims this sidecar wins the claim for are closed (and DELETEd) by it. The others
+        were closed, hibernated or resumed by another sidecar meanwhile: their tombstones
+        here are forgotten, and the next request reads what that sidecar wrote."""
+        claims = [(v.id, None if v.binding is None else v.binding.session_id) for v in victims]
+        try:
+            won = await self.store.claim(claims)
+        except StoreError as exc:
+            self.store_failed("claim", exc)
+            won = set()
+        for victim in victims:
+            if victim.id not in won:
+                self.tombstones.forget(victim.id)
+        return [v for v in victims if v.id in won]
 
     async def _stored_counts(self, identity: str) -> tuple[int, int] | None:
         """SPEC 2.8: on a shared store the limits count every sidecar's live sessions, as
@@ -673,32 +698,67 @@ class SessionManager:
                 (self.clock() - now) * 1000,
             )
 
-    async def rebind(self, session: Session, binding: Binding, cause: str) -> None:
+    async def rebind(self, session: Session, binding: Binding, cause: str) -> bool:
         """A resume succeeded: the session is live again behind a new upstream session.
 
         Committed before the request that woke it is forwarded, so a crash right after
-        cannot restore it dormant while its new upstream session lives on unseen.
+        cannot restore it dormant while its new upstream session lives on unseen. False
+        when another sidecar on a shared store resumed (or closed) it first: nothing
+        changed here, and `binding` is this sidecar's to close (SPEC 2.8).
         """
-        was_dormant = session.dormant
         previous = session.binding
         session.binding = binding
         session.resumes += 1
         try:
-            await uncancellable(self.store.rebind(session))
+            rebound = await uncancellable(self.store.rebind(session, previous))
         except BaseException:
             session.binding = previous
             session.resumes -= 1
             raise
-        session.state = State.LIVE
-        session.dormant_since = None
-        if was_dormant:
-            self.dormant.remove(session.id)
-            self.live[session.id] = session
-            self.admission.bound(session.client)
-        self._schedule(session)  # its live deadline may come before its dormant one
+        if not rebound:
+            session.binding = previous
+            session.resumes -= 1
+            return False
+        self._go_live(session)
         self.metrics.sessions_resumed.labels(cause).inc()
         if self.store.shared:
             self.announce(moved([session]))
+        return True
+
+    def _go_live(self, session: Session) -> None:
+        """Live again with the binding it now has; listed and counted as live."""
+        session.state = State.LIVE
+        session.dormant_since = None
+        self.dormant.remove(session.id)
+        if session.id not in self.live:
+            self.live[session.id] = session
+            self.admission.bound(session.client)
+        self._schedule(session)  # its live deadline may come before its dormant one
+
+    async def take_winning_binding(self, session: Session) -> bool:
+        """Another sidecar resumed this session first (SPEC 2.8): take the binding it
+        stored, so the request is served on the upstream session that won. False when the
+        store holds no live binding for it (closed meanwhile, or unreadable): the copy
+        here is dropped, and a closed one answers 404 from now on."""
+        try:
+            stored = await self.store.get(session.id)
+        except StoreError as exc:
+            self.store_failed("read", exc)
+            stored = None
+        if stored is None or not stored.live or stored.binding is None:
+            if not session.usable:
+                pass  # closed here already (the other sidecar's event came first)
+            elif stored is not None and stored.state is State.CLOSED:
+                reason = stored.close_reason or CloseReason.ADMIN
+                self._mark_closed(session, reason, stored.closed_at or self.clock())
+            else:
+                self._unlist(session, session.live)
+            return False
+        session.binding = stored.binding
+        session.protocol_version = stored.protocol_version
+        session.resumes = stored.resumes
+        self._go_live(session)
+        return True
 
     async def owe_close(
         self, binding: Binding, protocol_version: str | None, credentials: dict[str, str]

@@ -41,8 +41,15 @@ def closed(sessions: Iterable[Session], reason: CloseReason, at: float) -> Event
 
 
 def moved(sessions: Iterable[Session]) -> Event:
-    """Hibernated or resumed here: another sidecar's copy is bound to the old upstream."""
-    return {"kind": "moved", "ids": [s.id for s in sessions]}
+    """Hibernated or resumed here: another sidecar's copy is bound to the old upstream.
+    `bound` names each session's upstream session now (None: dormant), so a sidecar that
+    already took that binding (it lost the race to resume it) keeps its copy."""
+    listed = list(sessions)
+    return {
+        "kind": "moved",
+        "ids": [s.id for s in listed],
+        "bound": [None if s.binding is None else s.binding.session_id for s in listed],
+    }
 
 
 def pinned(session: Session) -> Event:
@@ -91,7 +98,7 @@ class Peers:
         if kind == "closed":
             manager.closed_elsewhere(ids, CloseReason(event["reason"]), float(event["at"]))
         elif kind == "moved":
-            manager.moved_elsewhere(ids)
+            manager.moved_elsewhere(ids, event.get("bound"))
         elif kind == "persistent":
             manager.pinned_elsewhere(ids, bool(event["persistent"]))
         elif kind == "limits":

@@ -376,3 +376,63 @@ async def test_deletes_owed_to_an_upstream_back_up_go_out_at_once(
     await h.settled()
     assert [s["headers"]["Mcp-Session-Id"] for s in fake.seen] == ["backed-off"]
     assert h.result("ok") == 1
+
+
+class SharedStore(Store):
+    """The SQLite file standing in for a store other sidecars share (SPEC 2.8): what the
+    rescan reads is what a dead sidecar left in it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.shared = True
+
+    async def claim_owed(self, pending: PendingClose) -> bool:
+        return True
+
+
+async def test_a_rescan_takes_up_the_due_deletes_another_sidecar_left_behind(
+    aiohttp_server: ServerFactory, fake: FakeUpstream, db_path: Path
+) -> None:
+    server = await aiohttp_server(fake.app())
+    store = SharedStore(str(db_path))
+    await store.open()
+    upstream = UpstreamPool(str(server.make_url("/mcp")), connect_timeout=1.0, read_timeout=2.0)
+    await upstream.start()
+    now = [1000.0]
+    closer = UpstreamCloser(upstream, store, Metrics(), clock=lambda: now[0])
+    task = asyncio.create_task(closer.run(), name="test-closer")
+    try:
+        # Owed by a sidecar that died: one due now, one at its backoff a minute later.
+        await store.save_pending(PendingClose("orphaned-due", "2025-06-18", 3, 990.0))
+        await store.save_pending(PendingClose("orphaned-later", "2025-06-18", 4, 1060.0))
+        held = PendingClose("held-here", "2025-06-18", 0, 1030.0)
+        await store.save_pending(held)
+        closer.schedule(held, {})
+
+        assert await closer.rescan() == 1
+        await eventually(
+            lambda: [s["headers"]["Mcp-Session-Id"] for s in fake.seen] == ["orphaned-due"]
+        )
+        now[0] = 1100.0  # both now due: only the one nobody here holds is taken up again
+        assert await closer.rescan() == 1
+        assert await closer.rescan() == 0  # held from now on: never scheduled twice
+        await eventually(lambda: len(fake.seen) == 3)
+        sent = sorted(s["headers"]["Mcp-Session-Id"] for s in fake.seen)
+        assert sent == ["held-here", "orphaned-due", "orphaned-later"]
+        await eventually(lambda: not closer.backlog)
+        assert await store.pending_closes() == []
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await upstream.close()
+        await store.close()
+
+
+async def test_a_store_of_its_own_is_never_rescanned(
+    start: Callable[[str], Awaitable[Harness]], aiohttp_server: ServerFactory, fake: FakeUpstream
+) -> None:
+    server = await aiohttp_server(fake.app())
+    h = await start(str(server.make_url("/mcp")))
+    await h.store.save_pending(PendingClose("restart-only", "2025-06-18", 0, 0.0))
+    assert await h.closer.rescan() == 0  # alone on its store, it read them all at its start

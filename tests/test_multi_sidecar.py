@@ -249,3 +249,53 @@ async def test_a_pin_on_one_sidecar_holds_on_the_other(cluster: Cluster) -> None
             return view["persistent"] is True
 
         await eventually(pinned_on_2, within=2, what="the pin seen by sidecar 2")
+
+
+async def test_two_sidecars_waking_one_dormant_session_leave_no_ghost_upstream_session(
+    cluster: Cluster, redis_server: RedisServer
+) -> None:
+    # SPEC 2.8: both sidecars resume the same dormant id at the same instant, each creating
+    # an upstream session; only one binding wins, and the other upstream session is DELETEd.
+    idle = 1.0
+    upstreams = [cluster.replica()]
+    sidecars = [
+        cluster.shared_sidecar(upstreams, idle_timeout=idle, idle_action="hibernate")
+        for _ in range(2)
+    ]
+    store = RedisStore(redis_server.url, PREFIX)
+    await store.open()
+    try:
+        async with raw_client() as http:
+            raw = RawSession(http, sidecars[0].url)
+            assert (await raw.initialize("woken-twice")).status_code == 200
+            assert raw.session_id is not None
+            # One session, two clients at once: their JSON-RPC ids must not collide.
+            both = [
+                RawSession(http, s.url, session_id=raw.session_id, next_id=1000 * (i + 1))
+                for i, s in enumerate(sidecars)
+            ]
+            for round_ in range(3):
+
+                async def dormant() -> bool:
+                    stored = await store.get(str(raw.session_id))
+                    return stored is not None and stored.dormant
+
+                await eventually(dormant, within=idle + 10, what="the session hibernated")
+                answers = await asyncio.gather(
+                    *(c.call_text("echo", {"text": f"r{round_}"}) for c in both)
+                )
+                assert answers == [f"r{round_}"] * 2
+            stored = await store.get(raw.session_id)
+            assert stored is not None
+            assert stored.binding is not None
+            bound = stored.binding.session_id
+            created = created_on(upstreams[0])
+
+            def ghosts() -> set[str]:
+                return created - {bound} - set(deletes_per_session(upstreams))
+
+            await eventually(lambda: not ghosts(), within=10, what="no ghost upstream session")
+            print("upstream sessions created:", len(created), "bound:", bound)
+            assert bound in created
+    finally:
+        await store.close()

@@ -307,6 +307,60 @@ async def test_rebind_makes_a_dormant_session_live_with_its_new_binding(store: S
     assert await store.load(State.DORMANT) == []
 
 
+def _resumed(dormant: Session, upstream_id: str) -> Session:
+    resumed = replace(dormant, runtime=None, resume=_resume())
+    resumed.state = State.LIVE
+    resumed.binding = Binding("up-c", upstream_id)
+    resumed.dormant_since = None
+    resumed.resumes = dormant.resumes + 1
+    return resumed
+
+
+async def test_only_the_first_of_two_rebinds_of_one_dormant_session_wins_a_shared_store(
+    store: Store,
+) -> None:
+    # SPEC 2.8: two sidecars woke the same dormant id at once, each with its own new upstream
+    # session; the second must learn it lost (and close its own), not overwrite the first.
+    dormant = await _insert_dormant(store, "client-1", since=T0 + 300)
+
+    first = await store.rebind(_resumed(dormant, "upstream-first"))
+    second = await store.rebind(_resumed(dormant, "upstream-second"))
+
+    assert first is True
+    assert second is (not store.shared)  # alone on its store, a sidecar cannot be beaten
+    got = await _get(store, "client-1")
+    assert got.state is State.LIVE
+    expected = "upstream-first" if store.shared else "upstream-second"
+    assert got.binding == Binding("up-c", expected)
+    assert [s.id for s in await store.load(State.LIVE)] == ["client-1"]
+
+
+async def test_a_lost_session_is_rebound_only_from_the_binding_it_still_has(store: Store) -> None:
+    dormant = await _insert_dormant(store, "client-1", since=T0 + 300)
+    assert await store.rebind(_resumed(dormant, "upstream-a"))
+    live = await _get(store, "client-1")
+
+    # Resumed from its current binding: wins. From one replaced meanwhile: loses when shared.
+    won = await store.rebind(_resumed(live, "upstream-b"), Binding("up-c", "upstream-a"))
+    stale = await store.rebind(_resumed(live, "upstream-c"), Binding("up-c", "upstream-a"))
+
+    assert won is True
+    assert stale is (not store.shared)
+    got = await _get(store, "client-1")
+    assert got.upstream_id == ("upstream-b" if store.shared else "upstream-c")
+
+
+async def test_a_closed_session_is_not_rebound_on_a_shared_store(store: Store) -> None:
+    dormant = await _insert_dormant(store, "client-1", since=T0 + 300)
+    await store.mark_closed_many([(_closed(dormant, T0 + 400, CloseReason.ADMIN), None)])
+
+    rebound = await store.rebind(_resumed(dormant, "upstream-late"))
+
+    assert rebound is (not store.shared)
+    if store.shared:
+        assert (await _get(store, "client-1")).state is State.CLOSED
+
+
 # ---- write-behind activity -----------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..sessions import Session, State
+from ..sessions import Binding, Session, State
 from .records import ActivityRow, PendingClose
 
 if TYPE_CHECKING:
@@ -44,8 +44,11 @@ class Store(Protocol):
     async def hibernate_many(self, sessions: Sequence[tuple[Session, PendingClose | None]]) -> None:
         """Make sessions dormant (all or none) and record the DELETEs of their old bindings."""
 
-    async def rebind(self, session: Session) -> None:
-        """A dormant or lost session resumed: live again with its new binding."""
+    async def rebind(self, session: Session, previous: Binding | None = None) -> bool:
+        """A dormant or lost session resumed: live again with its new binding. On a shared
+        store only if it is still as the caller saw it, dormant (`previous` None) or bound
+        to `previous`: False when another sidecar resumed or closed it first. A store no
+        other sidecar uses always rebinds."""
 
     async def set_persistent(self, session_id: str, persistent: bool) -> None: ...
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import StoreError
-from ..sessions import ResumeState, Session, State
+from ..sessions import Binding, ResumeState, Session, State
 from .records import ActivityRow, PendingClose
 
 
@@ -72,8 +72,8 @@ class MemoryStore:
             if pending is not None:
                 self.pending[pending.key] = (pending, None)
 
-    async def rebind(self, session: Session) -> None:
-        self._begin()
+    async def rebind(self, session: Session, previous: Binding | None = None) -> bool:
+        self._begin()  # unconditional: nothing else shares this store
         stored = self.sessions.get(session.id)
         if stored is not None:
             stored.state = State.LIVE
@@ -81,6 +81,7 @@ class MemoryStore:
             stored.binding = session.binding
             stored.protocol_version = session.protocol_version
             stored.resumes = session.resumes
+        return True
 
     async def set_persistent(self, session_id: str, persistent: bool) -> None:
         self._begin()

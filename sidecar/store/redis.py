@@ -67,11 +67,14 @@ RETRIES = 1
 #   {"op": "put", "id": ID, "fields": [name, value, ...]}     replace the session's record
 #   {"op": "update", "id": ID, "fields": [...], "when": S}    change an existing session
 #                                                             (only in state S when given)
+#   {"op": "update", ..., "bound": U}   only if the session is still live on upstream session
+#                       U, or dormant when U is "": a rebind another sidecar may have beaten
 #   {"op": "touch", "id": ID, "last": T, "added": N, "fields": [...]}
 #                       activity of a live session: last use the later of T and the stored
 #                       one, N requests added (several sidecars' counts merge), fields set
 #   {"op": "pend", "field": F, "value": V} / {"op": "unpend", "field": F}
 # A JSON null value removes the field. The state indexes follow each session's new state.
+# Returns how many conditional updates were refused ("when" or "bound" not met).
 _APPLY = """
 local prefix = ARGV[1]
 local ops = cjson.decode(ARGV[2])
@@ -100,6 +103,11 @@ local function count_live(key, delta)
     redis.call('HDEL', prefix .. 'clients', client)
   end
 end
+-- Still as the caller last saw it: live on upstream session `bound`, or dormant ("").
+local function still_bound(key, state, bound)
+  if bound == '' then return state == 'dormant' end
+  return state == 'live' and redis.call('HGET', key, 'upstream_session_id') == bound
+end
 local function reindex(id, key)
   local was_live = redis.call('SREM', prefix .. 'live', id) == 1
   redis.call('SREM', prefix .. 'dormant', id)
@@ -112,6 +120,7 @@ local function reindex(id, key)
     redis.call('SADD', prefix .. state, id)
   end
 end
+local refused = 0
 for _, op in ipairs(ops) do
   if op.op == 'put' then
     local key = prefix .. 's:' .. op.id
@@ -122,8 +131,11 @@ for _, op in ipairs(ops) do
   elseif op.op == 'update' then
     local key = prefix .. 's:' .. op.id
     local state = redis.call('HGET', key, 'state')
-    if state and (op.when == nil or op.when == state) then
+    if state and (op.when == nil or op.when == state)
+        and (op.bound == nil or still_bound(key, state, op.bound)) then
       if set_fields(key, op.fields) then reindex(op.id, key) end
+    else
+      refused = refused + 1
     end
   elseif op.op == 'touch' then
     -- Activity from several sidecars merges: the latest use wins, request counts add.
@@ -140,7 +152,7 @@ for _, op in ipairs(ops) do
     redis.call('HDEL', prefix .. 'pending', op.field)
   end
 end
-return #ops
+return refused
 """
 
 # ARGV[1] = prefix, ARGV[2] = older_than: delete closed sessions closed before it, except those
@@ -287,8 +299,9 @@ class RedisStore:
         return self._redis
 
     # ---- writes ------------------------------------------------------------------------
-    async def _write(self, ops: list[dict[str, Any]]) -> None:
-        """Apply operations in one atomic script call; a failure is a StoreError.
+    async def _write(self, ops: list[dict[str, Any]]) -> int:
+        """Apply operations in one atomic script call; a failure is a StoreError. Returns
+        how many conditional updates were refused.
 
         A call that fails after Redis ran it (the reply was lost) is reported as failed too;
         every operation is idempotent, so the caller's retry does no harm.
@@ -296,13 +309,14 @@ class RedisStore:
         if self._apply is None or self._redis is None:
             raise StoreError("the session store is not open")
         try:
-            await self._apply(args=[self.prefix, json.dumps(ops)])
+            refused = await self._apply(args=[self.prefix, json.dumps(ops)])
         except RedisError as exc:
             raise StoreError(
                 f"writing to the Redis store at {self.where} failed ({exc}); check that Redis "
                 "is running, reachable and not out of memory"
             ) from exc
         self.transactions += 1
+        return int(refused)
 
     async def insert(self, session: Session) -> None:
         await self._write([{"op": "put", "id": session.id, "fields": _fields(session)}])
@@ -345,7 +359,9 @@ class RedisStore:
         if ops:
             await self._write(ops)
 
-    async def rebind(self, session: Session) -> None:
+    async def rebind(self, session: Session, previous: Binding | None = None) -> bool:
+        """Conditional (SPEC 2.8): two sidecars waking the same session at once each create
+        an upstream session, and only the first rebind wins; the other is told so."""
         binding = session.binding
         assert binding is not None
         fields = {
@@ -356,7 +372,9 @@ class RedisStore:
             "protocol_version": session.protocol_version,
             "resumes": session.resumes,
         }
-        await self._write([_update(session.id, fields)])
+        update = _update(session.id, fields)
+        update["bound"] = "" if previous is None else previous.session_id
+        return await self._write([update]) == 0
 
     async def set_persistent(self, session_id: str, persistent: bool) -> None:
         await self._write([_update(session_id, {"persistent": persistent})])

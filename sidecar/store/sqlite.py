@@ -383,8 +383,9 @@ class SqliteStore:
         if statements:
             await self._write(statements)
 
-    async def rebind(self, session: Session) -> None:
-        """A resumed session: live again, bound to the upstream session just created."""
+    async def rebind(self, session: Session, previous: Binding | None = None) -> bool:
+        """A resumed session: live again, bound to the upstream session just created.
+        Unconditional: no other sidecar shares this file, so nobody can have beaten it."""
         binding = session.binding
         assert binding is not None
         await self._write(
@@ -403,6 +404,7 @@ class SqliteStore:
                 )
             ]
         )
+        return True
 
     async def set_persistent(self, session_id: str, persistent: bool) -> None:
         await self._write(

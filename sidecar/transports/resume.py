@@ -192,11 +192,15 @@ class Resumer:
             await self._give_up(session, exc)
             raise not_found("expired", request_id) from exc
         try:
-            await self.manager.rebind(session, Binding(name, new_id), cause)
+            rebound = await self.manager.rebind(session, Binding(name, new_id), cause)
         except StoreError as exc:
             self.manager.store_failed("resume", exc)
             await self.fw.delete_orphan(request, new_id, member)
             raise store_rejection(request_id) from exc
+        if not rebound:
+            await self._lost_race(session, Binding(name, new_id), request_id)
+            await self._join_held(session)
+            return
         if previous is not None and self._left_down_replica(previous, name):
             await self.manager.owe_close(previous, session.protocol_version, session.credentials)
         await self._join_held(session)
@@ -206,6 +210,24 @@ class Resumer:
             cause,
             short(new_id),
             (time.perf_counter() - started) * 1000,
+        )
+
+    async def _lost_race(
+        self, session: Session, mine: Binding, request_id: jsonrpc.RequestId | None
+    ) -> None:
+        """Another sidecar on the shared store resumed the session first (SPEC 2.8): the
+        upstream session created here is nobody's, so it is owed a DELETE (durable, retried
+        like any other), and the request goes to the binding that won."""
+        await self.manager.owe_close(mine, session.protocol_version, session.credentials)
+        if not await self.manager.take_winning_binding(session):
+            if not session.usable:
+                raise not_found("expired", request_id)  # closed by the other sidecar
+            raise store_rejection(request_id)  # unreadable now: the client's retry reads it
+        assert session.binding is not None
+        log.info(
+            "session %s was resumed by another sidecar first; its upstream %s is used",
+            session.short_id,
+            short(session.binding.session_id),
         )
 
     def _member_for(self, session: Session) -> str:
