@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .app import SERVICE, Service, errors_middleware
+from .errors import StoreError
 from .sessions import CloseReason, Session, State
 from .status import gather
 from .status_html import HEADERS, render
@@ -89,7 +90,12 @@ async def _auth_middleware(request: web.Request, handler: Handler) -> web.Stream
             "missing or wrong bearer token (admin.token)",
             **{"WWW-Authenticate": 'Bearer realm="mcp-sidecar"'},
         )
-    return await handler(request)
+    try:
+        return await handler(request)
+    except StoreError as exc:
+        # The store cannot answer (disk, Redis): say so and when to retry, never a 500.
+        log.warning("admin request %s %s: store failed: %s", request.method, request.path, exc)
+        return _error(503, f"the session store failed: {exc}", **{"Retry-After": "5"})
 
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})

@@ -195,12 +195,16 @@ class SessionManager:
 
     async def _adopt(self, session_id: str) -> Session | None:
         """SPEC 2.8: a session another sidecar on the same store created (or resumed) is
-        served here too, bound to the same upstream session; read once, then held."""
+        served here too, bound to the same upstream session; read once, then held.
+
+        A store that cannot answer raises (`StoreError`): the id may be a live session of
+        another sidecar, so the client must hear "retry later" (503), never "gone" (404).
+        """
         try:
             stored = await self.store.get(session_id)
         except StoreError as exc:
             self.store_failed("read", exc)
-            return None
+            raise
         held = self.live.get(session_id) or self.dormant.get(session_id)
         if stored is None or held is not None:
             return held  # unknown, or adopted by a concurrent request meanwhile

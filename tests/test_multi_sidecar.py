@@ -299,3 +299,35 @@ async def test_two_sidecars_waking_one_dormant_session_leave_no_ghost_upstream_s
             assert bound in created
     finally:
         await store.close()
+
+
+async def test_with_redis_down_a_session_only_the_other_sidecar_holds_is_a_503_not_a_404(
+    cluster: Cluster, redis_server: RedisServer
+) -> None:
+    # The id may be live on another sidecar: "gone" would make the client drop it for good.
+    upstream = cluster.replica()
+    holder, other = (cluster.shared_sidecar([upstream]) for _ in range(2))
+    async with raw_client() as http:
+        raw = RawSession(http, holder.url)
+        assert (await raw.initialize()).status_code == 200
+        await asyncio.to_thread(redis_server.stop, keep_data=True)
+        try:
+            raw.url = other.url
+            refused = await raw.post({"jsonrpc": "2.0", "id": 7, "method": "ping"})
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"]
+            assert refused.json()["id"] == 7
+            admin = await http.get(f"{other.admin_url}/sessions/{raw.session_id}")
+            assert admin.status_code == 503, admin.text
+            raw.url = holder.url  # the sidecar that holds it serves it meanwhile
+            assert await raw.call_text("echo", {"text": "held"}) == "held"
+        finally:
+            await asyncio.to_thread(redis_server.start)  # with its data, on the same port
+        raw.url = other.url
+
+        async def served() -> bool:
+            answer = await raw.post({"jsonrpc": "2.0", "id": 8, "method": "ping"})
+            return answer.status_code == 200
+
+        await eventually(served, what="the other sidecar serving the session once Redis is back")
+    assert "Traceback" not in other.output()

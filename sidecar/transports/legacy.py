@@ -30,7 +30,7 @@ from .. import jsonrpc
 from ..activity import classify
 from ..admission import LimitReachedError
 from ..clients import initialize_client
-from ..errors import UpstreamError
+from ..errors import StoreError, UpstreamError
 from ..forwarding import StreamRelay, is_event_stream, relay_stream
 from ..gate import SESSION_PARAMS
 from ..intake import RequestTimer, credentials, request_identity
@@ -39,7 +39,7 @@ from ..sessions import CloseReason, Session, Transport, short, valid_session_id
 from ..sse import Event
 from ..upstream import SESSION_HEADER
 from .forwarder import Forwarder, ping_watcher
-from .rejections import bad_session_id, limit_rejection, not_found
+from .rejections import NO_LOOKUP, bad_session_id, limit_rejection, not_found, store_rejection
 from .streamable import StreamableHttp
 
 log = logging.getLogger("sidecar.legacy")
@@ -126,7 +126,10 @@ class LegacySse:
             return await self.fw.relay(request, upstream, None, timer)
         if not valid_session_id(session_id):
             raise bad_session_id("session id in the message URL", batch.first_id)
-        resolution = await self.manager.resolve(session_id, request_identity(request))
+        try:
+            resolution = await self.manager.resolve(session_id, request_identity(request))
+        except StoreError as exc:
+            raise store_rejection(batch.first_id, NO_LOOKUP) from exc
         session = resolution.session
         if session is None or session.transport is not Transport.SSE:
             reason = resolution.outcome.value if session is None else Outcome.UNKNOWN.value

@@ -45,15 +45,16 @@ def limit_rejection(
     )
 
 
-def store_rejection(request_id: jsonrpc.RequestId | None) -> Rejected:
-    """503 with Retry-After: the store could not record a new session (SPEC 2.5)."""
+NO_RECORD = "The sidecar cannot record new sessions right now (its store failed); retry later"
+NO_LOOKUP = "The sidecar cannot look this session up right now (its store failed); retry later"
+
+
+def store_rejection(request_id: jsonrpc.RequestId | None, message: str = NO_RECORD) -> Rejected:
+    """503 with Retry-After: the store could not record a new session, or (on a store other
+    sidecars share) look up one this sidecar does not hold (SPEC 2.5, 2.8)."""
     return Rejected(
         503,
         "store_unavailable",
-        jsonrpc.error_body(
-            jsonrpc.SERVER_ERROR,
-            "The sidecar cannot record new sessions right now (its store failed); retry later",
-            request_id,
-        ),
+        jsonrpc.error_body(jsonrpc.SERVER_ERROR, message, request_id),
         {"Retry-After": STORE_RETRY_AFTER},
     )

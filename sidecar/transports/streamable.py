@@ -26,7 +26,13 @@ from ..manager import Outcome
 from ..sessions import CloseReason, Session, Transport, short, valid_session_id
 from ..upstream import PROTOCOL_HEADER, SESSION_HEADER
 from .forwarder import Forwarder, SessionLostError
-from .rejections import bad_session_id, limit_rejection, not_found, store_rejection
+from .rejections import (
+    NO_LOOKUP,
+    bad_session_id,
+    limit_rejection,
+    not_found,
+    store_rejection,
+)
 from .resume import Resumer, initial_resume_state, updated_setup
 
 log = logging.getLogger("sidecar.proxy")
@@ -62,7 +68,10 @@ class StreamableHttp:
         if not valid_session_id(session_id):
             raise bad_session_id("Mcp-Session-Id header", batch.first_id)
         identity = request_identity(request)
-        resolution = await self.manager.resolve(session_id, identity)
+        try:
+            resolution = await self.manager.resolve(session_id, identity)
+        except StoreError as exc:
+            raise store_rejection(batch.first_id, NO_LOOKUP) from exc
         session = resolution.session
         if session is None:
             if resolution.outcome is Outcome.UNKNOWN and self.fw.options.unknown == "forward":
