@@ -4,7 +4,8 @@ The manager is the store's only writer and sees records (`Session`, `PendingClos
 `ActivityRow`), never rows or keys. Backends: `sqlite.py` (the default, embedded; the only
 module that knows SQL), `redis.py` (`store.backend = "redis"`: one Redis several sidecars can
 share; the only module that knows Redis) and `memory.py` (for unit tests, and to show what the
-contract is without a database). All three are checked by the same contract tests
+contract is without a database); the two that are one process's alone inherit the sharing
+methods' answers from `unshared.py`. All three are checked by the same contract tests
 (`tests/test_store_contract.py`).
 
 The durability contract (SPEC 2.6): every `async` write below is durable when it returns,

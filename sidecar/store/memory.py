@@ -8,20 +8,19 @@ raise `StoreError`, as a full disk would, with nothing changed.
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 from ..errors import StoreError
 from ..sessions import Binding, ResumeState, Session, State
 from .records import ActivityRow, PendingClose
+from .unshared import UnsharedStore
 
 
-class MemoryStore:
+class MemoryStore(UnsharedStore):
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
         self.pending: dict[tuple[str, str], tuple[PendingClose, str | None]] = {}
-        self.shared = False  # this process's alone (SPEC 2.8 needs Redis)
         self.transactions = 0
         self.fail_writes = False
         self.opened = False
@@ -139,25 +138,6 @@ class MemoryStore:
 
     async def pending_closes(self) -> list[PendingClose]:
         return [pending for pending, _ in self.pending.values()]
-
-    async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:
-        """One sidecar per file: every claim is its own."""
-        return {session_id for session_id, _ in claims}
-
-    async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
-        return {}  # only this sidecar writes activity, and it holds the latest in memory
-
-    async def claim_owed(self, pending: PendingClose) -> bool:
-        return True
-
-    async def live_counts(self, client: str) -> tuple[int, int]:
-        raise StoreError("only a shared store counts across sidecars")
-
-    async def publish(self, event: dict[str, Any]) -> None:
-        """No other sidecar to tell."""
-
-    async def listen(self, deliver: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        """No other sidecar to hear from."""
 
 
 def _copy(session: Session) -> Session:

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from ..aio import uncancellable
 from ..errors import StoreCorruptError, StoreError, StoreTooNewError
 from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
 from .records import ActivityRow, PendingClose
+from .unshared import UnsharedStore
 
 log = logging.getLogger("sidecar.store")
 
@@ -121,13 +122,12 @@ FLUSH_SLICE = 5000
 BUSY_TIMEOUT = 2.0
 
 
-class SqliteStore:
+class SqliteStore(UnsharedStore):
     """Async access to the session database through one aiosqlite connection."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
-        self.shared = False  # this process's alone (SPEC 2.8 needs Redis)
         self.transactions = 0  # write transactions committed: for metrics and benchmarks
         # One connection, many writers (requests, flusher, closer attempts): without this, a
         # second BEGIN lands inside the first transaction and one COMMIT ends the other's.
@@ -487,25 +487,6 @@ class SqliteStore:
             return [
                 PendingClose(r[0], r[1], int(r[2]), float(r[3]), r[4] or "") async for r in cursor
             ]
-
-    async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:
-        """One sidecar per file: every claim is its own."""
-        return {session_id for session_id, _ in claims}
-
-    async def last_uses(self, session_ids: Sequence[str]) -> dict[str, float]:
-        return {}  # only this sidecar writes activity, and it holds the latest in memory
-
-    async def claim_owed(self, pending: PendingClose) -> bool:
-        return True
-
-    async def live_counts(self, client: str) -> tuple[int, int]:
-        raise StoreError("only a shared store counts across sidecars")
-
-    async def publish(self, event: dict[str, Any]) -> None:
-        """No other sidecar to tell."""
-
-    async def listen(self, deliver: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        """No other sidecar to hear from."""
 
 
 # SQLite's primary result code for an I/O error; extended codes (SQLITE_IOERR_WRITE, ...)
