@@ -9,6 +9,7 @@ module is imported as a sibling (`import benchlib`), and it puts the repository 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import uvloop
+from aiohttp import web
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -33,6 +35,8 @@ if str(REPO_ROOT) not in sys.path:
 
 HOST = "127.0.0.1"
 
+from sidecar.app import Service, build_proxy_app  # noqa: E402
+from sidecar.config import load_settings  # noqa: E402
 from tests.peers.processes import ManagedProcess, free_ports  # noqa: E402 - needs sys.path
 
 SESSION_HEADER = "Mcp-Session-Id"
@@ -403,6 +407,43 @@ def start_upstream(kind: str, workdir: Path) -> tuple[ManagedProcess, str]:
         process.stop()
         raise
     return process, f"http://{HOST}:{port}/mcp"
+
+
+@dataclass
+class InProcessSidecar:
+    """A sidecar running in the benchmark's own event loop."""
+
+    url: str  # its MCP endpoint
+    service: Service  # its store, manager and metrics, for the benchmark to read
+
+
+@contextlib.asynccontextmanager
+async def in_process_sidecar(
+    upstream_url: str, store: dict[str, Any]
+) -> AsyncIterator[InProcessSidecar]:
+    """A sidecar on free ports in front of `upstream_url` with this `store` section, served
+    by an aiohttp `AppRunner` in this event loop (no process of its own to measure around);
+    stopped on exit, which flushes and closes its store."""
+    listen, admin = free_ports(2)
+    settings = load_settings(
+        None,
+        environ={},
+        overrides={
+            "server": {"listen": f"{HOST}:{listen}"},
+            "upstream": {"url": upstream_url},
+            "store": store,
+            "admin": {"listen": f"{HOST}:{admin}"},
+            "log": {"level": "warning"},
+        },
+    )
+    service = Service(settings)
+    runner = web.AppRunner(build_proxy_app(service), access_log=None, handle_signals=False)
+    await runner.setup()  # opens the store and starts the flusher (cleanup_ctx)
+    try:
+        await web.TCPSite(runner, HOST, listen).start()
+        yield InProcessSidecar(f"http://{HOST}:{listen}/mcp", service)
+    finally:
+        await runner.cleanup()  # stops the service: final flush, store closed
 
 
 def run_in_workdir(main: Callable[[Path], Coroutine[Any, Any, None]]) -> int:

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from aiohttp import web
 from benchlib import (
-    HOST,
     LoadResult,
     McpSession,
     client_session,
     fmt,
+    in_process_sidecar,
     initialize,
     print_header,
     print_table,
@@ -40,9 +38,6 @@ from benchlib import (
     start_upstream,
 )
 
-from sidecar.app import Service, build_proxy_app
-from sidecar.config import load_settings
-from tests.peers.processes import free_ports
 from tests.peers.redis_server import RedisServer
 
 SETUPS = ("upstream alone", "1 sidecar, SQLite", "2 sidecars, Redis")
@@ -64,31 +59,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(args.sessions, args.requests, args.concurrency, args.rounds) < 1:
         parser.error("every count must be >= 1")
     return args
-
-
-@contextlib.asynccontextmanager
-async def sidecar(upstream_url: str, store: dict[str, str]) -> AsyncIterator[str]:
-    """One in-process sidecar; yields its URL."""
-    listen, admin = free_ports(2)
-    settings = load_settings(
-        None,
-        environ={},
-        overrides={
-            "server": {"listen": f"{HOST}:{listen}"},
-            "upstream": {"url": upstream_url},
-            "store": store,
-            "admin": {"listen": f"{HOST}:{admin}"},
-            "log": {"level": "warning"},
-        },
-    )
-    service = Service(settings)
-    runner = web.AppRunner(build_proxy_app(service), access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, HOST, listen).start()
-        yield f"http://{HOST}:{listen}/mcp"
-    finally:
-        await runner.cleanup()
 
 
 async def measure(urls: list[str], args: argparse.Namespace, totals: Totals) -> None:
@@ -116,11 +86,14 @@ async def one_round(
 ) -> dict[str, Totals]:
     measured = {name: Totals() for name in SETUPS}
     await measure([url], args, measured[SETUPS[0]])
-    async with sidecar(url, {"path": str(workdir / f"sessions-{number}.db")}) as one:
-        await measure([one], args, measured[SETUPS[1]])
+    async with in_process_sidecar(url, {"path": str(workdir / f"sessions-{number}.db")}) as one:
+        await measure([one.url], args, measured[SETUPS[1]])
     shared = {"backend": "redis", "url": redis.url, "key_prefix": f"bench-{number}:"}
-    async with sidecar(url, shared) as first, sidecar(url, shared) as second:
-        await measure([first, second], args, measured[SETUPS[2]])
+    async with (
+        in_process_sidecar(url, shared) as first,
+        in_process_sidecar(url, shared) as second,
+    ):
+        await measure([first.url, second.url], args, measured[SETUPS[2]])
     return measured
 
 

@@ -26,12 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from aiohttp import web
 from benchlib import (
-    HOST,
     LoadResult,
     client_session,
     fmt,
+    in_process_sidecar,
     initialize,
     print_header,
     print_table,
@@ -40,11 +39,9 @@ from benchlib import (
     start_upstream,
 )
 
-from sidecar.app import Service, build_proxy_app
 from sidecar.config import load_settings
 from sidecar.sessions import Binding, Session, Transport
 from sidecar.store import ActivityRow, Store, open_store
-from tests.peers.processes import free_ports
 from tests.peers.redis_server import RedisServer
 
 BACKENDS = ("sqlite", "redis")
@@ -83,42 +80,32 @@ def store_section(backend: str, workdir: Path, redis: RedisServer, tag: str) -> 
 
 
 async def through_the_sidecar(
-    backend: str, upstream_url: str, workdir: Path, redis: RedisServer, args: argparse.Namespace
+    backend: str,
+    upstream_url: str,
+    workdir: Path,
+    redis: RedisServer,
+    args: argparse.Namespace,
+    *,
+    tag: str,
 ) -> tuple[list[float], LoadResult]:
-    listen, admin = free_ports(2)
-    settings = load_settings(
-        None,
-        environ={},
-        overrides={
-            "server": {"listen": f"{HOST}:{listen}"},
-            "upstream": {"url": upstream_url},
-            "store": store_section(backend, workdir, redis, f"http-{listen}"),
-            "admin": {"listen": f"{HOST}:{admin}"},
-            "log": {"level": "warning"},
-        },
-    )
-    service = Service(settings)
-    runner = web.AppRunner(build_proxy_app(service), access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, HOST, listen).start()
-        url = f"http://{HOST}:{listen}/mcp"
-        async with client_session(args.concurrency) as client:
-            latencies, sessions = [], []
-            for _ in range(args.sessions):
-                start = time.perf_counter()
-                sessions.append(await initialize(client, url))
-                latencies.append(time.perf_counter() - start)
-            load = await run_load(
-                client,
-                sessions,
-                "ping",
-                requests=args.requests,
-                concurrency=args.concurrency,
-                max_seconds=120,
-            )
-    finally:
-        await runner.cleanup()
+    store = store_section(backend, workdir, redis, tag)
+    async with (
+        in_process_sidecar(upstream_url, store) as sidecar,
+        client_session(args.concurrency) as client,
+    ):
+        latencies, sessions = [], []
+        for _ in range(args.sessions):
+            start = time.perf_counter()
+            sessions.append(await initialize(client, sidecar.url))
+            latencies.append(time.perf_counter() - start)
+        load = await run_load(
+            client,
+            sessions,
+            "ping",
+            requests=args.requests,
+            concurrency=args.concurrency,
+            max_seconds=120,
+        )
     return latencies, load
 
 
@@ -236,7 +223,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         for round_number in range(args.rounds):
             for name in BACKENDS:
                 print(f"  round {round_number + 1}: {name} ...", file=sys.stderr, flush=True)
-                latencies, load = await through_the_sidecar(name, url, workdir, redis, args)
+                latencies, load = await through_the_sidecar(
+                    name, url, workdir, redis, args, tag=f"http-{round_number}"
+                )
                 totals[name].initialize += latencies
                 totals[name].load.add(load)
                 tag = f"alone-{round_number}"

@@ -25,13 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
 from benchlib import (
-    HOST,
     CpuWitness,
     LoadResult,
     client_session,
     fmt,
+    in_process_sidecar,
     initialize,
     print_header,
     print_table,
@@ -39,10 +38,6 @@ from benchlib import (
     run_load,
     start_upstream,
 )
-
-from sidecar.app import Service, build_proxy_app
-from sidecar.config import load_settings
-from tests.peers.processes import free_ports
 
 FLUSH_METRIC = "mcp_sidecar_store_flush_duration_seconds"
 
@@ -136,25 +131,11 @@ async def probe_initialize(url: str, burst: asyncio.Task[LoadResult] | None) -> 
 async def one_run(
     flush_interval: float, upstream_url: str, workdir: Path, args: argparse.Namespace
 ) -> Outcome:
-    listen, admin = free_ports(2)
     db_path = workdir / f"sessions-{flush_interval:g}.db"
-    settings = load_settings(
-        None,
-        environ={},
-        overrides={
-            "server": {"listen": f"{HOST}:{listen}"},
-            "upstream": {"url": upstream_url},
-            "store": {"path": str(db_path), "flush_interval": flush_interval},
-            "admin": {"listen": f"{HOST}:{admin}"},
-            "log": {"level": "warning"},
-        },
-    )
-    service = Service(settings)
-    runner = web.AppRunner(build_proxy_app(service), access_log=None, handle_signals=False)
-    await runner.setup()  # opens the store and starts the flusher (cleanup_ctx)
-    try:
-        await web.TCPSite(runner, HOST, listen).start()
-        url = f"http://{HOST}:{listen}/mcp"
+    store_settings = {"path": str(db_path), "flush_interval": flush_interval}
+    # Leaving the block stops the service: final flush, store closed.
+    async with in_process_sidecar(upstream_url, store_settings) as sidecar:
+        url, service = sidecar.url, sidecar.service
         store, registry = service.store, service.metrics.registry
 
         def flushes() -> float:
@@ -196,8 +177,6 @@ async def one_run(
             db_bytes = file_size(db_path)
             persisted = persisted_requests(db_path)
             in_memory = sum(s.requests for s in service.manager.live.values())
-    finally:
-        await runner.cleanup()  # stops the service: final flush, store closed
     if load.errors:
         print(f"  ! {load.errors} errors, first: {load.first_error}", file=sys.stderr)
     return Outcome(
