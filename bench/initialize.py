@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -126,7 +127,10 @@ def measure_wrk(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Seri
         for number in range(args.rounds):
             for path in PATHS if number % 2 == 0 else tuple(reversed(PATHS)):
                 before = asyncio.run(store_transactions(admin)) if path == "sidecar" else 0.0
+                spy = start_py_spy(args, pids[path]) if path == "sidecar" and not number else None
                 run = run_wrk(script, bases[path], ["-"], args, pids[path])
+                if spy is not None:
+                    spy.wait()
                 series[path].runs.append(run)
                 if path == "sidecar":
                     after = asyncio.run(store_transactions(admin))
@@ -134,6 +138,30 @@ def measure_wrk(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Seri
     finally:
         stop_stack(stack)
     return series, per_initialize
+
+
+def start_py_spy(args: argparse.Namespace, pid: int | None) -> subprocess.Popen[bytes] | None:
+    """`--py-spy FILE`: sample the sidecar during its first wrk round (raw folded stacks)."""
+    if not args.py_spy or pid is None:
+        return None
+    return subprocess.Popen(
+        [
+            os.environ.get("PY_SPY", "py-spy"),
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(max(1, args.seconds - 1)),
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "-o",
+            str(args.py_spy),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def report_wrk(series: dict[str, Series], per_initialize: list[float], connections: int) -> None:
@@ -264,6 +292,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (16-64)")
     parser.add_argument("--creations", type=int, default=20000, help="in-process, concurrent")
     parser.add_argument("--concurrency", type=int, default=64, help="in-process tasks")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        help="write py-spy's folded stacks of the sidecar's first round here "
+        "(py-spy from $PY_SPY or PATH; needs ptrace)",
+    )
     parser.add_argument("--skip-wrk", action="store_true")
     parser.add_argument("--skip-in-process", action="store_true")
     return parser.parse_args(argv)
