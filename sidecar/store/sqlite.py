@@ -124,7 +124,14 @@ _BATCHED: dict[str, tuple[str, int, str]] = {
         _COLUMNS.count(",") + 1,
         "",
     ),
-    "drop_pending": ("DELETE FROM pending_closes WHERE (upstream, session_id) IN (VALUES ", 2, ")"),
+    # Through a subquery: `IN (VALUES ...)` itself made SQLite scan the whole table (100,000
+    # owed rows: every drop a full scan), the SELECT lets it look each key up.
+    "drop_pending": (
+        "DELETE FROM pending_closes WHERE (upstream, session_id) IN "
+        "(SELECT column1, column2 FROM (VALUES ",
+        2,
+        "))",
+    ),
 }
 # Rows per batched statement: 500 x 19 parameters stay under SQLite's default limit (32,766).
 BATCH_ROWS = 500
