@@ -14,7 +14,13 @@ import pytest
 from sidecar.errors import StoreCorruptError, StoreError, StoreTooNewError
 from sidecar.sessions import CloseReason, Session, State, Transport
 from sidecar.store import ActivityRow, PendingClose
-from sidecar.store.sqlite import BATCH_ROWS, SCHEMA_VERSION, read_sessions
+from sidecar.store.sqlite import (
+    BATCH_ROWS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    _batched,
+    read_sessions,
+)
 from sidecar.store.sqlite import SqliteStore as Store
 
 T0 = 1_700_000_000.0
@@ -501,6 +507,16 @@ async def test_a_group_larger_than_one_statement_is_one_transaction_and_every_ro
     assert store.transactions == before + 1
     stored = {s.id: _fields(s) for s in await store.load(State.LIVE)}
     assert all(stored[s.id] == _fields(s) for s in sessions)
+
+
+def test_batched_drops_of_owed_deletes_look_keys_up_not_scan_the_table() -> None:
+    # With 100,000 owed DELETEs a scan per group of drops cut the close rate to a fifth.
+    [(sql, params)] = _batched([("drop_pending", ("up", f"s{i}"), None) for i in range(3)])
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.executescript(MIGRATIONS[0] + MIGRATIONS[1])
+        plan = " ".join(str(row[3]) for row in db.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert "SEARCH pending_closes USING" in plan, plan
+    assert "SCAN pending_closes" not in plan, plan
 
 
 async def test_grouped_drops_and_inserts_share_a_commit_and_each_lands(
