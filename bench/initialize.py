@@ -155,7 +155,7 @@ def start_py_spy(args: argparse.Namespace, pid: int | None) -> subprocess.Popen[
             "-r",
             "200",
             "-f",
-            "raw",
+            "flamegraph" if args.py_spy.suffix == ".svg" else "raw",
             "-o",
             str(args.py_spy),
         ],
@@ -295,7 +295,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--py-spy",
         type=Path,
-        help="write py-spy's folded stacks of the sidecar's first round here "
+        help="write py-spy's samples of the sidecar's first round here (a flame graph if "
+        "FILE ends in .svg, else folded stacks) "
         "(py-spy from $PY_SPY or PATH; needs ptrace)",
     )
     parser.add_argument("--skip-wrk", action="store_true")
