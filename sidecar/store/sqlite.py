@@ -109,7 +109,6 @@ _COLUMNS = (
     "last_activity_at, requests, persistent, state, close_reason, closed_at, upstream_endpoint, "
     "upstream, upstream_session_id, resume, dormant_since, resumes"
 )
-_PLACEHOLDERS = ", ".join("?" * (_COLUMNS.count(",") + 1))
 _V1_COLUMNS = _COLUMNS.split(", upstream,", maxsplit=1)[0] + ", '', id, NULL, NULL, 0"
 
 
