@@ -146,6 +146,7 @@ class Service:
             lambda: self.ready,
             lambda: len(self.manager.stuck),
         )
+        self.metrics.bind_store_transactions(lambda: self.store.transactions)
         self._tasks: list[asyncio.Task[None]] = []
         # Sidecars sharing one Redis tell each other of closes, pins and limits (SPEC 2.8).
         self.peers: Peers | None = None

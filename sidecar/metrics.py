@@ -160,6 +160,12 @@ class Metrics:
             "1 when the sidecar serves (as /readyz), 0 while starting or draining.",
             registry=r,
         )
+        self.store_transactions = Gauge(
+            PREFIX + "store_transactions",
+            "Write transactions the store committed since start (concurrent creations share "
+            "one: group commit; activity is written behind, one per flush).",
+            registry=r,
+        )
         self.stuck_clients = Gauge(
             PREFIX + "stuck_clients",
             "Clients (by label, bounded) that sent requests on closed session ids.",
@@ -176,6 +182,11 @@ class Metrics:
         """Read the live/dormant/closed gauges from the session table at scrape time."""
         for state in ("live", "dormant", "closed"):
             self.sessions.labels(state).set_function(_reader(counts, state))
+
+    def bind_store_transactions(self, transactions: Callable[[], int]) -> None:
+        """Read the store's own commit counter at scrape time (what a commit costs is the
+        ceiling of `initialize`s per second)."""
+        self.store_transactions.set_function(lambda: float(transactions()))
 
     def bind_upstreams(
         self, up: Callable[[], dict[str, bool]], sessions: Callable[[], dict[str, int]]

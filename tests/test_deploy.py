@@ -132,6 +132,8 @@ async def test_limit_ready_and_stuck_gauges_show_the_config_and_the_clients(
         closed_id = client.session_id
     assert_session_not_found(await raw_post(sidecar.url, closed_id))
     assert (await admin.scrape()).value(P + "stuck_clients") == 1
+    # The session's creation and its close, each committed before its answer (SPEC 2.6).
+    assert (await admin.scrape()).value(P + "store_transactions") >= 2
     sidecar.reload(sessions={"max_sessions": 80, "max_sessions_per_client": 0})
 
     async def reloaded() -> bool:

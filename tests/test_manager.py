@@ -320,6 +320,23 @@ async def test_upstream_gone_and_legacy_sessions_owe_no_upstream_delete(make: Fa
 # ---- limits --------------------------------------------------------------------------------------
 
 
+async def test_concurrent_creations_share_commits_and_each_is_on_disk_when_it_returns(
+    make: Factory,
+) -> None:
+    h = await make()
+    await h.create("first")  # the first commit runs alone; the others queue behind it
+    before = h.store.transactions
+
+    async def create_then_read(session_id: str) -> list[tuple[Any, ...]]:
+        await h.create(session_id)
+        return h.rows("SELECT id, state FROM sessions WHERE id=?", (session_id,))
+
+    ids = [f"group-{i:02d}" for i in range(64)]
+    found = await asyncio.gather(*(create_then_read(i) for i in ids))
+    assert found == [[(i, "live")] for i in ids]
+    assert h.store.transactions - before < len(ids)
+
+
 async def _admitted(h: Harness, session_id: str, identity: str = ALICE) -> Session:
     await h.manager.admit(identity)
     try:

@@ -14,7 +14,13 @@ import pytest
 from sidecar.errors import StoreCorruptError, StoreError, StoreTooNewError
 from sidecar.sessions import CloseReason, Session, State, Transport
 from sidecar.store import ActivityRow, PendingClose
-from sidecar.store.sqlite import SCHEMA_VERSION, read_sessions
+from sidecar.store.sqlite import (
+    BATCH_ROWS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    _batched,
+    read_sessions,
+)
 from sidecar.store.sqlite import SqliteStore as Store
 
 T0 = 1_700_000_000.0
@@ -36,6 +42,23 @@ def _session(session_id: str = "sess-1", **kw: object) -> Session:
     session = Session(**fields)  # type: ignore[arg-type]
     session.credentials = {"Authorization": "Bearer secret"}  # in memory: never stored
     return session
+
+
+def _fields(s: Session) -> tuple[object, ...]:
+    """What the store keeps of a session (Sessions compare by identity)."""
+    return (
+        s.id,
+        s.transport,
+        s.client,
+        s.created_at,
+        s.last_activity_at,
+        s.protocol_version,
+        s.user_agent,
+        s.client_info,
+        s.requests,
+        s.state,
+        s.binding,
+    )
 
 
 def _rows(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -466,6 +489,53 @@ async def test_each_grouped_insert_is_on_disk_when_its_await_returns(
     found = await asyncio.gather(*(insert_then_read(f"g{i:02d}") for i in range(50)))
     assert all(rows == [(f"g{i:02d}",)] for i, rows in enumerate(found))
     assert store.transactions < 50
+
+
+async def test_a_group_larger_than_one_statement_is_one_transaction_and_every_row_exact(
+    store: Store, db_path: Path
+) -> None:
+    # More rows than one batched statement holds (BATCH_ROWS): several statements, still one
+    # commit after the first insert's own, and every field as it was given.
+    await store.insert(_session("first"))
+    count = BATCH_ROWS * 2 + 7
+    sessions = [
+        _session(f"b{i:04d}", created_at=T0 + i / 7, client_info=f"c{i} é", requests=i)
+        for i in range(count)
+    ]
+    before = store.transactions
+    await asyncio.gather(*(store.insert(s) for s in sessions))
+    assert store.transactions == before + 1
+    stored = {s.id: _fields(s) for s in await store.load(State.LIVE)}
+    assert all(stored[s.id] == _fields(s) for s in sessions)
+
+
+def test_batched_drops_of_owed_deletes_look_keys_up_not_scan_the_table() -> None:
+    # With 100,000 owed DELETEs a scan per group of drops cut the close rate to a fifth.
+    [(sql, params)] = _batched([("drop_pending", ("up", f"s{i}"), None) for i in range(3)])
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.executescript(MIGRATIONS[0] + MIGRATIONS[1])
+        plan = " ".join(str(row[3]) for row in db.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert "SEARCH pending_closes USING" in plan, plan
+    assert "SCAN pending_closes" not in plan, plan
+
+
+async def test_grouped_drops_and_inserts_share_a_commit_and_each_lands(
+    store: Store, db_path: Path
+) -> None:
+    owed = [PendingClose(f"p{i:02d}", None, 0, T0, "up-a" if i % 2 else "") for i in range(30)]
+    for pending in owed:
+        await store.save_pending(pending)
+    kept = PendingClose("p00", None, 0, T0, "up-b")  # same session id, another upstream
+    await store.save_pending(kept)
+    await store.insert(_session("first"))
+    before = store.transactions
+    await asyncio.gather(
+        *(store.drop_pending(p) for p in owed),
+        *(store.insert(_session(f"n{i}")) for i in range(30)),
+    )
+    assert store.transactions == before + 1
+    assert _rows(db_path, "SELECT upstream, session_id FROM pending_closes") == [("up-b", "p00")]
+    assert len(_rows(db_path, "SELECT id FROM sessions WHERE id LIKE 'n%'")) == 30
 
 
 @pytest.mark.parametrize("yields", range(8))

@@ -110,9 +110,31 @@ _COLUMNS = (
     "last_activity_at, requests, persistent, state, close_reason, closed_at, upstream_endpoint, "
     "upstream, upstream_session_id, resume, dormant_since, resumes"
 )
-_PLACEHOLDERS = ", ".join("?" * (_COLUMNS.count(",") + 1))
 _V1_COLUMNS = _COLUMNS.split(", upstream,", maxsplit=1)[0] + ", '', id, NULL, NULL, 0"
 
+
+# Group commit: the rows of a group go to SQLite as one multi-row statement (up to
+# BATCH_ROWS rows each, parameters bound as usual), so a group of any size costs a few hops to
+# aiosqlite's thread and a few sqlite3_step calls, not one of each per row: each hop and each
+# step re-takes the GIL from the busy event loop. Per kind: the statement up to its rows, the
+# width of a row, and what follows the rows.
+_BATCHED: dict[str, tuple[str, int, str]] = {
+    "insert": (
+        f"INSERT OR REPLACE INTO sessions ({_COLUMNS}) VALUES ",
+        _COLUMNS.count(",") + 1,
+        "",
+    ),
+    # Through a subquery: `IN (VALUES ...)` itself made SQLite scan the whole table (100,000
+    # owed rows: every drop a full scan), the SELECT lets it look each key up.
+    "drop_pending": (
+        "DELETE FROM pending_closes WHERE (upstream, session_id) IN "
+        "(SELECT column1, column2 FROM (VALUES ",
+        2,
+        "))",
+    ),
+}
+# Rows per batched statement: 500 x 19 parameters stay under SQLite's default limit (32,766).
+BATCH_ROWS = 500
 
 # Rows per statement of the activity flush (one transaction still holds them all).
 FLUSH_SLICE = 5000
@@ -133,7 +155,7 @@ class SqliteStore(UnsharedStore):
         # second BEGIN lands inside the first transaction and one COMMIT ends the other's.
         self._write_lock = asyncio.Lock()
         # Group commit: single-row writes queued while a transaction runs share the next one.
-        self._queued: list[tuple[tuple[str, Sequence[Any]], asyncio.Future[None]]] = []
+        self._queued: list[tuple[str, Sequence[Any], asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
         # Set when a write failed with an I/O error (SQLITE_IOERR): the connection's file
         # handles may point at a filesystem that went away (shut down, remounted), so the
@@ -294,18 +316,19 @@ class SqliteStore(UnsharedStore):
                 ) from exc
             self.transactions += 1
 
-    async def _write_grouped(self, statement: tuple[str, Sequence[Any]]) -> None:
-        """One statement, durable when this returns, in a transaction it may share.
+    async def _write_grouped(self, batch: str, row: Sequence[Any]) -> None:
+        """One row of a batched statement (`_BATCHED`), durable when this returns, in a
+        transaction it may share.
 
         Concurrent `initialize`s each need their session committed before they answer
-        (SPEC 2.6); one transaction each capped creation at ~730/s. Statements that arrive
-        while a transaction is under way wait for the next one, which commits them all: each
-        caller still hears only after its own row is on disk, or gets the StoreError that
-        rolled the whole group back. Shielded like `_write`: a caller that goes away does not
-        take its row out of a transaction already chosen.
+        (SPEC 2.6); one transaction each capped creation at ~730/s. Rows that arrive while a
+        transaction is under way wait for the next one, which commits them all: each caller
+        still hears only after its own row is on disk, or gets the StoreError that rolled the
+        whole group back. Shielded like `_write`: a caller that goes away does not take its
+        row out of a transaction already chosen.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queued.append((statement, future))
+        self._queued.append((batch, row, future))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_queued(), name="sqlite-group")
         await asyncio.shield(future)
@@ -314,26 +337,21 @@ class SqliteStore(UnsharedStore):
         while self._queued:
             group, self._queued = self._queued, []
             try:
-                await uncancellable(self._transaction([statement for statement, _ in group]))
+                await uncancellable(self._transaction(_batched(group)))
             except BaseException as exc:
-                for _, future in group:
+                for _, _, future in group:
                     if not future.done():
                         future.set_exception(exc)
                         future.exception()  # read here: a caller that went away never will
                 if not isinstance(exc, StoreError):
                     raise
             else:
-                for _, future in group:
+                for _, _, future in group:
                     if not future.done():
                         future.set_result(None)
 
     async def insert(self, session: Session) -> None:
-        await self._write_grouped(
-            (
-                f"INSERT OR REPLACE INTO sessions ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
-                _row(session),
-            )
-        )
+        await self._write_grouped("insert", _row(session))
 
     async def mark_closed_many(self, closes: Sequence[tuple[Session, PendingClose | None]]) -> None:
         """Close sessions and record the DELETEs they owe, all in one transaction: either
@@ -432,12 +450,7 @@ class SqliteStore(UnsharedStore):
 
     async def drop_pending(self, pending: PendingClose) -> None:
         """Grouped: closing many sessions upstream at once must not cost a commit each."""
-        await self._write_grouped(
-            (
-                "DELETE FROM pending_closes WHERE upstream=? AND session_id=?",
-                (pending.upstream, pending.session_id),
-            )
-        )
+        await self._write_grouped("drop_pending", (pending.upstream, pending.session_id))
 
     async def purge_tombstones(self, older_than: float) -> int:
         """Delete closed sessions closed before `older_than` that owe no upstream DELETE."""
@@ -515,6 +528,25 @@ def _activity_params(r: ActivityRow) -> tuple[Any, ...]:
         r.session_id,
         r.resume,
     )
+
+
+def _batched(
+    group: Sequence[tuple[str, Sequence[Any], object]],
+) -> list[tuple[str, Sequence[Any]]]:
+    """The group's rows as multi-row statements, kinds in the order they first came (a drop
+    and an insert never concern the same row, so the order between kinds is free)."""
+    rows: dict[str, list[Sequence[Any]]] = {}
+    for batch, row, _ in group:
+        rows.setdefault(batch, []).append(row)
+    statements: list[tuple[str, Sequence[Any]]] = []
+    for batch, batch_rows in rows.items():
+        head, width, tail = _BATCHED[batch]
+        one = "(" + ", ".join("?" * width) + ")"
+        for first in range(0, len(batch_rows), BATCH_ROWS):
+            chunk = batch_rows[first : first + BATCH_ROWS]
+            params = [value for row in chunk for value in row]
+            statements.append((head + ", ".join([one] * len(chunk)) + tail, params))
+    return statements
 
 
 def _pending_upsert(pending: PendingClose, error: str | None = None) -> tuple[str, Sequence[Any]]:
