@@ -43,21 +43,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar import heap  # noqa: E402
-from sidecar.admission import Limits  # noqa: E402
-from sidecar.manager import SessionManager  # noqa: E402
-from sidecar.metrics import Metrics  # noqa: E402
-from sidecar.monitor import Monitor  # noqa: E402
-from sidecar.sessions import Policy, ResumeState, Session, Transport  # noqa: E402
-from sidecar.store import PendingClose  # noqa: E402
-from sidecar.store.sqlite import SqliteStore  # noqa: E402
-from sidecar.sweeper import Sweeper  # noqa: E402
+from sidecar import heap
+from sidecar.admission import Limits
+from sidecar.manager import SessionManager
+from sidecar.metrics import Metrics
+from sidecar.monitor import Monitor
+from sidecar.sessions import Policy, ResumeState, Session, Transport
+from sidecar.store import PendingClose
+from sidecar.store.sqlite import SqliteStore
+from sidecar.sweeper import Sweeper
 
 T0 = 1_700_000_000.0
 IDLE = 3600.0
 STALL = 0.010  # the target: no callback holds the loop longer
 SAMPLE_AFTER = 0.002  # the sampler looks at the main thread once a callback ran this long
 CREATE_BATCH = 2000
+TOP = 5  # callbacks over STALL listed under each phase's row
 
 
 class Clock:
@@ -86,6 +87,7 @@ class Held:
     seconds: float
     what: str
     where: str
+    inside: str = ""  # what the sampler saw while this callback ran
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Recorder:
     collections: list[tuple[int, float]] = field(default_factory=list)
     samples: Counter[str] = field(default_factory=Counter)
     current_start: float = 0.0  # when the running callback began (0: none running)
+    current_samples: list[str] = field(default_factory=list)
     _gc_start: float = 0.0
 
     def reset(self) -> None:
@@ -144,6 +147,7 @@ def _wrap_handles() -> None:
     run = asyncio.Handle._run
 
     def timed(handle: asyncio.Handle) -> None:
+        RECORDER.current_samples = []
         start = RECORDER.current_start = time.perf_counter()
         try:
             run(handle)
@@ -152,7 +156,9 @@ def _wrap_handles() -> None:
             RECORDER.current_start = 0.0
             if took > 0.001:
                 what, where = _describe(handle)
-                RECORDER.held.append(Held(took, what, where))
+                seen = Counter(RECORDER.current_samples).most_common(3)
+                inside = ", ".join(f"{k} x{n}" for k, n in seen)
+                RECORDER.held.append(Held(took, what, where, inside))
 
     asyncio.Handle._run = timed  # type: ignore[method-assign]
 
@@ -173,7 +179,9 @@ def _sampler(stop: threading.Event) -> None:
         start = RECORDER.current_start
         if start and time.perf_counter() - start > SAMPLE_AFTER:
             frame = sys._current_frames().get(MAIN_THREAD)  # type: ignore[arg-type]
-            RECORDER.samples[_innermost_sidecar(frame)] += 1
+            found = _innermost_sidecar(frame)
+            RECORDER.samples[found] += 1
+            RECORDER.current_samples.append(found)
 
 
 async def _ticker(stop: asyncio.Event) -> None:
@@ -211,7 +219,7 @@ class Row:
             f"{lags[-1] * 1000:.1f}",
             f"{p99 * 1000:.1f}",
             f"{worst.seconds * 1000:.1f}",
-            f"{worst.what} @ {worst.where}",
+            f"{worst.what} @ {worst.where} [{worst.inside}]",
             str(over),
             gcs,
             top,
@@ -247,6 +255,9 @@ async def measure(phase: str, work: Callable[[], Awaitable[object]]) -> Row:
         Counter(RECORDER.samples),
     )
     print(" | ".join(row.cells()), flush=True)
+    for held in sorted(row.held, key=lambda h: -h.seconds)[:TOP]:
+        if held.seconds > STALL:
+            print(f"#   {held.seconds * 1000:.1f} ms {held.what} @ {held.where} [{held.inside}]")
     return row
 
 
@@ -316,16 +327,18 @@ async def run_flusher(manager: SessionManager) -> None:
         await manager.flush()
 
 
-async def dirty_all(manager: SessionManager) -> None:
+def dirty_all(manager: SessionManager) -> None:
+    """Every session touched (outside the measured phase: only the flush is measured)."""
     for session in manager.live.values():
         manager.touch(session)
-    await manager.flush()
 
 
 async def main(count: int, phases: set[str]) -> list[Row]:
     _wrap_handles()
     gc.callbacks.append(RECORDER.on_gc)
-    log_file = tempfile.NamedTemporaryFile("w", prefix="stalls-", suffix=".log", delete=False)
+    log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open for the whole run
+        "w", prefix="stalls-", suffix=".log", delete=False
+    )
     handler = logging.StreamHandler(log_file)
     logging.getLogger("sidecar").addHandler(handler)  # per-close lines cost what they cost
     logging.getLogger("sidecar").setLevel(logging.INFO)
@@ -378,9 +391,8 @@ async def close_phases(directory: str, count: int, phases: set[str]) -> list[Row
         else:
             await sweeper.sweep_once()
         if "flush" in phases:
-            rows.append(
-                await measure(f"flush of {len(manager.live)} dirty", lambda: dirty_all(manager))
-            )
+            dirty_all(manager)
+            rows.append(await measure(f"flush of {len(manager.live)} dirty", manager.flush))
         if "burst" in phases:
             live = list(manager.live.values())
             rows.append(

@@ -114,7 +114,7 @@ _V1_COLUMNS = _COLUMNS.split(", upstream,", maxsplit=1)[0] + ", '', id, NULL, NU
 
 
 # Rows per statement of the activity flush (one transaction still holds them all).
-FLUSH_SLICE = 5000
+FLUSH_SLICE = 1000
 
 # How long a write waits for another process's lock before it fails: an `initialize` waits
 # on this write, so it must end in a 503 within a bounded time, not hang (SPEC 2.5).
