@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
 import logging
 import os
+import pstats
 import sys
 import tempfile
 import threading
@@ -58,6 +60,7 @@ IDLE = 3600.0
 STALL = 0.010  # the target: no callback holds the loop longer
 SAMPLE_AFTER = 0.002  # the sampler looks at the main thread once a callback ran this long
 CREATE_BATCH = 2000
+PROFILE = os.environ.get("STALLS_PROFILE", "")  # a phase name's start: cProfile it
 TOP = 5  # callbacks over STALL listed under each phase's row
 
 
@@ -85,6 +88,7 @@ class QueuingCloser:
 @dataclass
 class Held:
     seconds: float
+    cpu: float  # of that, the main thread's own CPU time (the rest: waiting for CPU, GIL, I/O)
     what: str
     where: str
     inside: str = ""  # what the sampler saw while this callback ran
@@ -149,16 +153,18 @@ def _wrap_handles() -> None:
     def timed(handle: asyncio.Handle) -> None:
         RECORDER.current_samples = []
         start = RECORDER.current_start = time.perf_counter()
+        cpu = time.thread_time()
         try:
             run(handle)
         finally:
             took = time.perf_counter() - start
+            cpu = time.thread_time() - cpu
             RECORDER.current_start = 0.0
             if took > 0.001:
                 what, where = _describe(handle)
                 seen = Counter(RECORDER.current_samples).most_common(3)
                 inside = ", ".join(f"{k} x{n}" for k, n in seen)
-                RECORDER.held.append(Held(took, what, where, inside))
+                RECORDER.held.append(Held(took, cpu, what, where, inside))
 
     asyncio.Handle._run = timed  # type: ignore[method-assign]
 
@@ -206,7 +212,8 @@ class Row:
     def cells(self) -> list[str]:
         lags = sorted(self.lags) or [0.0]
         p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
-        worst = max(self.held, key=lambda h: h.seconds, default=Held(0.0, "-", ""))
+        worst = max(self.held, key=lambda h: h.seconds, default=Held(0.0, 0.0, "-", ""))
+        hungriest = max(self.held, key=lambda h: h.cpu, default=worst)
         over = sum(1 for h in self.held if h.seconds > STALL)
         gcs = f"{len(self.collections)}"
         if self.collections:
@@ -218,7 +225,8 @@ class Row:
             f"{self.wall:.2f} s",
             f"{lags[-1] * 1000:.1f}",
             f"{p99 * 1000:.1f}",
-            f"{worst.seconds * 1000:.1f}",
+            f"{worst.seconds * 1000:.1f} (cpu {worst.cpu * 1000:.1f})",
+            f"{hungriest.cpu * 1000:.1f}",
             f"{worst.what} @ {worst.where} [{worst.inside}]",
             str(over),
             gcs,
@@ -232,6 +240,7 @@ HEADER = [
     "max lag ms",
     "p99 lag ms",
     "longest callback ms",
+    "most CPU in one callback ms",
     "that callback (task @ where it stopped)",
     "callbacks > 10 ms",
     "collections",
@@ -242,9 +251,15 @@ HEADER = [
 async def measure(phase: str, work: Callable[[], Awaitable[object]]) -> Row:
     await asyncio.sleep(0.05)  # the previous phase's tail out of this one's figures
     RECORDER.reset()
+    profiler = cProfile.Profile() if PROFILE and phase.startswith(PROFILE) else None
     start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     await work()
     wall = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
     await asyncio.sleep(0.02)  # the last lag of the phase recorded
     row = Row(
         phase,
@@ -257,7 +272,10 @@ async def measure(phase: str, work: Callable[[], Awaitable[object]]) -> Row:
     print(" | ".join(row.cells()), flush=True)
     for held in sorted(row.held, key=lambda h: -h.seconds)[:TOP]:
         if held.seconds > STALL:
-            print(f"#   {held.seconds * 1000:.1f} ms {held.what} @ {held.where} [{held.inside}]")
+            print(
+                f"#   {held.seconds * 1000:.1f} ms (cpu {held.cpu * 1000:.1f}) {held.what} "
+                f"@ {held.where} [{held.inside}]"
+            )
     return row
 
 
@@ -336,11 +354,12 @@ def dirty_all(manager: SessionManager) -> None:
 async def main(count: int, phases: set[str]) -> list[Row]:
     _wrap_handles()
     gc.callbacks.append(RECORDER.on_gc)
-    log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open for the whole run
-        "w", prefix="stalls-", suffix=".log", delete=False
-    )
+    # Every line formatted and written, as to the server's stderr (a pipe to journald); to
+    # /dev/null, so a disk busy with the store's writes does not block the loop's writes here.
+    log_file = open(os.devnull, "w")  # noqa: SIM115, ASYNC230 - open for the whole run
     handler = logging.StreamHandler(log_file)
-    logging.getLogger("sidecar").addHandler(handler)  # per-close lines cost what they cost
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("sidecar").addHandler(handler)
     logging.getLogger("sidecar").setLevel(logging.INFO)
     logging.getLogger("sidecar").propagate = False
     stop_thread = threading.Event()
@@ -361,7 +380,6 @@ async def main(count: int, phases: set[str]) -> list[Row]:
         stop_thread.set()
         sampler.join()
         log_file.close()
-        os.unlink(log_file.name)
     return rows
 
 
