@@ -12,6 +12,7 @@ resuming await the store, because SPEC 2.6 wants them committed before the clien
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -891,7 +892,7 @@ class SessionManager:
         resume_dirty, self._resume_dirty = self._resume_dirty, set()
         start = time.perf_counter()
         try:
-            rows = await self._activity_rows(list(dirty), resume_dirty)
+            rows = await self._activity_rows(dirty, resume_dirty)
             await self.store.write_activity(rows)
         except StoreError as exc:
             self._dirty |= dirty  # try again next time rather than lose the activity
@@ -908,15 +909,18 @@ class SessionManager:
         await _release(rows)
         return written
 
-    async def _activity_rows(self, dirty: list[str], resume_dirty: set[str]) -> list[ActivityRow]:
+    async def _activity_rows(self, dirty: set[str], resume_dirty: set[str]) -> list[ActivityRow]:
         """The rows to write, built in slices that yield: after a burst, 100,000 of them.
 
         A session touched meanwhile is dirty again for the next flush; one closed meanwhile
         is skipped by the store (its row is no longer live).
         """
         rows: list[ActivityRow] = []
-        for first in range(0, len(dirty), FLUSH_RUN):
-            for session_id in dirty[first : first + FLUSH_RUN]:
+        # Read off the set a run at a time: even copying 100,000 ids into a list held the
+        # loop ~5 ms. `dirty` is this flush's own set; nothing changes it meanwhile.
+        ids = iter(dirty)
+        while run := list(itertools.islice(ids, FLUSH_RUN)):
+            for session_id in run:
                 s = self.live.get(session_id)
                 if s is None:
                     continue
