@@ -217,7 +217,7 @@ return 1
 # How long a claim holds when its winner never writes the close (it died in between).
 CLAIM_TTL = 30.0
 # Activity rows encoded between two turns of the event loop by the flush.
-FLUSH_SLICE = 1000
+FLUSH_SLICE = 500
 # How long the event listener waits for a message before it looks again (and notices a
 # broken connection); and how long it waits before subscribing again after a fault.
 LISTEN_POLL = 1.0
