@@ -216,6 +216,8 @@ return 1
 
 # How long a claim holds when its winner never writes the close (it died in between).
 CLAIM_TTL = 30.0
+# Activity rows encoded between two turns of the event loop by the flush.
+FLUSH_SLICE = 500
 # How long the event listener waits for a message before it looks again (and notices a
 # broken connection); and how long it waits before subscribing again after a fault.
 LISTEN_POLL = 1.0
@@ -306,10 +308,14 @@ class RedisStore:
         A call that fails after Redis ran it (the reply was lost) is reported as failed too;
         every operation is idempotent, so the caller's retry does no harm.
         """
+        return await self._write_json(json.dumps(ops))
+
+    async def _write_json(self, ops: str) -> int:
+        """`_write` with the operations already a JSON array (built in slices by the flush)."""
         if self._apply is None or self._redis is None:
             raise StoreError("the session store is not open")
         try:
-            refused = await self._apply(args=[self.prefix, json.dumps(ops)])
+            refused = await self._apply(args=[self.prefix, ops])
         except RedisError as exc:
             raise StoreError(
                 f"writing to the Redis store at {self.where} failed ({exc}); check that Redis "
@@ -383,13 +389,21 @@ class RedisStore:
         """The write-behind flush: every dirty session in one script call, one round trip."""
         if not rows:
             return
-        ops = [
-            _activity(row, row.requests - self._requests_seen.get(row.session_id, row.requests))
-            for row in rows
-        ]
-        await self._write(ops)
-        for row in rows:
-            self._requests_seen[row.session_id] = row.requests
+        # Encoded a slice at a time, yielding between: 100,000 operations turned into JSON
+        # at once held the event loop for ~100 ms. Still one script call, applied atomically.
+        parts: list[str] = []
+        for first in range(0, len(rows), FLUSH_SLICE):
+            ops = [
+                _activity(row, row.requests - self._requests_seen.get(row.session_id, row.requests))
+                for row in rows[first : first + FLUSH_SLICE]
+            ]
+            parts.append(json.dumps(ops)[1:-1])
+            await asyncio.sleep(0)
+        await self._write_json(f"[{','.join(parts)}]")
+        for first in range(0, len(rows), FLUSH_SLICE):
+            for row in rows[first : first + FLUSH_SLICE]:
+                self._requests_seen[row.session_id] = row.requests
+            await asyncio.sleep(0)
 
     async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:
         """Claim sessions for closing or hibernating (SPEC 2.8): the ids this sidecar won.
