@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load = os.getloadavg()
     print(f"{args.sessions:,} sessions; load average before: {load[0]:.2f} {load[1]:.2f}")
     print(
-        "| kind | port open | restore done | longest loop stall after the port opened | RSS / session | before |"
+        "| kind | port open | restored | longest loop stall (port open) | RSS / session | before |"
     )
     print("|---|---|---|---|---|---|")
     for kind in args.kinds.split(","):
