@@ -198,7 +198,7 @@ class SessionManager:
             await self._merge_uses([session])  # another sidecar may have served it since
             reason = session.expiry_reason(self.policy, now)
         if reason is not None and self._hibernates(session, reason):
-            await self.hibernate_many([session])
+            await self.hibernate_many([session], waking=session)  # the request wakes it
         elif reason is not None:
             await self.close(session, reason)
             self.stuck.record(_label(session), session_id, self.clock())
@@ -686,7 +686,9 @@ class SessionManager:
             self.announce(pinned(session))
 
     # ---- hibernation and resume (SPEC 2.7) ------------------------------------------------
-    async def hibernate_many(self, sessions: Iterable[Session]) -> None:
+    async def hibernate_many(
+        self, sessions: Iterable[Session], waking: Session | None = None
+    ) -> None:
         """Free the upstream as a close does (DELETE owed, streams aborted), keep the id.
 
         Memory flips first, as for a close; if the store refuses the write, the sessions are
@@ -729,6 +731,8 @@ class SessionManager:
                 self.closer.schedule(pending, session.credentials)
             if session.runtime is not None and not session.runtime.relays:
                 session.runtime = None  # a dormant session costs only its record
+            if session is not waking:
+                session.resume = None  # on disk (just written): read back when it wakes
             self.metrics.sessions_hibernated.inc()
             if self.store.shared:
                 self.announce(moved([session]))
@@ -738,6 +742,20 @@ class SessionManager:
                 session.idle_seconds(now),
                 (self.clock() - now) * 1000,
             )
+
+    async def load_resume_state(self, session: Session) -> ResumeState | None:
+        """A dormant session's resume state is left in the store (it is needed only to
+        wake it, and held in memory it cost most of a dormant session's bytes): read back
+        here, once, when it wakes. Raises `StoreError` when the store cannot answer."""
+        if session.resume is None and session.dormant:
+            try:
+                stored = await self.store.get(session.id)
+            except StoreError as exc:
+                self.store_failed("read", exc)
+                raise
+            if stored is not None and session.resume is None:
+                session.resume = stored.resume
+        return session.resume
 
     async def rebind(self, session: Session, binding: Binding, cause: str) -> bool:
         """A resume succeeded: the session is live again behind a new upstream session.
@@ -798,6 +816,7 @@ class SessionManager:
         session.binding = stored.binding
         session.protocol_version = stored.protocol_version
         session.resumes = stored.resumes
+        session.resume = session.resume or stored.resume  # left on disk while dormant
         self._go_live(session)
         return True
 
@@ -969,6 +988,7 @@ class SessionManager:
             await asyncio.sleep(0)
         async for page in self.store.load_slices(State.DORMANT, RESTORE_SLICE):
             for session in self._not_held(page):
+                session.resume = None  # read back from the store when it wakes
                 self.dormant.add(session)
                 self._schedule(session)
             self.between_slices()

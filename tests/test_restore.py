@@ -54,9 +54,19 @@ class Gate:
             yield page
 
 
+class Clock:
+    """Session time the test moves forward (timers still run on real time)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
 @asynccontextmanager
 async def restoring_server(
-    tmp_path: Path, upstream: UpstreamHandle, **sessions: Any
+    tmp_path: Path, upstream: UpstreamHandle, clock: Clock | None = None, **sessions: Any
 ) -> AsyncIterator[tuple[Server, Gate, str]]:
     """The server started on `tmp_path/sessions.db` with its restore held at the gate."""
     listen, admin_port = free_ports(2)
@@ -70,7 +80,7 @@ async def restoring_server(
         },
         environ={},
     )
-    server = Server(settings)
+    server = Server(settings, clock=clock or time.time)
     gate = Gate(server)
     await server.start()
     try:
@@ -278,3 +288,72 @@ async def test_initialize_during_the_restore_counts_the_sessions_not_read_back_y
             assert response.status_code == 503, response.text
             assert response.headers["Retry-After"] == "30"
             assert list(manager.live) == [restored]
+
+
+async def test_a_dormant_session_keeps_what_its_resume_needs_across_a_restart(
+    tmp_path: Path, upstream: UpstreamHandle
+) -> None:
+    clock = Clock()
+    async with raw_client() as http:
+        async with restoring_server(tmp_path, upstream, clock, idle_action="hibernate") as (
+            server,
+            gate,
+            url,
+        ):
+            gate.opened.set()
+            manager = server.service.manager
+            raw = RawSession(http, url)
+            assert (await raw.initialize("round-trip")).status_code == 200
+            session_id = raw.session_id
+            assert session_id is not None
+            level = {"jsonrpc": "2.0", "id": 3, "method": "logging/setLevel"}
+            level["params"] = {"level": "warning"}
+            assert (await raw.post(level)).status_code == 200
+            live = manager.live[session_id]
+            before = (live.resume, live.protocol_version, live.client, live.created_at)
+            assert before[0] is not None
+            assert before[0].log_level == "warning"
+
+            clock.offset += 2 * IDLE
+            await manager.sweep()
+            dormant = manager.dormant.get(session_id)
+            assert dormant is not None
+            assert dormant.resume is None  # left in the store until it wakes
+            stored = await server.service.store.get(session_id)
+            assert stored is not None
+            assert stored.resume == before[0]
+
+        async with restoring_server(tmp_path, upstream, clock, idle_action="hibernate") as (
+            server,
+            gate,
+            url,
+        ):
+            gate.opened.set()
+            manager = server.service.manager
+            await asyncio.wait_for(manager.restored.wait(), 30)
+            restored = manager.dormant.get(session_id)
+            assert restored is not None
+            assert restored.resume is None
+            known = {r["response_session_id"] for r in upstream.requests()}
+
+            raw.url = url
+            assert await raw.call_text("echo", {"text": "awake"}) == "awake"
+
+            woken = manager.live[session_id]
+            assert (woken.resume, woken.protocol_version, woken.client, woken.created_at) == (
+                before
+            )
+            issued = [r["response_session_id"] for r in upstream.requests()]
+            (new_id,) = [i for i in dict.fromkeys(issued) if i and i not in known]
+            methods = [
+                m
+                for r in upstream.requests()
+                if new_id in (r["session_id"], r["response_session_id"])
+                for m in r.get("rpc_methods", [])
+            ]
+            assert methods[:4] == [
+                "initialize",
+                "notifications/initialized",
+                "logging/setLevel",
+                "tools/call",
+            ], methods
