@@ -14,7 +14,7 @@ Three kinds of start, each in a fresh process so RSS is its own:
 
     python bench/restore.py [--sessions 100000] [--kinds live,expired,dormant]
 
-Prints a table, with the figures measured before serve-while-restoring beside it.
+Prints a table, with this harness's figures from before serve-while-restoring beside it.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ from sidecar.sessions import Binding, ResumeState, Session, State, Transport  # 
 from sidecar.store.sqlite import _COLUMNS, _PLACEHOLDERS, SqliteStore, _row  # noqa: E402
 
 IDLE_TIMEOUT = 3600.0
-# What the bench measured before this change (`99dfcf8`, in-process, 100,000 sessions) and
-# what `bench/scale.py` measured end to end (bench/README.md, "Results, 100,000 sessions").
+# This harness at `99dfcf8` (before serve-while-restoring), 100,000 sessions, load average
+# 2.2 on 2 cores: the whole restore ran before the port opened.
 BEFORE = {
-    "live": "4.3-4.6 s (scale.py, whole restore before the port opened)",
-    "expired": "3.06-4.15 s (scale.py)",
-    "dormant": "1,244 B a session (scale.py, 10k)",
+    "live": "port 2.90 s, 937 B",
+    "expired": "port 3.51 s",
+    "dormant": "port 2.57 s, 827 B",
 }
 INITIALIZE = {
     "protocolVersion": "2025-06-18",
@@ -187,9 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     load = os.getloadavg()
     print(f"{args.sessions:,} sessions; load average before: {load[0]:.2f} {load[1]:.2f}")
-    print(
-        "| kind | port open | restored | longest loop stall (port open) | RSS / session | before |"
-    )
+    print("| kind | port open | restored | loop stall, port open | RSS / session | 99dfcf8 |")
     print("|---|---|---|---|---|---|")
     for kind in args.kinds.split(","):
         out = subprocess.run(
