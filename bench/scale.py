@@ -85,6 +85,7 @@ class Host:
         self.config_path.write_text(to_toml(config), encoding="utf-8")
         self.process: ManagedProcess | None = None
         self.runs = 0
+        self.started_for = 0.0  # seconds from the last start to the port accepting
 
     @property
     def url(self) -> str:
@@ -119,7 +120,19 @@ class Host:
             if not self.process.running:
                 raise benchlib.BenchError(f"sidecar exited: {self.process.output()[-2000:]}")
             await asyncio.sleep(0.005)
-        return time.perf_counter() - started
+        self.started_for = time.perf_counter() - started
+        return self.started_for
+
+    async def restored(self) -> float:
+        """Seconds since the start until the sessions are all read back: the port opens
+        before that, and `/readyz` says `restoring` until then."""
+        started = time.perf_counter() - self.started_for
+        async with aiohttp.ClientSession() as client:
+            while True:
+                async with client.get(self.admin_url + "/readyz") as response:
+                    if not (await response.json()).get("restoring"):
+                        return time.perf_counter() - started
+                await asyncio.sleep(0.01)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -410,8 +423,10 @@ async def restart_and_measure(
 ) -> None:
     host.stop()
     took = await host.start()
+    restored = await host.restored()
     await asyncio.sleep(1.0)
     report.add(f"restart with {count} {kind}: port open after", f"{fmt(took, 2)} s")
+    report.add(f"restart with {count} {kind}: restore done after", f"{fmt(restored, 2)} s")
     report.add(f"RSS per restored {kind} session", f"{fmt((host.rss() - empty_rss) / count, 0)} B")
 
 

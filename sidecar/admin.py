@@ -131,8 +131,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = request.app[SERVICE].ready
-    return web.json_response({"ready": ready}, status=200 if ready else 503)
+    service = request.app[SERVICE]
+    ready = service.ready
+    body = {"ready": ready}
+    if service.restoring is not None:
+        # Ready all the same (every id is answered right meanwhile), but the session counts
+        # elsewhere are not whole until the restore ends: it says so.
+        body["restoring"] = True
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -163,10 +163,10 @@ class Service:
         try:
             await self.upstreams.start()
             self._tasks.append(asyncio.create_task(self.closer.run(), name="sidecar-closer"))
-            legacy = await self.manager.restore(sweep=False)
-            self._restoring = asyncio.create_task(
-                self.manager.sweep_restored(legacy), name="sidecar-restore-sweep"
-            )
+            # Only the owed DELETEs are read before the port opens; the sessions are read
+            # back behind it, each id answered from the store until its slice is in.
+            await self.manager.begin_restore()
+            self._restoring = asyncio.create_task(self._restore(), name="sidecar-restore")
             self._restoring.add_done_callback(_report_failure)
             self._tasks += self.sweeper.tasks()
             self._tasks.append(asyncio.create_task(self.monitor.run(), name="sidecar-monitor"))
@@ -180,6 +180,18 @@ class Service:
         except BaseException:
             await self.stop()
             raise
+
+    async def _restore(self) -> None:
+        """The sessions of the last run, read back in slices; then the ones that expired
+        while stopped are ended (their DELETEs go out in the background, as any close's)."""
+        legacy = await self.manager.restore(sweep=False)
+        await self.manager.sweep_restored(legacy)
+
+    @property
+    def restoring(self) -> asyncio.Task[None] | None:
+        """The restore at start while it runs (None before the start and after it)."""
+        task = self._restoring
+        return task if task is not None and not task.done() else None
 
     async def stop(self) -> None:
         self.ready = False
@@ -395,5 +407,5 @@ async def _end_streams(app: web.Application) -> None:
 
 def _report_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
-        # The sweeper's next round retries; meanwhile requests refuse expired ids.
-        log.error("ending the sessions that expired while stopped failed", exc_info=exc)
+        # Ids not read back are still answered from the store; the next start reads all.
+        log.error("restoring the sessions of the last run failed", exc_info=exc)

@@ -70,6 +70,9 @@ SWEEP_SLICE = 500
 ANNOUNCE_RUN = 64
 # Dirty sessions turned into activity rows between two turns of the event loop (~1 us each).
 FLUSH_RUN = 1000
+# Sessions read back per slice of the restore at start: each slice is one short query and
+# ~5 ms of building records on the loop, so requests are served between slices.
+RESTORE_SLICE = 500
 
 
 class Outcome(StrEnum):
@@ -133,6 +136,17 @@ class SessionManager:
         # (tombstones, owed DELETEs) made each full garbage collection in it walk more of
         # them, 80-100 ms with the loop stopped, again and again.
         self.between_slices: Callable[[], None] = _nothing
+        # The restore at start runs behind an open port (`restore`): while it does, an id not
+        # in memory yet is read from the store, as on a shared store, so it gets the answer
+        # it will get once restored; `_counted` is set once every live session is in memory
+        # (the limits wait for it), `restored` once the restore has ended.
+        self.restoring = False
+        self.restored = asyncio.Event()
+        self._counted = asyncio.Event()
+        self._counted.set()
+        # Dropped from memory while restoring (a claim lost on a shared store): a slice read
+        # before that must not bring the stale copy back.
+        self._dropped: set[str] = set()
         metrics.bind_session_counts(
             lambda: {
                 "live": len(self.live),
@@ -171,7 +185,7 @@ class SessionManager:
         `idle_action = "hibernate"` is hibernated here and resolves as dormant.
         """
         session = self.live.get(session_id) or self.dormant.get(session_id)
-        if session is None and self.store.shared and self.tombstones.get(session_id) is None:
+        if session is None and self._reads_store and self.tombstones.get(session_id) is None:
             session = await self._adopt(session_id)
         if session is None:
             tombstone = self.tombstones.get(session_id)
@@ -188,7 +202,7 @@ class SessionManager:
             await self._merge_uses([session])  # another sidecar may have served it since
             reason = session.expiry_reason(self.policy, now)
         if reason is not None and self._hibernates(session, reason):
-            await self.hibernate_many([session])
+            await self.hibernate_many([session], waking=session)  # the request wakes it
         elif reason is not None:
             await self.close(session, reason)
             self.stuck.record(_label(session), session_id, self.clock())
@@ -227,7 +241,16 @@ class SessionManager:
         else:
             self.dormant.add(stored)
         self._schedule(stored)
+        if self.restoring and self._died_with_last_run(stored):
+            await self.close(stored, CloseReason.RESTART)  # as its restore slice would
+            return None
         return stored
+
+    def _died_with_last_run(self, session: Session) -> bool:
+        """A legacy session restored live: alone on its store, this process's last run held
+        every legacy stream, and they died with it. On a shared store another sidecar may be
+        relaying it now: one of a sidecar that died expires like any idle session instead."""
+        return session.live and session.transport is Transport.SSE and not self.store.shared
 
     async def _merge_uses(self, sessions: list[Session]) -> None:
         """Take the later last use the store holds: another sidecar's flushed activity."""
@@ -266,9 +289,14 @@ class SessionManager:
         """A live or dormant session by id; on a shared store, also one only another
         sidecar has served so far (the admin API acts on every session, SPEC 2.8)."""
         held = self.live.get(session_id) or self.dormant.get(session_id)
-        if held is None and self.store.shared:
+        if held is None and self._reads_store:
             held = await self._adopt(session_id)
         return held
+
+    @property
+    def _reads_store(self) -> bool:
+        """Ids not held here may still be sessions: another sidecar's, or not restored yet."""
+        return self.store.shared or self.restoring
 
     # ---- what other sidecars on the same store did (SPEC 2.8, `peers.py`) ----------------
     def closed_elsewhere(self, session_ids: list[str], reason: CloseReason, at: float) -> None:
@@ -387,6 +415,9 @@ class SessionManager:
         in between, so concurrent initializes at the limit can never overshoot it; only the
         evicted sessions' store write is awaited afterwards.
         """
+        if not self._counted.is_set() and self._limited:
+            # Restoring: a limit the sessions not yet in memory fill must hold (SPEC 2.5).
+            await self._counted.wait()
         stored = await self._stored_counts(identity)
         now = self.clock()
         victims = self._reserve(identity, now, stored)
@@ -398,6 +429,10 @@ class SessionManager:
             except BaseException:
                 self.release(identity)  # the caller only releases what admit() returned from
                 raise
+
+    @property
+    def _limited(self) -> bool:
+        return self.limits.max_sessions > 0 or self.limits.max_sessions_per_client > 0
 
     async def _claimed_victims(self, victims: list[Session]) -> list[Session]:
         """SPEC 2.8: an eviction is a close like any other, so on a shared store only the
@@ -639,6 +674,8 @@ class SessionManager:
             self.admission.unbound(session.client)
         else:
             self.dormant.remove(session.id)
+        if self.restoring:
+            self._dropped.add(session.id)
         self._dirty.discard(session.id)
         self._resume_dirty.discard(session.id)
         self._deadlines.unschedule(session)
@@ -672,7 +709,9 @@ class SessionManager:
             self.announce(pinned(session))
 
     # ---- hibernation and resume (SPEC 2.7) ------------------------------------------------
-    async def hibernate_many(self, sessions: Iterable[Session]) -> None:
+    async def hibernate_many(
+        self, sessions: Iterable[Session], waking: Session | None = None
+    ) -> None:
         """Free the upstream as a close does (DELETE owed, streams aborted), keep the id.
 
         Memory flips first, as for a close; if the store refuses the write, the sessions are
@@ -683,9 +722,11 @@ class SessionManager:
         going = [s for s in sessions if s.live]
         if self.store.shared:
             going = [s for s in await uncancellable(self._claimed(going)) if s.live]
-        await uncancellable(self._hibernate_now(going, now))
+        await uncancellable(self._hibernate_now(going, now, waking))
 
-    async def _hibernate_now(self, going: list[Session], now: float) -> None:
+    async def _hibernate_now(
+        self, going: list[Session], now: float, waking: Session | None
+    ) -> None:
         """Flip in runs that yield (as `_close_now`), write, then announce; one shielded
         piece, so a cancellation never leaves a DELETE owed on disk but not scheduled."""
         entries = []
@@ -724,6 +765,8 @@ class SessionManager:
                 self.closer.schedule(pending, session.credentials)
             if session.runtime is not None and not session.runtime.relays:
                 session.runtime = None  # a dormant session costs only its record
+            if session is not waking:
+                session.resume = None  # on disk (just written): read back when it wakes
             self.metrics.sessions_hibernated.inc()
             if self.store.shared:
                 self.announce(moved([session]))
@@ -733,6 +776,20 @@ class SessionManager:
                 session.idle_seconds(now),
                 (self.clock() - now) * 1000,
             )
+
+    async def load_resume_state(self, session: Session) -> ResumeState | None:
+        """A dormant session's resume state is left in the store (it is needed only to
+        wake it, and held in memory it cost most of a dormant session's bytes): read back
+        here, once, when it wakes. Raises `StoreError` when the store cannot answer."""
+        if session.resume is None and session.dormant:
+            try:
+                stored = await self.store.get(session.id)
+            except StoreError as exc:
+                self.store_failed("read", exc)
+                raise
+            if stored is not None and session.resume is None:
+                session.resume = stored.resume
+        return session.resume
 
     async def rebind(self, session: Session, binding: Binding, cause: str) -> bool:
         """A resume succeeded: the session is live again behind a new upstream session.
@@ -793,6 +850,7 @@ class SessionManager:
         session.binding = stored.binding
         session.protocol_version = stored.protocol_version
         session.resumes = stored.resumes
+        session.resume = session.resume or stored.resume  # left on disk while dormant
         self._go_live(session)
         return True
 
@@ -941,50 +999,99 @@ class SessionManager:
             await asyncio.sleep(0)
         return rows
 
-    async def restore(self, *, sweep: bool = True) -> int:
-        """Pick up where the last run left off (SPEC 2.6).
+    async def begin_restore(self) -> None:
+        """Before the port opens: take up the owed DELETEs, and from now on answer an id
+        not in memory from the store until `restore()` has read every session back.
 
-        With `sweep=False` the sessions that expired while the sidecar was stopped are left
-        for `sweep_restored()`, which the service runs in the background: the port opens at
-        once (a systemd start must not time out behind 100,000 closes), and until their
-        slice is reached each of them is refused at request time like any expired session.
-        Returns how many legacy sessions were closed (their streams died with the last run).
+        The owed DELETEs are read first, before anything can be closed: a close schedules
+        its own DELETE, and reading it back afterwards would schedule it a second time.
         """
-        now = self.clock()
-        closed = await self.store.load(State.CLOSED, now - self.tombstone_ttl)
-        for tombstone_session in sorted(closed, key=lambda s: s.closed_at or 0.0):
-            assert tombstone_session.close_reason is not None
-            assert tombstone_session.closed_at is not None
-            self.tombstones.remember(
-                Tombstone(
-                    tombstone_session.id,
-                    tombstone_session.close_reason,
-                    tombstone_session.closed_at,
-                    tombstone_session.client,
-                    _label(tombstone_session),
-                )
-            )
-        # Read before closing anything below: those closes schedule their own DELETEs, and
-        # reading after would schedule each of them a second time.
-        owed = await self.store.pending_closes()
-        restored = await self.store.load(State.LIVE)
-        for session in restored:
+        for pending in await self.store.pending_closes():
+            self.closer.schedule(pending, {})
+        self.restoring = True
+        self.restored.clear()
+        self._counted.clear()
+
+    async def restore(self, *, sweep: bool = True) -> int:
+        """Pick up where the last run left off (SPEC 2.6), in slices that yield.
+
+        The service runs this behind an open port (`begin_restore` first): live sessions
+        first, so the limits count them as soon as possible, then tombstones and dormant
+        ids. A slice takes only the sessions this process does not hold yet: one that a
+        request read from the store meanwhile (and maybe closed, hibernated or woke) is
+        already decided here. The expired are left in the table for the sweep (with
+        `sweep=False`, for `sweep_restored()` in the background): until then each is
+        refused at request time like any expired session. Returns how many legacy
+        sessions were closed (their streams died with the last run).
+        """
+        if not self.restoring:
+            await self.begin_restore()
+        legacy = 0
+        try:
+            async for page in self.store.load_slices(State.LIVE, RESTORE_SLICE):
+                legacy += await self._restore_live(self._not_held(page))
+        finally:
+            self._counted.set()  # on a failure too: initializes must not hang behind it
+        horizon = self.clock() - self.tombstone_ttl
+        async for page in self.store.load_slices(State.CLOSED, RESTORE_SLICE, horizon):
+            self._restore_tombstones(self._not_held(page))
+            self.between_slices()
+            await asyncio.sleep(0)
+        async for page in self.store.load_slices(State.DORMANT, RESTORE_SLICE):
+            for session in self._not_held(page):
+                session.resume = None  # read back from the store when it wakes
+                self.dormant.add(session)
+                self._schedule(session)
+            self.between_slices()
+            await asyncio.sleep(0)
+        # A failure above leaves `restoring` on: ids not read back yet still come from the
+        # store, and the next start reads them all again.
+        self.restoring = False
+        self._dropped.clear()
+        self.restored.set()
+        if sweep:
+            await self.sweep_restored(legacy)
+        return legacy
+
+    def _not_held(self, page: list[Session]) -> list[Session]:
+        """Of a slice read from the store, the sessions nothing here has decided on yet."""
+        held = self.live, self.tombstones, self._dropped
+        return [
+            s
+            for s in page
+            if all(s.id not in ids for ids in held) and self.dormant.get(s.id) is None
+        ]
+
+    async def _restore_live(self, sessions: list[Session]) -> int:
+        for session in sessions:
             self.live[session.id] = session
             self.admission.bound(session.client)
             self._schedule(session)
-        for session in await self.store.load(State.DORMANT):
-            self.dormant.add(session)
-            self._schedule(session)
-        # Alone on its store, this process's last run held every legacy stream, and they
-        # died with it. On a shared store another sidecar may be relaying them now: those of
-        # a sidecar that died expire like any idle session instead.
-        legacy = [s for s in restored if s.transport is Transport.SSE and not self.store.shared]
-        await self.close_many(legacy, CloseReason.RESTART)
-        for pending in owed:
-            self.closer.schedule(pending, {})
-        if sweep:
-            await self.sweep_restored(len(legacy))
+        self.between_slices()  # 100,000 records arriving: see `between_slices`
+        legacy = [s for s in sessions if self._died_with_last_run(s)]
+        if legacy:
+            await self.close_many(legacy, CloseReason.RESTART)
+        else:
+            await asyncio.sleep(0)
         return len(legacy)
+
+    def _restore_tombstones(self, closed: list[Session]) -> None:
+        """Oldest first, as closed (the store's slices come in that order). Closes made by
+        requests while restoring are newer, yet land before the older ones read after
+        them: an old one behind them is forgotten only once they are (a closed id that
+        answers 404 a while longer), never early."""
+        for session in closed:
+            assert session.close_reason is not None
+            assert session.closed_at is not None
+            self.tombstones.remember(
+                Tombstone(
+                    session.id,
+                    session.close_reason,
+                    session.closed_at,
+                    session.client,
+                    _label(session),
+                )
+            )
 
     async def sweep_restored(self, legacy: int = 0) -> None:
         """End what expired while stopped; then say what the start picked up."""

@@ -71,7 +71,8 @@ class Server:
                 loop.remove_signal_handler(sig)
 
     async def start(self) -> None:
-        """Admin first, so `/readyz` answers 503 while the store opens and sessions restore."""
+        """Admin first, so `/readyz` answers 503 while the store opens; the sessions are
+        restored behind the open proxy port (`Service.start`)."""
         settings = self.settings
         self._admin = web.AppRunner(
             build_admin_app(self.service),
@@ -106,10 +107,17 @@ class Server:
             settings.admin.listen,
         )
         log.info("%s", settings.summary_line())
-        self.notifier.ready(f"proxying {upstreams}")
+        # Ready while the sessions are still being read back: every id already gets the
+        # answer it will get after the restore (SPEC 2.6), so nothing needs to wait for it.
+        restoring = self.service.restoring
+        if restoring is None:
+            self.notifier.ready(f"proxying {upstreams}")
+            return
+        self.notifier.ready(f"proxying {upstreams}; restoring sessions")
+        restoring.add_done_callback(lambda _: self.notifier.status(f"proxying {upstreams}"))
 
     async def _listen(self, runner: web.AppRunner, address: str, key: str) -> None:
-        await runner.setup()  # for the proxy: opens the store and restores sessions
+        await runner.setup()  # for the proxy: opens the store and starts the restore
         host, port = parse_host_port(address)
         try:
             await web.TCPSite(runner, host, port, reuse_address=True).start()

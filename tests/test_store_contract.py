@@ -713,3 +713,27 @@ async def test_redis_unreachable_at_open_names_the_url_without_its_password() ->
     with pytest.raises(StoreError, match="check that it is running") as caught:
         await store.open()
     assert "hunter2" not in str(caught.value)
+
+
+async def test_load_slices_reads_what_load_does_in_slices_closed_ones_oldest_first(
+    store: Store,
+) -> None:
+    for n in range(5):
+        await store.insert(_session(f"live-{n}"))
+    await _insert_closed(store, "closed-late", T0 + 30)
+    await _insert_closed(store, "closed-early", T0 + 10)
+    await _insert_closed(store, "closed-middle", T0 + 20)
+    await _insert_closed(store, "closed-too-old", T0)
+    await _insert_dormant(store, "dormant", since=T0 - 500)
+
+    live = [page async for page in store.load_slices(State.LIVE, 2)]
+    assert [len(page) for page in live] == [2, 2, 1]
+    assert sorted(s.id for page in live for s in page) == [f"live-{n}" for n in range(5)]
+    closed = [page async for page in store.load_slices(State.CLOSED, 2, since=T0 + 5)]
+    assert [[s.id for s in page] for page in closed] == [
+        ["closed-early", "closed-middle"],
+        ["closed-late"],
+    ]
+    (dormant,) = [page async for page in store.load_slices(State.DORMANT, 2)]
+    assert [s.id for s in dormant] == ["dormant"]
+    assert dormant[0].resume == (await store.get("dormant")).resume  # type: ignore[union-attr]

@@ -14,7 +14,7 @@ or raises `StoreError` having changed nothing; `write_activity` is the write-beh
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..sessions import Binding, Session, State
@@ -65,6 +65,14 @@ class Store(Protocol):
 
     async def load(self, state: State, since: float | None = None) -> list[Session]:
         """Sessions in `state`; closed ones only if closed at or after `since`."""
+
+    def load_slices(
+        self, state: State, size: int, since: float | None = None
+    ) -> AsyncIterator[list[Session]]:
+        """As `load`, in slices of at most `size`, each read with its own await, so the
+        restore at start yields to the event loop between them (closed ones oldest first:
+        tombstones are kept in closing order). A session written meanwhile may show in a
+        later slice as it now is, or not at all; the caller decides by what it holds."""
 
     async def get(self, session_id: str) -> Session | None: ...
 

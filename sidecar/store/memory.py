@@ -8,7 +8,7 @@ raise `StoreError`, as a full disk would, with nothing changed.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from ..errors import StoreError
@@ -131,6 +131,15 @@ class MemoryStore(UnsharedStore):
             for s in self.sessions.values()
             if s.state is state and (since is None or (s.closed_at or 0.0) >= since)
         ]
+
+    async def load_slices(
+        self, state: State, size: int, since: float | None = None
+    ) -> AsyncIterator[list[Session]]:
+        found = await self.load(state, since)
+        if state is State.CLOSED:
+            found.sort(key=lambda s: s.closed_at or 0.0)
+        for first in range(0, len(found), size):
+            yield found[first : first + size]
 
     async def get(self, session_id: str) -> Session | None:
         stored = self.sessions.get(session_id)

@@ -36,7 +36,7 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -525,6 +525,22 @@ class RedisStore:
             # decode_responses=True: redis-py's types cannot say so, the values are str.
             ids = cast(list[str], found)
             return await self._read_many(ids)
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+
+    async def load_slices(
+        self, state: State, size: int, since: float | None = None
+    ) -> AsyncIterator[list[Session]]:
+        """The ids at once (closed ones by closing time), the records a pipeline a slice."""
+        try:
+            if state is State.CLOSED:
+                low = "-inf" if since is None else repr(float(since))
+                found = await self.db.zrangebyscore(self.prefix + "closed", low, "+inf")
+            else:
+                found = list(await self.db.smembers(self.prefix + state.value))
+            ids = cast(list[str], found)
+            for first in range(0, len(ids), size):
+                yield await self._read_many(ids[first : first + size])
         except RedisError as exc:
             raise _read_error(self, exc) from exc
 

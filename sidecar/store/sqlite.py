@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -499,6 +500,53 @@ class SqliteStore(UnsharedStore):
             params.append(since)
         async with self.db.execute(sql, params) as cursor:
             return [_session(row) async for row in cursor]
+
+    async def load_slices(
+        self, state: State, size: int, since: float | None = None
+    ) -> AsyncIterator[list[Session]]:
+        """Keyset pages, each its own short query: no statement stays open across the
+        writes that requests make meanwhile. Live and dormant rows go by rowid (a range on
+        the table itself, `+state` keeps the planner off the state index, which would sort
+        every page); closed ones by (closed_at, rowid), the order of that index."""
+        if state is State.CLOSED:
+            pages = self._closed_pages(size, since)
+        else:
+            pages = self._rowid_pages(state, size)
+        async for rows in pages:
+            yield [_session(row[1:]) for row in rows]
+
+    async def _rowid_pages(self, state: State, size: int) -> AsyncIterator[list[Any]]:
+        after = 0
+        while True:
+            rows = await self._fetch(
+                f"SELECT rowid, {_COLUMNS} FROM sessions WHERE +state=? AND rowid>? "
+                "ORDER BY rowid LIMIT ?",
+                (state.value, after, size),
+            )
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield rows
+
+    async def _closed_pages(self, size: int, since: float | None) -> AsyncIterator[list[Any]]:
+        last: tuple[float, int] = (-math.inf if since is None else since, -1)
+        while True:
+            rows = await self._fetch(
+                f"SELECT rowid, {_COLUMNS} FROM sessions WHERE state='closed' "
+                "AND (closed_at, rowid) > (?, ?) ORDER BY closed_at, rowid LIMIT ?",
+                (*last, size),
+            )
+            if not rows:
+                return
+            last = (rows[-1][13], rows[-1][0])  # closed_at, after the rowid
+            yield rows
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        try:
+            async with self.db.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"reading {self.path} failed ({exc})") from exc
 
     async def get(self, session_id: str) -> Session | None:
         async with self.db.execute(

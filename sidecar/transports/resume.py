@@ -34,7 +34,7 @@ from ..sessions import Binding, CloseReason, ResumeState, Session, short
 from ..sse import EventSplitter, parse_event
 from ..upstream import PROTOCOL_HEADER, SESSION_HEADER, Upstream
 from .forwarder import Forwarder
-from .rejections import limit_rejection, not_found, store_rejection
+from .rejections import NO_LOOKUP, limit_rejection, not_found, store_rejection
 
 log = logging.getLogger("sidecar.resume")
 
@@ -183,6 +183,10 @@ class Resumer:
         previous = session.binding if session.live else None
         name = self._member_for(session)
         member = self.fw.upstreams.member(name) or self.fw.upstreams.primary
+        try:
+            await self.manager.load_resume_state(session)
+        except StoreError as exc:
+            raise store_rejection(request_id, NO_LOOKUP) from exc
         try:
             new_id = await self._recreate(request, session, member)
         except UpstreamError:
