@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.peers.mcp_clients import eventually
 from tests.peers.processes import HOST, SidecarHandle, free_ports, start_sidecar
 
 PATH = "/mcp"
@@ -29,10 +31,12 @@ class Recorder:
 
     def __init__(self) -> None:
         self.log: list[dict[str, Any]] = []
+        self.arrived = asyncio.Event()  # a held request reached the upstream
+        self.release = asyncio.Event()  # held requests may answer (held streams may end)
         self.runner: web.AppRunner | None = None
         self.port = free_ports(1)[0]
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:  # noqa: PLR0911 - one branch per answer kind, read as a table
         body = await request.read()
         self.log.append(
             {
@@ -61,6 +65,17 @@ class Recorder:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             await response.write(f"event: message\ndata: {answer}\n\n".encode())
+            await response.write_eof()
+            return response
+        if mode == "hold":
+            self.arrived.set()
+            await self.release.wait()
+        if mode == "stream":  # one event, then open until released or cut
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(f"event: message\ndata: {answer}\n\n".encode())
+            self.arrived.set()
+            await self.release.wait()
             await response.write_eof()
             return response
         if mode == "gone":
@@ -213,3 +228,67 @@ async def test_head_and_body_in_two_writes_and_a_pipelined_pair(
         results.append([first, second, third])
     assert results[0] == results[1]
     assert [status for status, _, _ in results[0]] == [200, 200, 200]
+
+
+async def session_view(sidecar: SidecarHandle, session: str) -> dict[str, Any]:
+    url = f"{sidecar.admin_url}/sessions/{session}"
+    async with aiohttp.ClientSession() as client, client.get(url) as answer:
+        return dict(await answer.json())
+
+
+async def test_a_client_that_leaves_mid_request_leaves_no_call_in_flight(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+) -> None:
+    fast = pair[0]
+    await exchange(fast.listen_port, [initialize("s-1")])
+    _, writer = await asyncio.open_connection(HOST, fast.listen_port)
+    writer.write(call(1, "X-Test-Answer: hold"))
+    await recorder.arrived.wait()
+    assert (await session_view(fast, "s-1"))["in_flight"] == 1
+    writer.close()
+
+    async def settled() -> bool:
+        return (await session_view(fast, "s-1"))["in_flight"] == 0
+
+    await eventually(settled, what="in_flight back to 0")
+    recorder.release.set()
+    # The connection still serves the session afterwards.
+    assert (await exchange(fast.listen_port, [call(2)]))[0][0] == 200
+
+
+async def test_closing_the_session_cuts_a_fast_event_stream(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+) -> None:
+    fast = pair[0]
+    await exchange(fast.listen_port, [initialize("s-1")])
+    reader, writer = await asyncio.open_connection(HOST, fast.listen_port)
+    writer.write(call(1, "X-Test-Answer: stream"))
+    await recorder.arrived.wait()
+    url = f"{fast.admin_url}/sessions/s-1"
+    async with aiohttp.ClientSession() as client, client.delete(url) as answer:
+        assert answer.status == 200
+    status, headers, body = await read_answer(reader)  # ends: the close cut the stream
+    writer.close()
+    assert status == 200
+    assert (b"transfer-encoding", b"chunked") in headers
+    assert b'"ok": 1' in body
+    recorder.release.set()
+
+
+async def test_a_slow_body_is_handed_to_aiohttp_and_gets_its_408(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    sidecar = start_sidecar(tmp_path, recorder.url, server={"body_timeout": "1s"})
+    try:
+        await exchange(sidecar.listen_port, [initialize("s-1")])
+        reader, writer = await asyncio.open_connection(HOST, sidecar.listen_port)
+        request = call(1)
+        writer.write(request[:-3])  # the body never completes
+        status, _, body = await read_answer(reader)
+        writer.close()
+        assert status == 408
+        assert b"body_timeout" in body
+        assert all(entry["body"] != request[-20:] for entry in recorder.log[1:])
+        assert len(recorder.log) == 1  # only the initialize reached the upstream
+    finally:
+        sidecar.stop()
