@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,11 @@ class ClientConnection(RequestHandler):
             remote = str(peer[0]) if isinstance(peer, (list, tuple)) else peer
             scheme = "https" if transport.get_extra_info("sslcontext") else "http"
             self._lane = Lane(self, self._fast, remote, scheme)
+            # aiohttp sets TCP_NODELAY when it writes its first answer; the fast path writes
+            # without it, and Nagle's algorithm would hold an SSE answer's later small writes.
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         if self._lane is None:

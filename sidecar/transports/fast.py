@@ -318,8 +318,9 @@ class FastPath:
         )
         if inspect:
             headers.append((b"X-Accel-Buffering", b"no"))
-        if not lane.write(wire.answer_head(answer.status, answer.reason, headers, None)):
-            return
+        # The head waits for what of the body already came: one write, not several.
+        lane.hold()
+        lane.write(wire.answer_head(answer.status, answer.reason, headers, None))
         timer.upstream_begins()
         relay = FastRelay(answer)
         session.relays.add(relay)
@@ -327,6 +328,7 @@ class FastPath:
         try:
             await self._pump(answer, lane, session, inspect)
         finally:
+            lane.flush()
             lane.on_pause = lane.on_resume = None
             timer.upstream_answered()
             session.relays.discard(relay)
@@ -348,6 +350,8 @@ class FastPath:
             sink(data)
         answer.chunks = []
         answer.sink = sink
+        if not lane.flush():
+            return
         if not answer.ended.done():
             await answer.ended
         if answer.error is not None:

@@ -72,6 +72,7 @@ class Lane:
         self._pending: list[bytes] = []  # bytes that came while a fast request was served
         self.on_resume: Callable[[], None] | None = None
         self.on_pause: Callable[[], None] | None = None
+        self._held: list[bytes] | None = None
         self._reset_message()
 
     # ---- bytes in ---------------------------------------------------------------------------
@@ -155,12 +156,23 @@ class Lane:
 
     # ---- bytes out --------------------------------------------------------------------------
     def write(self, data: bytes) -> bool:
-        """Write to the client; False once the client is gone."""
+        """Write to the client (or to the held bytes); False once the client is gone."""
+        if self._held is not None:
+            self._held.append(data)
+            return True
         transport = self._conn.transport
         if transport is None or transport.is_closing():
             return False
         transport.write(data)
         return True
+
+    def hold(self) -> None:
+        """Collect writes until `flush`: several small pieces leave as one segment."""
+        self._held = []
+
+    def flush(self) -> bool:
+        held, self._held = self._held, None
+        return self.write(b"".join(held)) if held else True
 
     def close(self) -> None:
         transport = self._conn.transport
