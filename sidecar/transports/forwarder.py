@@ -66,7 +66,7 @@ class ProxyOptions:
     mcp_path: str = "/mcp"  # the gate routes every spelling of these to their handler
     sse_path: str = "/sse"
     recover_lost: bool = False
-    fast_path: bool = True  # a live session's POST below aiohttp's machinery (`fast.py`)
+    fast_path: bool = False  # a live session's POST below aiohttp's machinery (`fast.py`)
 
 
 MAX_CACHED_COUNTERS = 64
