@@ -29,6 +29,7 @@ from .sessions import CloseReason, Policy
 from .store import Store, open_store
 from .sweeper import Sweeper
 from .transports import (
+    FastPath,
     Forwarder,
     LegacySse,
     ProxyOptions,
@@ -77,6 +78,7 @@ def options_from(settings: Settings) -> ProxyOptions:
         mcp_path=settings.upstream.path,
         sse_path=settings.upstream.sse_path,
         recover_lost=settings.upstream.recover_lost,
+        fast_path=settings.server.fast_path,
     )
 
 
@@ -109,6 +111,7 @@ class Service:
             GonePatterns(settings.upstream.session_gone),
         )
         self.resumer = Resumer(self.forwarder)
+        self.fast = FastPath(self.forwarder)
         self.streamable = StreamableHttp(self.forwarder, self.resumer)
         self.legacy = LegacySse(self.forwarder, self.streamable)
         self.router = Router(self.forwarder, self.streamable, self.legacy)
@@ -210,6 +213,7 @@ class Service:
                 exc,
                 self.settings.store.flush_interval,
             )
+        self.fast.close()
         await self.upstreams.close()
         await self.store.close()
 

@@ -141,6 +141,11 @@ class ServerSettings(_Section):
         ge=0,
         description="An idle keep-alive connection is closed after this.",
     )
+    fast_path: bool = Field(
+        default=False,
+        description="Serve a live session's plain POST below aiohttp's server and client "
+        "(same answers, less CPU); a reload applies to connections opened after it.",
+    )
 
 
 class UpstreamSettings(_Section):

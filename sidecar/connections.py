@@ -13,6 +13,11 @@ class rather than a handler:
   flood the journal. Here the answer is a JSON body, the log is one throttled line without a
   traceback, and `rejected_total{reason="malformed_http"}` counts it.
 
+The connection is also where the fast path (`transports/lane.py`, `transports/fast.py`)
+takes a live session's POST before aiohttp parses it; what it does not take reaches aiohttp
+byte for byte. While it serves one, aiohttp's handler sits idle: its keep-alive timer must
+not close the connection, and a graceful shutdown waits for the answer as for its own.
+
 The class names below follow aiohttp's (`Server` makes one `RequestHandler` per connection).
 """
 
@@ -20,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -29,6 +35,10 @@ from aiohttp.web_request import BaseRequest
 
 from . import jsonrpc
 from .log import Throttled
+from .transports.lane import Lane
+
+if TYPE_CHECKING:
+    from .transports.fast import FastPath
 
 log = logging.getLogger("sidecar.connections")
 
@@ -39,29 +49,110 @@ class ClientConnection(RequestHandler):
     """One client connection, with the header timeout and the quiet malformed-HTTP answer."""
 
     def __init__(
-        self, manager: web.Server, *, header_timeout: float, guard: ConnectionGuard, **kwargs: Any
+        self,
+        manager: web.Server,
+        *,
+        header_timeout: float,
+        guard: ConnectionGuard,
+        fast: FastPath | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
         self._guard = guard
+        self._fast = fast
+        self._lane: Lane | None = None
+        self._fast_busy = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self._header_timeout > 0:
             loop = asyncio.get_running_loop()
             self._header_timer = loop.call_later(self._header_timeout, self._head_too_slow)
+        # Decided per connection: one opened while the switch is off stays on the full path.
+        if self._fast is not None and self._fast.enabled:
+            peer = transport.get_extra_info("peername")
+            remote = str(peer[0]) if isinstance(peer, (list, tuple)) else peer
+            scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+            self._lane = Lane(self, self._fast, remote, scheme)
+            # aiohttp sets TCP_NODELAY when it writes its first answer; the fast path writes
+            # without it, and Nagle's algorithm would hold an SSE answer's later small writes.
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self._lane is None:
+            self.hand_over(data)
+        else:
+            self._lane.feed(data)
+
+    def hand_over(self, data: bytes) -> None:
+        """Bytes for aiohttp's own parser and handler."""
         super().data_received(data)
         if self._header_timer is not None and self._request_count > 0:
             self._header_timer.cancel()  # a whole request head arrived
             self._header_timer = None
 
+    def idle(self) -> bool:
+        """aiohttp's handler waits for a request and holds none of one."""
+        waiter = self._waiter
+        return (
+            waiter is not None
+            and not waiter.done()
+            and not self._messages
+            and not self._request_in_progress
+            and self._payload_parser is None
+            and not self._upgraded
+            and not self._force_close
+            and not self._close
+        )
+
+    def fast_begins(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()  # a whole request head arrived
+            self._header_timer = None
+        self._fast_busy = True
+        self._request_in_progress = True  # a graceful shutdown waits for it (drain_timeout)
+
+    def fast_ended(self) -> None:
+        self._fast_busy = False
+        self._request_in_progress = False
+        if self._handler_waiter is not None and not self._handler_waiter.done():
+            self._handler_waiter.set_result(None)
+        if self._keepalive_timeout > 0 and not self._force_close:
+            # The connection is idle again from now; the running timer re-arms itself.
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+    def _process_keepalive(self) -> None:
+        if self._fast_busy and not self._force_close:
+            # aiohttp sees an idle handler, but a fast answer is being written: not idle.
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+            return
+        super()._process_keepalive()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._lane is not None:
+            self._lane.pause_writing()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._lane is not None:
+            self._lane.resume_writing()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._lane is not None:
+            self._lane.lost()
         super().connection_lost(exc)
 
     def _head_too_slow(self) -> None:
@@ -127,11 +218,17 @@ class GuardedServer(web.Server):
     """aiohttp's per-listener connection factory, making `ClientConnection`s."""
 
     def __init__(
-        self, *args: Any, header_timeout: float, guard: ConnectionGuard, **kwargs: Any
+        self,
+        *args: Any,
+        header_timeout: float,
+        guard: ConnectionGuard,
+        fast: FastPath | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
         self._guard = guard
+        self._fast = fast
 
     def __call__(self) -> RequestHandler:
         return ClientConnection(
@@ -139,6 +236,7 @@ class GuardedServer(web.Server):
             loop=self._loop,
             header_timeout=self._header_timeout,
             guard=self._guard,
+            fast=self._fast,
             **self._kwargs,
         )
 
@@ -147,11 +245,18 @@ class GuardedAppRunner(web.AppRunner):
     """An AppRunner whose connections are `ClientConnection`s."""
 
     def __init__(
-        self, app: web.Application, *, header_timeout: float, guard: ConnectionGuard, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        header_timeout: float,
+        guard: ConnectionGuard,
+        fast: FastPath | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
         self._guard = guard
+        self._fast = fast
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # runs the application's startup
@@ -162,5 +267,6 @@ class GuardedAppRunner(web.AppRunner):
             loop=base._loop,
             header_timeout=self._header_timeout,
             guard=self._guard,
+            fast=self._fast,
             **base._kwargs,
         )

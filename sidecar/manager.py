@@ -211,6 +211,21 @@ class SessionManager:
             return Resolution(Outcome.DORMANT, session)
         return Resolution(Outcome.LIVE, session)
 
+    def held(self, session_id: str, identity: str) -> Session | None:
+        """The live session `resolve()` would answer LIVE for with nothing to do first, or None.
+
+        Synchronous, for the fast path: anything `resolve()` would act on (adopt from a shared
+        store, close or hibernate an expired session, forget stale legacy calls) is None here,
+        and the request takes the full path instead."""
+        session = self.live.get(session_id)
+        if session is None or not session.live or session.has_pending_calls:
+            return None
+        if self.limits.bind_to == "identity" and session.client != identity:
+            return None
+        if session.expiry_reason(self.policy, self.clock()) is not None:
+            return None
+        return session
+
     async def _adopt(self, session_id: str) -> Session | None:
         """SPEC 2.8: a session another sidecar on the same store created (or resumed) is
         served here too, bound to the same upstream session; read once, then held.

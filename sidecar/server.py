@@ -86,6 +86,7 @@ class Server:
             build_proxy_app(self.service),
             header_timeout=settings.server.header_timeout,
             guard=ConnectionGuard(lambda reason: metrics.rejected.labels(reason).inc()),
+            fast=self.service.fast,
             handle_signals=False,
             access_log=None,
             # A client that drops a quiet stream must free it upstream now, not at the

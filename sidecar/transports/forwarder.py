@@ -66,6 +66,7 @@ class ProxyOptions:
     mcp_path: str = "/mcp"  # the gate routes every spelling of these to their handler
     sse_path: str = "/sse"
     recover_lost: bool = False
+    fast_path: bool = False  # a live session's POST below aiohttp's machinery (`fast.py`)
 
 
 MAX_CACHED_COUNTERS = 64
@@ -115,10 +116,10 @@ class Forwarder:
             outcome = "upstream_error"
             return await self.upstream_failed(request, body, exc)
         finally:
-            self._count(request.method, outcome)
+            self.count_request(request.method, outcome)
             self.metrics.request_duration.observe(timer.own_time())
 
-    def _count(self, method: str, outcome: str) -> None:
+    def count_request(self, method: str, outcome: str) -> None:
         # `labels()` takes a lock and builds a key on every call; the children are cached
         # (bounded: a client can send any method name, and the cache must not grow with it).
         child = self._counters.get((method, outcome))
@@ -345,21 +346,12 @@ class Forwarder:
 
     # ---- answers ---------------------------------------------------------------------------
     async def reject(self, request: web.Request, rejection: Rejected) -> web.Response:
-        self.metrics.rejected.labels(rejection.reason).inc()
         # Legacy (2024-11-05) message URLs carry the id in the query, not in a header.
         query = request.query
         session_id = (
             request.headers.get(SESSION_HEADER) or query.get("sessionId") or query.get("session_id")
         )
-        self._throttled.info(
-            rejection.reason,
-            "rejected %s %s session=%s reason=%s status=%d",
-            request.method,
-            request.path,
-            short(session_id) if session_id else "-",
-            rejection.reason,
-            rejection.status,
-        )
+        self.note_rejection(request.method, request.path, session_id, rejection)
         response = rejection.response()
         if rejection.status in (408, 413):
             # Never read the rest of a body that is too large or too slow: close instead.
@@ -368,12 +360,29 @@ class Forwarder:
             await request.release()  # drain, so the connection stays usable for the client
         return response
 
+    def note_rejection(
+        self, method: str, path: str, session_id: str | None, rejection: Rejected
+    ) -> None:
+        self.metrics.rejected.labels(rejection.reason).inc()
+        self._throttled.info(
+            rejection.reason,
+            "rejected %s %s session=%s reason=%s status=%d",
+            method,
+            path,
+            short(session_id) if session_id else "-",
+            rejection.reason,
+            rejection.status,
+        )
+
     async def upstream_failed(
         self, request: web.Request, body: bytes, exc: UpstreamError
     ) -> web.Response:
-        # Throttled: with the upstream down, every client request would otherwise log a line.
-        self._throttled.warning(type(exc).__name__, "%s %s: %s", request.method, request.path, exc)
+        self.note_upstream_failure(request.method, request.path, exc)
         return upstream_failure(exc, body)
+
+    def note_upstream_failure(self, method: str, path: str, exc: UpstreamError) -> None:
+        # Throttled: with the upstream down, every client request would otherwise log a line.
+        self._throttled.warning(type(exc).__name__, "%s %s: %s", method, path, exc)
 
 
 def ping_watcher(manager: SessionManager, session: Session) -> Callable[[Event], None]:

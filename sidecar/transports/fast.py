@@ -1,0 +1,369 @@
+"""The fast path: a session's POST relayed below aiohttp's server and client (issue 10).
+
+Most requests through the sidecar are POSTs of a session it holds live: check, count,
+forward, relay. aiohttp's Request/Response objects, router, middlewares and its client cost
+~80% of the sidecar's CPU on such a request. `lane.Lane` hands this module the requests
+`plan` takes, parsed by llhttp; `serve` does for them exactly what `StreamableHttp._post`
+and `Forwarder.relay` do (SPEC 2.1, 2.3, 2.5): the same checks, the same bookkeeping in the
+manager, the same metrics, the same upstream request and the same answer, over a pool of raw
+keep-alive upstream connections (`upstream/wire.py`).
+
+`plan` decides synchronously, before anything is sent or counted; whatever it is unsure of
+(another method or path, a session that is not simply live here, a resume, an unusual
+header) gets None and takes the full path, which stays the reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from .. import jsonrpc
+from ..activity import classify
+from ..clients import client_identity
+from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
+from ..intake import Rejected, RequestTimer
+from ..sessions import CloseReason, Session, Transport, valid_session_id
+from ..sse import EventSplitter
+from ..upstream import Upstream
+from ..upstream.wire import Answer, WirePool
+from . import fast_http as wire
+from .forwarder import Forwarder, ping_watcher
+from .lane import Lane
+from .resume import updated_setup
+
+log = logging.getLogger("sidecar.proxy")
+
+_UNEXPECTED = jsonrpc.error_body(jsonrpc.SERVER_ERROR, "Internal error in mcp-sidecar")
+
+
+@dataclass(slots=True)
+class FastRequest:
+    """A request `plan` took: what serving it needs, decided before anything happens."""
+
+    session: Session
+    body: bytes
+    upstream: bytes  # the whole request as the upstream gets it
+    pool: WirePool
+    member: Upstream
+    protocol_version: str | None
+    credentials: dict[str, str]
+    timer: RequestTimer
+
+
+class FastRelay:
+    """A relayed answer stream in `session.relays`: closing the session cuts it."""
+
+    __slots__ = ("aborted", "answer", "long_lived")
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.long_lived = False
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.answer.close()
+
+
+class FastPath:
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.fw = forwarder
+        self.manager = forwarder.manager
+        self._pools: dict[int, WirePool] = {}
+        self._targets: dict[int, bytes] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.fw.options.fast_path
+
+    @property
+    def target(self) -> bytes:
+        return self.fw.options.mcp_path.encode()
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    # ---- deciding ---------------------------------------------------------------------------
+    def head_ok(self, headers: wire.Headers) -> bool:
+        """Checks the head alone decides (so a request that will not be taken goes to aiohttp
+        at once, not after its body): plain framing, one in-limit Content-Length, keep-alive."""
+        lengths = 0
+        for name, value in headers:
+            low = name.lower()
+            if low in (b"transfer-encoding", b"expect", b"upgrade"):
+                return False
+            if low == b"content-length":
+                lengths += 1
+                if not value.isdigit() or int(value) > self.fw.options.max_body_bytes:
+                    return False
+            elif low == b"connection" and value.strip().lower() != b"keep-alive":
+                return False
+        return lengths == 1
+
+    def plan(self, lane: Lane) -> FastRequest | None:
+        """The request, if the fast path can serve it exactly as the full path would."""
+        options = self.fw.options
+        headers = lane.headers
+        ids = wire.all_of(headers, wire.SESSION)
+        hosts = wire.all_of(headers, b"host")
+        if not options.fast_path or len(ids) != 1 or len(hosts) != 1 or lane.url != self.target:
+            return None
+        session_id = ids[0].decode("latin-1")
+        origin = wire.first(headers, b"origin")
+        allowed = options.allowed_origins
+        if not valid_session_id(session_id) or (
+            allowed and origin is not None and _text(origin) not in allowed
+        ):
+            return None
+        authorization = wire.first(headers, b"authorization")
+        identity = client_identity(
+            None if authorization is None else _text(authorization), lane.peer
+        )
+        session = self.manager.held(session_id, identity)
+        if session is None or session.transport is not Transport.STREAMABLE_HTTP:
+            return None
+        if options.recover_lost and session.resume is not None:
+            return None  # a lost session is re-created on the full path
+        member = self._member(session)
+        if member is None:
+            return None
+        return self._request(lane, session, member, hosts[0])
+
+    def _member(self, session: Session) -> Upstream | None:
+        binding = session.binding
+        pool = self.fw.upstreams
+        if binding is not None and not pool.is_up(binding.upstream):
+            return None
+        member = self.fw.upstream_of(session)
+        return member if member.url.scheme == "http" else None
+
+    def _request(self, lane: Lane, session: Session, member: Upstream, host: bytes) -> FastRequest:
+        headers = lane.headers
+        body = b"".join(lane.body)
+        binding = session.binding
+        upstream = wire.upstream_request(
+            self._target_of(member),
+            headers,
+            body,
+            authority=member.authority.encode(),
+            host=host,
+            peer=(lane.peer or "unknown").encode(),
+            scheme=lane.scheme.encode(),
+            session=None if binding is None else binding.session_id.encode(),
+        )
+        version = wire.first(headers, b"mcp-protocol-version")
+        credentials = {
+            name: _text(value)
+            for name, key in (("Authorization", b"authorization"), ("Cookie", b"cookie"))
+            if (value := wire.first(headers, key)) is not None
+        }
+        return FastRequest(
+            session,
+            body,
+            upstream,
+            self._pool(member),
+            member,
+            None if version is None else _text(version),
+            credentials,
+            RequestTimer(),
+        )
+
+    def _pool(self, member: Upstream) -> WirePool:
+        pool = self._pools.get(id(member))
+        if pool is None:
+            pool = self._pools[id(member)] = WirePool(member)
+        return pool
+
+    def _target_of(self, member: Upstream) -> bytes:
+        target = self._targets.get(id(member))
+        if target is None:
+            url = member.target(self.fw.options.mcp_path)
+            target = self._targets[id(member)] = url.raw_path_qs.encode()
+        return target
+
+    # ---- serving ----------------------------------------------------------------------------
+    async def serve(self, request: FastRequest, lane: Lane) -> None:
+        """`Forwarder.handle` for a planned request: its outcome counted the same way."""
+        timer = request.timer
+        outcome = "forwarded"
+        try:
+            await self._post(request, lane)
+        except Rejected as rejection:
+            outcome = "rejected"
+            self.fw.note_rejection("POST", self.fw.options.mcp_path, request.session.id, rejection)
+            lane.write(wire.json_answer(rejection.status, rejection.body))
+        except UpstreamError as exc:
+            outcome = "upstream_error"
+            lane.write(self._failure(request, exc))
+        except Exception:
+            log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
+            lane.write(wire.json_answer(500, _UNEXPECTED))
+        finally:
+            self.fw.count_request("POST", outcome)
+            self.fw.metrics.request_duration.observe(timer.own_time())
+
+    def _failure(self, request: FastRequest, exc: UpstreamError) -> bytes:
+        """`upstream_failure`: 502 or 504 with a JSON-RPC error echoing the request's id."""
+        self.fw.note_upstream_failure("POST", self.fw.options.mcp_path, exc)
+        timeout = isinstance(exc, UpstreamTimeoutError)
+        batch = jsonrpc.parse(request.body) if request.body else jsonrpc.INVALID
+        message = "Upstream MCP server timed out" if timeout else "Upstream MCP server unreachable"
+        body = jsonrpc.error_body(jsonrpc.SERVER_ERROR, message, batch.first_id)
+        return wire.json_answer(504 if timeout else 502, body)
+
+    async def _post(self, request: FastRequest, lane: Lane) -> None:
+        """`StreamableHttp.dispatch` + `_post` for a live session."""
+        manager = self.manager
+        session = request.session
+        body = request.body
+        batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
+        manager.note_credentials(session, request.credentials)
+        use = classify(batch, manager.policy, session.server_pings if session.runtime else ())
+        if use.is_call:
+            manager.begin_call(session)
+        try:
+            answer = await self._forward(request)
+        except UpstreamError:
+            if use.is_call:  # a failed forward changes nothing about the session (SPEC 2.5)
+                manager.abandon_call(session)
+            raise
+        except BaseException:
+            if use.is_call:  # the client went away before the answer's head came
+                manager.end_call(session)
+            raise
+        try:
+            manager.note_use(session, use)
+            manager.count_request(session)
+            if 200 <= answer.status < 300 and session.resume is not None:
+                changed = updated_setup(session.resume, batch)
+                if changed is not None:
+                    manager.note_setup(session, changed)
+            await self._relay(request, answer, lane)
+        finally:
+            if use.is_call:
+                manager.end_call(session)
+            if not answer.ended.done() or answer.error is not None:
+                answer.close()  # an answer not read to its end leaves no reusable connection
+
+    async def _forward(self, request: FastRequest) -> Answer:
+        timer = request.timer
+        timer.upstream_begins()
+        try:
+            return await request.pool.exchange(request.upstream)
+        except UpstreamRefusedError:
+            self.fw.upstreams.refused(request.member)
+            raise
+        finally:
+            timer.upstream_answered()
+
+    async def _relay(self, request: FastRequest, answer: Answer, lane: Lane) -> None:
+        """`Forwarder.relay` for the exact endpoint's answer to a live session's POST."""
+        session = request.session
+        status = answer.status
+        version = request.protocol_version
+        if version and 200 <= status < 300:
+            self.manager.note_protocol_version(session, version)
+        if status == 404 and session.live:
+            # The upstream lost the session (restart, its own reaper): stop tracking it.
+            await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
+        content_type = answer.header(b"content-type") or b""
+        stream = content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+        if not stream and answer.content_length is not None:
+            await self._relay_buffered(request, answer, lane)
+        else:
+            await self._relay_stream(request, answer, lane, stream)
+
+    async def _relay_buffered(self, request: FastRequest, answer: Answer, lane: Lane) -> None:
+        session = request.session
+        body = await self._read_answer(request, answer)
+        if self.fw.gone.matches(answer.status, body):
+            await self.fw.session_gone(session, answer.status, request.body)
+        headers = wire.end_to_end(answer.headers, session.id.encode())
+        lane.write(wire.buffered_answer(answer.status, answer.reason, headers, body))
+
+    async def _read_answer(self, request: FastRequest, answer: Answer) -> bytes:
+        timer = request.timer
+        timer.upstream_begins()
+        read_timeout = self.fw.upstreams.primary.read_timeout
+        try:
+            # A body that stalls after its headers is bounded like the headers were.
+            if not answer.ended.done():
+                async with asyncio.timeout(read_timeout):
+                    await answer.ended
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(
+                f"the upstream's answer body did not arrive within {read_timeout:g}s "
+                "(upstream.read_timeout)"
+            ) from exc
+        finally:
+            timer.upstream_answered()
+        if answer.error is not None:
+            raise UpstreamError(f"upstream answer broke off: {answer.error}")
+        chunks = answer.chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _relay_stream(
+        self, request: FastRequest, answer: Answer, lane: Lane, events: bool
+    ) -> None:
+        """`relay_stream`: whole SSE events, server pings watched, back-pressure upstream."""
+        session = request.session
+        timer = request.timer
+        headers = wire.end_to_end(answer.headers, session.id.encode())
+        inspect = events and (answer.header(b"content-encoding") or b"identity").lower() == (
+            b"identity"
+        )
+        if inspect:
+            headers.append((b"X-Accel-Buffering", b"no"))
+        # The head waits for what of the body already came: one write, not several.
+        lane.hold()
+        lane.write(wire.answer_head(answer.status, answer.reason, headers, None))
+        timer.upstream_begins()
+        relay = FastRelay(answer)
+        session.relays.add(relay)
+        lane.on_pause, lane.on_resume = answer.pause, answer.resume
+        try:
+            await self._pump(answer, lane, session, inspect)
+        finally:
+            lane.flush()
+            lane.on_pause = lane.on_resume = None
+            timer.upstream_answered()
+            session.relays.discard(relay)
+
+    async def _pump(self, answer: Answer, lane: Lane, session: Session, inspect: bool) -> None:
+        splitter = EventSplitter() if inspect else None
+        watch = ping_watcher(self.manager, session)
+
+        def sink(data: bytes) -> None:
+            if splitter is None:
+                lane.write(wire.chunk(data))
+                return
+            for event in splitter.feed(data):
+                if event.inspectable:
+                    watch(event)
+                lane.write(wire.chunk(event.raw))
+
+        for data in answer.chunks:
+            sink(data)
+        answer.chunks = []
+        answer.sink = sink
+        if not lane.flush():
+            return
+        if not answer.ended.done():
+            await answer.ended
+        if answer.error is not None:
+            log.debug("upstream stream ended abnormally: %s", answer.error)
+        if splitter is not None and (tail := splitter.flush()):
+            lane.write(wire.chunk(tail))
+        lane.write(wire.LAST_CHUNK)
+
+
+def _text(value: bytes) -> str:
+    """A header value as aiohttp gives it to the full path."""
+    return value.decode("utf-8", "surrogateescape")
+
+
+__all__ = ["FastPath", "FastRequest"]

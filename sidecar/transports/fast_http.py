@@ -1,0 +1,144 @@
+"""The header rules of `forwarding.py`, on raw header lists, for the fast path.
+
+Same rules, same results (SPEC 2.1): hop-by-hop headers and those named in `Connection` are
+dropped both ways; upstream, `Host` is the member's authority and `X-Forwarded-*` are set as
+`upstream_request_headers` sets them; back to the client, the session id becomes the
+client's own, and `Content-Type`, `Date` and `Server` are added as aiohttp's response adds
+them. Header names and values stay the bytes they arrived as (aiohttp decodes them as UTF-8
+with surrogate escapes and encodes them back: the same bytes).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+
+from ..forwarding import HOP_BY_HOP, RECOMPUTED
+
+Headers = list[tuple[bytes, bytes]]
+
+DROPPED = frozenset(name.encode() for name in HOP_BY_HOP | RECOMPUTED)
+SESSION = b"mcp-session-id"
+_SERVER = SERVER_SOFTWARE.encode()
+# Statuses whose answer has no body (RFC 9110 §6.4.1): no Content-Length, no Content-Type.
+EMPTY_STATUSES = frozenset({204, 304})
+
+
+def first(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def all_of(headers: Headers, name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+def _dropped(headers: Headers) -> frozenset[bytes]:
+    tokens = all_of(headers, b"connection")
+    if not tokens:
+        return DROPPED
+    named = {t.strip().lower() for value in tokens for t in value.split(b",") if t.strip()}
+    return DROPPED | named
+
+
+def end_to_end(headers: Headers, session: bytes | None = None) -> Headers:
+    """The headers that pass, the session id (if given) replacing the one that came."""
+    drop = _dropped(headers)
+    kept = [(k, v) for k, v in headers if k.lower() not in drop]
+    if session is not None:
+        _replace(kept, b"Mcp-Session-Id", session, only_if_present=True)
+    return kept
+
+
+def _replace(headers: Headers, name: bytes, value: bytes, *, only_if_present: bool = False) -> None:
+    """A multidict's `headers[name] = value`: the first one's place, the others removed."""
+    low = name.lower()
+    at = next((i for i, (k, _) in enumerate(headers) if k.lower() == low), None)
+    if at is None:
+        if not only_if_present:
+            headers.append((name, value))
+        return
+    headers[at] = (name, value)
+    headers[at + 1 :] = [(k, v) for k, v in headers[at + 1 :] if k.lower() != low]
+
+
+def _append(headers: Headers, name: bytes, value: bytes) -> None:
+    existing = b", ".join(all_of(headers, name.lower()))
+    _replace(headers, name, existing + b", " + value if existing else value)
+
+
+def upstream_request(
+    target: bytes,
+    headers: Headers,
+    body: bytes,
+    *,
+    authority: bytes,
+    host: bytes,
+    peer: bytes,
+    scheme: bytes,
+    session: bytes | None,
+) -> bytes:
+    """The request as the upstream gets it, as `Forwarder.forward` sends it via aiohttp."""
+    kept = end_to_end(headers, session)
+    _replace(kept, b"X-Forwarded-Host", host)
+    _append(kept, b"X-Forwarded-For", peer)
+    _append(kept, b"X-Forwarded-Proto", scheme)
+    lines = [b"POST ", target, b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
+    for name, value in kept:
+        lines += (name, b": ", value, b"\r\n")
+    lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body)
+    return b"".join(lines)
+
+
+def status_line(status: int, reason: bytes) -> bytes:
+    if not reason:
+        try:
+            reason = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            reason = b""
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+def answer_head(status: int, reason: bytes, headers: Headers, length: int | None) -> bytes:
+    """The head aiohttp's `web.Response` (`length` given) or `web.StreamResponse` (chunked)
+    writes for these headers."""
+    lines = [status_line(status, reason)]
+    for name, value in headers:
+        lines += (name, b": ", value, b"\r\n")
+    empty = status in EMPTY_STATUSES
+    if not empty:
+        if length is None:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            lines += (b"Content-Length: ", str(length).encode(), b"\r\n")
+        if length != 0 and first(headers, b"content-type") is None:
+            lines.append(b"Content-Type: application/octet-stream\r\n")
+    if first(headers, b"date") is None:
+        lines += (b"Date: ", rfc822_formatted_time().encode(), b"\r\n")
+    if first(headers, b"server") is None:
+        lines += (b"Server: ", _SERVER, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def buffered_answer(status: int, reason: bytes, headers: Headers, body: bytes) -> bytes:
+    if status in EMPTY_STATUSES:
+        return answer_head(status, reason, headers, 0)
+    return answer_head(status, reason, headers, len(body)) + body
+
+
+def json_answer(status: int, body: bytes) -> bytes:
+    """The sidecar's own JSON answer (a rejection, an upstream failure), as `web.Response`
+    with `content_type="application/json"` writes it."""
+    return buffered_answer(status, b"", [(b"Content-Type", b"application/json")], body)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,239 @@
+"""The fast lane of one client connection: which requests skip aiohttp's server machinery.
+
+Every byte a client sends passes through one `httptools` (llhttp) request parser here. While
+aiohttp's handler is idle and no request of this connection is being served, the bytes of a
+new request are kept, not handed on. When the request is complete and `FastPath.plan` takes
+it (a POST of a session held live here, nothing unusual about it), it is served by
+`FastPath.serve` without aiohttp's Request/Response objects, router and middlewares.
+
+Everything else is handed to aiohttp exactly as it came, all kept bytes first, in order:
+another method or path, anything `plan` refuses, a second request in the same buffer
+(pipelining), a head or body that does not complete within `HANDOVER_WAIT` (aiohttp's own
+timeouts answer a slow client), bytes the parser refuses (aiohttp answers malformed HTTP).
+Once a request went to aiohttp, the rest of it does too: the lane takes requests again only
+at a message boundary with aiohttp's handler idle. A parser error makes the connection
+aiohttp's for the rest of its life: the boundaries are no longer known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+if TYPE_CHECKING:
+    from .fast import FastPath, FastRequest
+
+# How long a partly received request is kept before aiohttp gets it (and its timeouts).
+HANDOVER_WAIT = 1.0
+# aiohttp refuses a head line over 8190 bytes and more than 128 headers (400); the lane takes
+# only heads well inside both, so it never serves what aiohttp would have refused.
+MAX_HEAD = 8000
+MAX_HEADERS = 100
+# Bytes llhttp's lenient defaults might take where aiohttp's strict parser answers 400:
+# control characters, obs-fold (a line starting with white space), a bare LF.
+_ODD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\n[ \t]|(?<!\r)\n")
+
+
+class Connection(Protocol):
+    """What the lane needs of its client connection (`connections.ClientConnection`)."""
+
+    transport: asyncio.Transport | None
+
+    def idle(self) -> bool: ...
+
+    def hand_over(self, data: bytes) -> None: ...
+
+    def fast_begins(self) -> None: ...
+
+    def fast_ended(self) -> None: ...
+
+
+class Lane:
+    """The per-connection interception; one parser sees every byte, in order."""
+
+    def __init__(self, conn: Connection, fast: FastPath, peer: str | None, scheme: str) -> None:
+        self._conn = conn
+        self._fast = fast
+        self.peer = peer
+        self.scheme = scheme
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self._slow = False  # the current request is aiohttp's
+        self._kept: list[bytes] = []
+        self._begun = 0  # messages begun in the kept bytes
+        self._complete = False
+        self._refused = False  # the head was seen and the fast path will not take it
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending: list[bytes] = []  # bytes that came while a fast request was served
+        self.on_resume: Callable[[], None] | None = None
+        self.on_pause: Callable[[], None] | None = None
+        self._held: list[bytes] | None = None
+        self._reset_message()
+
+    # ---- bytes in ---------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self._task is not None:
+            self._pending.append(data)  # served in order once the answer is written
+            return
+        if self._parser is None:
+            self._conn.hand_over(data)
+            return
+        if self._slow and self._at_boundary() and self._conn.idle():
+            self._slow = False
+            self._begun = 0
+            self._refused = False
+        if self._slow:
+            self._conn.hand_over(data)
+            self._track(data)
+            return
+        self._kept.append(data)
+        self._track(data)
+        if self._parser is None or self._refused or self._begun > 1:
+            self._give_up()
+        elif self._complete:
+            self._take()
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(HANDOVER_WAIT, self._give_up)
+
+    def _at_boundary(self) -> bool:
+        return self._begun == 0 or self._complete
+
+    def _track(self, data: bytes) -> None:
+        parser = self._parser
+        assert parser is not None
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._parser = None
+
+    def _give_up(self) -> None:
+        """Hand everything kept to aiohttp; the rest of this request goes there too."""
+        self._cancel_timer()
+        kept, self._kept = self._kept, []
+        self._slow = True
+        self._refused = False
+        if kept:
+            self._conn.hand_over(b"".join(kept))
+
+    def _take(self) -> None:
+        self._cancel_timer()
+        request = self._fast.plan(self)
+        if request is None:
+            self._give_up()
+            return
+        self._kept = []
+        self._begun = 0
+        self._complete = False
+        self._conn.fast_begins()
+        self._task = asyncio.get_running_loop().create_task(self._serve(request))
+
+    async def _serve(self, request: FastRequest) -> None:
+        try:
+            await self._fast.serve(request, self)
+        finally:
+            self._task = None
+            self._conn.fast_ended()
+            pending, self._pending = self._pending, []
+            for data in pending:
+                self.feed(data)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def lost(self) -> None:
+        """The client went away: a request being served is cancelled, like aiohttp's."""
+        self._cancel_timer()
+        if self._task is not None:
+            self._task.cancel()
+
+    # ---- bytes out --------------------------------------------------------------------------
+    def write(self, data: bytes) -> bool:
+        """Write to the client (or to the held bytes); False once the client is gone."""
+        if self._held is not None:
+            self._held.append(data)
+            return True
+        transport = self._conn.transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(data)
+        return True
+
+    def hold(self) -> None:
+        """Collect writes until `flush`: several small pieces leave as one segment."""
+        self._held = []
+
+    def flush(self) -> bool:
+        held, self._held = self._held, None
+        return self.write(b"".join(held)) if held else True
+
+    def close(self) -> None:
+        transport = self._conn.transport
+        if transport is not None:
+            transport.close()
+
+    # ---- llhttp callbacks -------------------------------------------------------------------
+    def _reset_message(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+
+    def on_message_begin(self) -> None:
+        self._begun += 1
+        self._complete = False
+        if not self._slow:
+            self._reset_message()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._slow:
+            self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._slow:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._slow:
+            return
+        parser = self._parser
+        assert parser is not None
+        kept = b"".join(self._kept)
+        end = kept.find(b"\r\n\r\n")
+        head = kept[: end + 4]
+        if (
+            end < 0
+            or end > MAX_HEAD
+            or parser.get_method() != b"POST"
+            or parser.get_http_version() != "1.1"
+            or self.url != self._fast.target
+            or len(self.headers) > MAX_HEADERS
+            or _ODD_HEAD.search(head) is not None
+            or not self._fast.head_ok(self.headers)
+        ):
+            self._refused = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._slow:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        if self._slow:
+            self._begun = 0
+
+    # ---- back-pressure from the client -------------------------------------------------------
+    def pause_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause()
+
+    def resume_writing(self) -> None:
+        if self.on_resume is not None:
+            with contextlib.suppress(Exception):
+                self.on_resume()

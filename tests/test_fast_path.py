@@ -1,0 +1,294 @@
+"""The fast path (`server.fast_path`) gives the answers and side effects of the full path.
+
+Two real sidecars, one with the fast path and one without, in front of one recording
+upstream: the same raw HTTP requests through each must give the same status, headers (but
+Date and Server) and body, and the upstream must see the same requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.peers.mcp_clients import eventually
+from tests.peers.processes import HOST, SidecarHandle, free_ports, start_sidecar
+
+PATH = "/mcp"
+IGNORED = {b"date", b"server"}
+# Headers the upstream sees that differ by construction between the two sidecars.
+PER_SIDECAR = {"x-forwarded-for", "x-forwarded-host"}
+
+
+class Recorder:
+    """A Streamable HTTP upstream that logs every request and answers as told by headers."""
+
+    def __init__(self) -> None:
+        self.log: list[dict[str, Any]] = []
+        self.arrived = asyncio.Event()  # a held request reached the upstream
+        self.release = asyncio.Event()  # held requests may answer (held streams may end)
+        self.runner: web.AppRunner | None = None
+        self.port = free_ports(1)[0]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:  # noqa: PLR0911 - one branch per answer kind, read as a table
+        body = await request.read()
+        self.log.append(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "headers": sorted(
+                    (k.lower(), v)
+                    for k, v in request.headers.items()
+                    if k.lower() not in PER_SIDECAR
+                ),
+                "body": body,
+            }
+        )
+        session = request.headers.get("X-Test-Sid", "")
+        message = json.loads(body) if body else {}
+        if message.get("method") == "initialize":
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": message["id"], "result": {}},
+                headers={"Mcp-Session-Id": session},
+            )
+        if request.method == "DELETE":
+            return web.Response(status=200)
+        answer = json.dumps({"jsonrpc": "2.0", "id": message.get("id"), "result": {"ok": 1}})
+        mode = request.headers.get("X-Test-Answer", "json")
+        if mode == "sse":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(f"event: message\ndata: {answer}\n\n".encode())
+            await response.write_eof()
+            return response
+        if mode == "hold":
+            self.arrived.set()
+            await self.release.wait()
+        if mode == "stream":  # one event, then open until released or cut
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(f"event: message\ndata: {answer}\n\n".encode())
+            self.arrived.set()
+            await self.release.wait()
+            await response.write_eof()
+            return response
+        if mode == "gone":
+            return web.json_response({"error": "no session"}, status=404)
+        if mode == "empty":
+            return web.Response(status=202, headers={"X-Extra": "a"})
+        return web.Response(
+            body=answer.encode(),
+            content_type="application/json",
+            headers={"Mcp-Session-Id": request.headers.get("Mcp-Session-Id", ""), "X-Up": "1"},
+        )
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, HOST, self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}{PATH}"
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[Recorder]:
+    upstream = Recorder()
+    await upstream.start()
+    yield upstream
+    await upstream.stop()
+
+
+@pytest.fixture
+def pair(tmp_path: Path, recorder: Recorder) -> Iterator[tuple[SidecarHandle, SidecarHandle]]:
+    fast = start_sidecar(tmp_path / "fast", recorder.url, server={"fast_path": True})
+    slow = start_sidecar(tmp_path / "slow", recorder.url, server={"fast_path": False})
+    try:
+        yield fast, slow
+    finally:
+        fast.stop()
+        slow.stop()
+
+
+async def exchange(port: int, requests: list[bytes]) -> list[tuple[int, list[Any], bytes]]:
+    """Send the raw requests on one connection, one at a time; the answers as seen."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    answers = []
+    try:
+        for request in requests:
+            writer.write(request)
+            await writer.drain()
+            answers.append(await read_answer(reader))
+    finally:
+        writer.close()
+    return answers
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, list[Any], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = [tuple(line.split(b": ", 1)) for line in lines[1:] if line]
+    names = {name.lower(): value for name, value in headers}
+    if b"content-length" in names:
+        body = await reader.readexactly(int(names[b"content-length"]))
+    elif names.get(b"transfer-encoding") == b"chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+            body += (await reader.readexactly(size + 2))[:-2]
+            if size == 0:
+                break
+    else:
+        body = b""
+    shown = sorted((n.lower(), v) for n, v in headers if n.lower() not in IGNORED)
+    return status, shown, body
+
+
+def post(body: dict[str, Any] | bytes, *extra: str, session: str = "s-1") -> bytes:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    head = [
+        f"POST {PATH} HTTP/1.1",
+        "Host: example.test",
+        "Content-Type: application/json",
+        "Accept: application/json, text/event-stream",
+        f"Content-Length: {len(data)}",
+    ]
+    if session:
+        head.append(f"Mcp-Session-Id: {session}")
+    return ("\r\n".join([*head, *extra]) + "\r\n\r\n").encode() + data
+
+
+def initialize(session: str) -> bytes:
+    message = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
+    return post(message, f"X-Test-Sid: {session}", session="")
+
+
+def call(n: int, *extra: str) -> bytes:
+    return post({"jsonrpc": "2.0", "id": n, "method": "tools/list"}, *extra)
+
+
+SEQUENCE = [
+    initialize("s-1"),
+    call(1),
+    call(2, "X-Test-Answer: sse"),
+    call(3, "X-Forwarded-For: 10.0.0.1", "Connection: keep-alive", "Keep-Alive: 5"),
+    post({"jsonrpc": "2.0", "method": "notifications/initialized"}, "X-Test-Answer: empty"),
+    post(b"not json"),
+    call(4, "Origin: http://example.test"),
+    call(5, "MCP-Protocol-Version: 2025-06-18", "Authorization: Bearer x"),
+    post({"jsonrpc": "2.0", "id": 6, "method": "ping"}, session="unknown-id"),
+    call(8, "X-Test-Answer: gone"),
+    call(9),
+    call(10, "Transfer-Encoding: identity"),  # malformed: aiohttp answers 400 and closes
+]
+
+
+async def test_same_answers_and_upstream_requests_with_and_without_fast_path(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+) -> None:
+    fast, slow = pair
+    fast_answers = await exchange(fast.listen_port, SEQUENCE)
+    fast_log, recorder.log = recorder.log, []
+    slow_answers = await exchange(slow.listen_port, SEQUENCE)
+    assert fast_answers == slow_answers
+    assert fast_log == recorder.log
+    assert [status for status, _, _ in fast_answers][:3] == [200, 200, 200]
+
+
+async def test_head_and_body_in_two_writes_and_a_pipelined_pair(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+) -> None:
+    results = []
+    for sidecar in pair:
+        await exchange(sidecar.listen_port, [initialize("s-1")])
+        reader, writer = await asyncio.open_connection(HOST, sidecar.listen_port)
+        request = call(1)
+        split = request.index(b"\r\n\r\n") + 4
+        writer.write(request[:split])
+        await writer.drain()
+        writer.write(request[split:])
+        first = await read_answer(reader)
+        writer.write(call(2) + call(3))  # pipelined: aiohttp answers both, in order
+        second, third = await read_answer(reader), await read_answer(reader)
+        writer.close()
+        results.append([first, second, third])
+    assert results[0] == results[1]
+    assert [status for status, _, _ in results[0]] == [200, 200, 200]
+
+
+async def session_view(sidecar: SidecarHandle, session: str) -> dict[str, Any]:
+    url = f"{sidecar.admin_url}/sessions/{session}"
+    async with aiohttp.ClientSession() as client, client.get(url) as answer:
+        return dict(await answer.json())
+
+
+async def test_a_client_that_leaves_mid_request_leaves_no_call_in_flight(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+) -> None:
+    fast = pair[0]
+    await exchange(fast.listen_port, [initialize("s-1")])
+    _, writer = await asyncio.open_connection(HOST, fast.listen_port)
+    writer.write(call(1, "X-Test-Answer: hold"))
+    await recorder.arrived.wait()
+    assert (await session_view(fast, "s-1"))["in_flight"] == 1
+    writer.close()
+
+    async def settled() -> bool:
+        return (await session_view(fast, "s-1"))["in_flight"] == 0
+
+    await eventually(settled, what="in_flight back to 0")
+    recorder.release.set()
+    # The connection still serves the session afterwards.
+    assert (await exchange(fast.listen_port, [call(2)]))[0][0] == 200
+
+
+async def test_closing_the_session_cuts_a_fast_event_stream(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+) -> None:
+    fast = pair[0]
+    await exchange(fast.listen_port, [initialize("s-1")])
+    reader, writer = await asyncio.open_connection(HOST, fast.listen_port)
+    writer.write(call(1, "X-Test-Answer: stream"))
+    await recorder.arrived.wait()
+    url = f"{fast.admin_url}/sessions/s-1"
+    async with aiohttp.ClientSession() as client, client.delete(url) as answer:
+        assert answer.status == 200
+    status, headers, body = await read_answer(reader)  # ends: the close cut the stream
+    writer.close()
+    assert status == 200
+    assert (b"transfer-encoding", b"chunked") in headers
+    assert b'"ok": 1' in body
+    recorder.release.set()
+
+
+async def test_a_slow_body_is_handed_to_aiohttp_and_gets_its_408(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    sidecar = start_sidecar(tmp_path, recorder.url, server={"body_timeout": "1s"})
+    try:
+        await exchange(sidecar.listen_port, [initialize("s-1")])
+        reader, writer = await asyncio.open_connection(HOST, sidecar.listen_port)
+        request = call(1)
+        writer.write(request[:-3])  # the body never completes
+        status, _, body = await read_answer(reader)
+        writer.close()
+        assert status == 408
+        assert b"body_timeout" in body
+        assert all(entry["body"] != request[-20:] for entry in recorder.log[1:])
+        assert len(recorder.log) == 1  # only the initialize reached the upstream
+    finally:
+        sidecar.stop()
