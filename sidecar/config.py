@@ -142,7 +142,7 @@ class ServerSettings(_Section):
         description="An idle keep-alive connection is closed after this.",
     )
     fast_path: bool = Field(
-        default=False,
+        default=True,
         description="Serve a live session's plain POST below aiohttp's server and client "
         "(same answers, less CPU); a reload applies to connections opened after it.",
     )

@@ -325,9 +325,11 @@ class FastPath:
         relay = FastRelay(answer)
         session.relays.add(relay)
         lane.on_pause, lane.on_resume = answer.pause, answer.resume
+        lane.streaming = True
         try:
             await self._pump(answer, lane, session, inspect)
         finally:
+            lane.streaming = False
             lane.flush()
             lane.on_pause = lane.on_resume = None
             timer.upstream_answered()
@@ -339,12 +341,17 @@ class FastPath:
 
         def sink(data: bytes) -> None:
             if splitter is None:
-                lane.write(wire.chunk(data))
+                if not lane.write(wire.chunk(data)):
+                    answer.close()  # the client left (see below)
                 return
             for event in splitter.feed(data):
                 if event.inspectable:
                     watch(event)
-                lane.write(wire.chunk(event.raw))
+                if not lane.write(wire.chunk(event.raw)):
+                    # The client left: the stream ends at this event, as on the full path,
+                    # where the handler learns it when a write fails.
+                    answer.close()
+                    return
 
         for data in answer.chunks:
             sink(data)

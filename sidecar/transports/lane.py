@@ -69,6 +69,9 @@ class Lane:
         self._refused = False  # the head was seen and the fast path will not take it
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        # Set while a streamed answer is relayed: a client that leaves then is noticed at the
+        # next write, as the full path notices it (see `lost`).
+        self.streaming = False
         self._pending: list[bytes] = []  # bytes that came while a fast request was served
         self.on_resume: Callable[[], None] | None = None
         self.on_pause: Callable[[], None] | None = None
@@ -151,7 +154,7 @@ class Lane:
     def lost(self) -> None:
         """The client went away: a request being served is cancelled, like aiohttp's."""
         self._cancel_timer()
-        if self._task is not None:
+        if self._task is not None and not self.streaming:
             self._task.cancel()
 
     # ---- bytes out --------------------------------------------------------------------------

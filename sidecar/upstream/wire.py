@@ -139,7 +139,8 @@ class WireConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         answer = self.answer
-        assert answer is not None
+        if answer is None:
+            return  # abandoned by its sink (the client left) within this same read
         if answer.sink is not None:
             answer.sink(body)
         else:
@@ -147,7 +148,8 @@ class WireConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         answer, self.answer = self.answer, None
-        assert answer is not None
+        if answer is None:
+            return  # abandoned within this same read: the connection is closed already
         keep = self._parser.should_keep_alive()
         if not answer.ended.done():
             answer.ended.set_result(None)
