@@ -14,6 +14,7 @@ was closed, and the next request re-creates one from the stored `ResumeState`.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -356,6 +357,11 @@ def short(session_id: str) -> str:
     return session_id[:8] + "…"
 
 
+# One C-level scan: checked on every request naming a session (a per-character generator
+# was ~3% of the fast path's CPU).
+_SESSION_ID = re.compile(r"[\x21-\x7e]{1,256}")
+
+
 def valid_session_id(value: str) -> bool:
     """1 to 256 visible ASCII characters (0x21 to 0x7E), as the MCP transport spec requires."""
-    return 0 < len(value) <= 256 and all(0x21 <= ord(c) <= 0x7E for c in value)
+    return _SESSION_ID.fullmatch(value) is not None
