@@ -292,3 +292,31 @@ async def test_a_slow_body_is_handed_to_aiohttp_and_gets_its_408(
         assert len(recorder.log) == 1  # only the initialize reached the upstream
     finally:
         sidecar.stop()
+
+
+async def test_an_answer_head_later_than_read_timeout_is_a_504_and_its_connection_not_reused(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """The upstream's late answer must never reach the next request on that connection."""
+    sidecars = [
+        start_sidecar(
+            tmp_path / name, recorder.url, server={"fast_path": on}, upstream={"read_timeout": "1s"}
+        )
+        for name, on in (("fast", True), ("slow", False))
+    ]
+    try:
+        timed_out = []
+        for sidecar in sidecars:
+            await exchange(sidecar.listen_port, [initialize("s-1")])
+            timed_out.append(await exchange(sidecar.listen_port, [call(1, "X-Test-Answer: hold")]))
+        recorder.release.set()  # the held answers now come, to connections given up on
+        after = [await exchange(s.listen_port, [call(2), call(3)]) for s in sidecars]
+    finally:
+        for sidecar in sidecars:
+            sidecar.stop()
+    assert timed_out[0] == timed_out[1]
+    status, _, body = timed_out[0][0]
+    assert status == 504
+    assert json.loads(body)["id"] == 1
+    assert after[0] == after[1]
+    assert [json.loads(answer[2])["id"] for answer in after[0]] == [2, 3]
