@@ -517,28 +517,26 @@ class RedisStore:
     # ---- reads -------------------------------------------------------------------------
     async def load(self, state: State, since: float | None = None) -> list[Session]:
         try:
-            if state is State.CLOSED:
-                low = "-inf" if since is None else repr(float(since))
-                found = await self.db.zrangebyscore(self.prefix + "closed", low, "+inf")
-            else:
-                found = list(await self.db.smembers(self.prefix + state.value))
-            # decode_responses=True: redis-py's types cannot say so, the values are str.
-            ids = cast(list[str], found)
-            return await self._read_many(ids)
+            return await self._read_many(await self._ids(state, since))
         except RedisError as exc:
             raise _read_error(self, exc) from exc
+
+    async def _ids(self, state: State, since: float | None) -> list[str]:
+        """The ids in a state (closed ones by closing time, from `since`)."""
+        if state is State.CLOSED:
+            low = "-inf" if since is None else repr(float(since))
+            found = await self.db.zrangebyscore(self.prefix + "closed", low, "+inf")
+        else:
+            found = list(await self.db.smembers(self.prefix + state.value))
+        # decode_responses=True: redis-py's types cannot say so, the values are str.
+        return cast(list[str], found)
 
     async def load_slices(
         self, state: State, size: int, since: float | None = None
     ) -> AsyncIterator[list[Session]]:
         """The ids at once (closed ones by closing time), the records a pipeline a slice."""
         try:
-            if state is State.CLOSED:
-                low = "-inf" if since is None else repr(float(since))
-                found = await self.db.zrangebyscore(self.prefix + "closed", low, "+inf")
-            else:
-                found = list(await self.db.smembers(self.prefix + state.value))
-            ids = cast(list[str], found)
+            ids = await self._ids(state, since)
             for first in range(0, len(ids), size):
                 yield await self._read_many(ids[first : first + size])
         except RedisError as exc:

@@ -29,7 +29,7 @@ from ..sse import EventSplitter
 from ..upstream import Upstream
 from ..upstream.wire import Answer, WirePool
 from . import fast_http as wire
-from .forwarder import Forwarder, ping_watcher
+from .forwarder import Forwarder, body_too_late, ping_watcher
 from .lane import Lane
 from .resume import updated_setup
 
@@ -295,10 +295,7 @@ class FastPath:
                 async with asyncio.timeout(read_timeout):
                     await answer.ended
         except TimeoutError as exc:
-            raise UpstreamTimeoutError(
-                f"the upstream's answer body did not arrive within {read_timeout:g}s "
-                "(upstream.read_timeout)"
-            ) from exc
+            raise body_too_late(read_timeout) from exc
         finally:
             timer.upstream_answered()
         if answer.error is not None:

@@ -247,10 +247,7 @@ class Forwarder:
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream answer broke off: {exc}") from exc
         except TimeoutError as exc:
-            raise UpstreamTimeoutError(
-                f"the upstream's answer body did not arrive within {read_timeout:g}s "
-                "(upstream.read_timeout)"
-            ) from exc
+            raise body_too_late(read_timeout) from exc
         finally:
             timer.upstream_answered()
 
@@ -383,6 +380,14 @@ class Forwarder:
     def note_upstream_failure(self, method: str, path: str, exc: UpstreamError) -> None:
         # Throttled: with the upstream down, every client request would otherwise log a line.
         self._throttled.warning(type(exc).__name__, "%s %s: %s", method, path, exc)
+
+
+def body_too_late(read_timeout: float) -> UpstreamTimeoutError:
+    """An answer whose body stalled after its headers (both paths answer it 504)."""
+    return UpstreamTimeoutError(
+        f"the upstream's answer body did not arrive within {read_timeout:g}s "
+        "(upstream.read_timeout)"
+    )
 
 
 def ping_watcher(manager: SessionManager, session: Session) -> Callable[[Event], None]:
