@@ -464,7 +464,8 @@ async def test_legacy_session_restored_after_restart_is_closed_with_reason_resta
         assert (row["state"], row["close_reason"]) == ("live", None)  # a stop closes nothing
 
         await asyncio.to_thread(sidecar.restart)
-        # Its stream cannot be recovered, so the start closes it, durably, before serving.
+        # Its stream cannot be recovered, so the start's restore closes it, durably (restart()
+        # returns once the restore is done; a request before that closes it the same way).
         row = row_of(sidecar, session_id)
         assert (row["state"], row["close_reason"]) == ("closed", "restart")
         posts_before = len(posts_for(sse_upstream, session_id))

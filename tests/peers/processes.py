@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -397,10 +399,24 @@ class SidecarHandle:
             self.process.wait_port(HOST, self.listen_port, timeout)
             if self.wait_admin:
                 self.process.wait_port(HOST, self.admin_port, timeout)
+                self.wait_restored(timeout)
         except BaseException:
             self.process.stop()
             raise
         return self
+
+    def wait_restored(self, timeout: float = START_TIMEOUT) -> None:
+        """Return once the start's restore has read every session back (`/readyz` no longer
+        says ``"restoring"``). The proxy port opens before that (ids not read yet are looked up
+        in the store), so a test that reads the database right after a start waits here, as
+        an operator's readiness probe would."""
+        deadline = time.monotonic() + timeout
+        while _readyz(self.admin_url).get("restoring"):
+            if not self.proc.running:
+                raise ProcessError(f"exited while restoring: {self.proc.describe()}")
+            if time.monotonic() > deadline:
+                raise ProcessError(f"still restoring after {timeout}s: {self.proc.describe()}")
+            time.sleep(0.02)
 
     @property
     def proc(self) -> ManagedProcess:
@@ -438,6 +454,22 @@ class SidecarHandle:
             return self.log_path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def _readyz(admin_url: str) -> dict[str, Any]:
+    """The admin `/readyz` body; {} when it cannot be read (TLS admin, not up): no wait."""
+    try:
+        with urllib.request.urlopen(f"{admin_url}/readyz", timeout=2) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as exc:  # 503 while not ready: the body still says why
+        raw = exc.read()
+    except OSError:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def start_sidecar(
