@@ -117,6 +117,21 @@ _CLOSE_SQL = """
     WHERE s.id = json_extract(j.value, '$[4]')
 """
 
+# Each JSON element is [dormant_since, last_activity_at, requests, resume, id]; the resume state
+# is written as it is, NULL included (a dormant session's resume state lives only here).
+_HIBERNATE_SQL = """
+    UPDATE sessions AS s SET
+        state = 'dormant',
+        dormant_since = json_extract(j.value, '$[0]'),
+        upstream = NULL,
+        upstream_session_id = NULL,
+        last_activity_at = json_extract(j.value, '$[1]'),
+        requests = json_extract(j.value, '$[2]'),
+        resume = json_extract(j.value, '$[3]')
+    FROM json_each(?) AS j
+    WHERE s.id = json_extract(j.value, '$[4]')
+"""
+
 _PENDING_SQL = """
     INSERT OR REPLACE INTO pending_closes
         (upstream, session_id, protocol_version, attempts, next_attempt_at, last_error)
@@ -394,28 +409,22 @@ class SqliteStore(UnsharedStore):
         await self._write(statements)
 
     async def hibernate_many(self, sessions: Sequence[tuple[Session, PendingClose | None]]) -> None:
-        """Dormant: no upstream binding, the DELETE of the old one owed, in one transaction."""
-        statements: list[tuple[str, Sequence[Any]]] = []
-        for session, pending in sessions:
-            statements.append(
-                (
-                    "UPDATE sessions SET state=?, dormant_since=?, upstream=NULL, "
-                    "upstream_session_id=NULL, last_activity_at=?, requests=?, resume=? "
-                    "WHERE id=?",
-                    (
-                        State.DORMANT.value,
-                        session.dormant_since,
-                        session.last_activity_at,
-                        session.requests,
-                        _resume_json(session),
-                        session.id,
-                    ),
-                )
-            )
-            if pending is not None:
-                statements.append(_pending_upsert(pending))
-        if statements:
-            await self._write(statements)
+        """Dormant: no upstream binding, the DELETE of the old one owed, in one transaction.
+
+        Two statements, the rows as JSON arrays, as `mark_closed_many` does: a statement per
+        row cost a round trip to the connection's thread each (hibernating 100,000 took 38 s).
+        """
+        if not sessions:
+            return
+        going = [
+            (s.dormant_since, s.last_activity_at, s.requests, _resume_json(s), s.id)
+            for s, _ in sessions
+        ]
+        owed = [_pending_params(p) for _, p in sessions if p is not None]
+        statements: list[tuple[str, Sequence[Any]]] = [(_HIBERNATE_SQL, (json.dumps(going),))]
+        if owed:
+            statements.append((_PENDING_SQL, (json.dumps(owed),)))
+        await self._write(statements)
 
     async def rebind(self, session: Session, previous: Binding | None = None) -> bool:
         """A resumed session: live again, bound to the upstream session just created.
