@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +26,13 @@ class PendingClose:
         return (self.upstream, self.session_id)
 
 
-@dataclass(frozen=True, slots=True)
-class ActivityRow:
-    """One session's write-behind state, written by the flusher."""
+class ActivityRow(NamedTuple):
+    """One session's write-behind state, written by the flusher.
+
+    A named tuple, not a frozen dataclass: a flush after a burst builds 100,000 of them on
+    the event loop, and a frozen dataclass's `__init__` (a `object.__setattr__` per field)
+    cost ~1.7 us each against ~0.3 us.
+    """
 
     session_id: str
     last_activity_at: float
