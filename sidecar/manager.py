@@ -117,8 +117,11 @@ class SessionManager:
         # Closes the store refused (disk full, locked): rewritten by every flush until it works.
         self._unpersisted_closes: list[tuple[Session, PendingClose | None]] = []
         self._store_log = Throttled(log)
-        self._dirty: set[str] = set()
-        self._resume_dirty: set[str] = set()
+        # Dirty ids as dicts (values None), not sets: a dict of strings is not tracked by the
+        # garbage collector, a set always is, and every young collection walked the new
+        # dirty set whole, up to 100,000 ids in a burst (~4 ms each, a few times a flush).
+        self._dirty: dict[str, None] = {}
+        self._resume_dirty: dict[str, None] = {}
         # The sweeper's work list: sessions by when they could first expire, and those whose
         # idle clock is suspended (calls in flight, a stream that keeps them alive), which
         # have no deadline until that ends and so are looked at on every sweep.
@@ -358,11 +361,11 @@ class SessionManager:
     def touch(self, session: Session) -> None:
         """Record client activity (SPEC 2.3); written to the store by the next flush."""
         session.last_activity_at = self.clock()
-        self._dirty.add(session.id)
+        self._dirty[session.id] = None
 
     def count_request(self, session: Session) -> None:
         session.requests += 1
-        self._dirty.add(session.id)
+        self._dirty[session.id] = None
 
     def note_use(self, session: Session, use: Use) -> None:
         """What a client POST meant (`activity.classify`): answers to relayed server pings
@@ -384,19 +387,19 @@ class SessionManager:
     def note_protocol_version(self, session: Session, version: str) -> None:
         if version != session.protocol_version:
             session.protocol_version = version
-            self._dirty.add(session.id)
+            self._dirty[session.id] = None
 
     def note_client_info(self, session: Session, client_info: str, version: str | None) -> None:
         """The legacy transport's initialize arrives after the session exists: label it then."""
         session.client_info = session.client_info or client_info
         session.protocol_version = version or session.protocol_version
-        self._dirty.add(session.id)
+        self._dirty[session.id] = None
 
     def note_setup(self, session: Session, resume: ResumeState) -> None:
         """The client changed session-scoped setup a resume must replay (written behind)."""
         session.resume = resume
-        self._dirty.add(session.id)
-        self._resume_dirty.add(session.id)
+        self._dirty[session.id] = None
+        self._resume_dirty[session.id] = None
 
     def begin_call(self, session: Session) -> None:
         session.in_flight += 1
@@ -691,8 +694,8 @@ class SessionManager:
             self.dormant.remove(session.id)
         if self.restoring:
             self._dropped.add(session.id)
-        self._dirty.discard(session.id)
-        self._resume_dirty.discard(session.id)
+        self._dirty.pop(session.id, None)
+        self._resume_dirty.pop(session.id, None)
         self._deadlines.unschedule(session)
         self._kept.discard(session)
         if session.runtime is not None:
@@ -961,8 +964,8 @@ class SessionManager:
             return 0
         if not self._dirty:
             return 0
-        dirty, self._dirty = self._dirty, set()
-        resume_dirty, self._resume_dirty = self._resume_dirty, set()
+        dirty, self._dirty = self._dirty, {}
+        resume_dirty, self._resume_dirty = self._resume_dirty, {}
         start = time.perf_counter()
         try:
             rows = await self._activity_rows(dirty, resume_dirty)
@@ -982,7 +985,9 @@ class SessionManager:
         await _release(rows)
         return written
 
-    async def _activity_rows(self, dirty: set[str], resume_dirty: set[str]) -> list[ActivityRow]:
+    async def _activity_rows(
+        self, dirty: dict[str, None], resume_dirty: dict[str, None]
+    ) -> list[ActivityRow]:
         """The rows to write, built in slices that yield: after a burst, 100,000 of them.
 
         A session touched meanwhile is dirty again for the next flush; one closed meanwhile
@@ -990,7 +995,7 @@ class SessionManager:
         """
         rows: list[ActivityRow] = []
         # Read off the set a run at a time: even copying 100,000 ids into a list held the
-        # loop ~5 ms. `dirty` is this flush's own set; nothing changes it meanwhile.
+        # loop ~5 ms. `dirty` is this flush's own map; nothing changes it meanwhile.
         ids = iter(dirty)
         while run := list(itertools.islice(ids, FLUSH_RUN)):
             for session_id in run:

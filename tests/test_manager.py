@@ -7,6 +7,7 @@ what it must receive (which DELETEs are owed, with what) is exactly what is unde
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -25,7 +26,7 @@ from sidecar.manager import (
     SessionManager,
 )
 from sidecar.metrics import Metrics
-from sidecar.sessions import CloseReason, Policy, Session, State, Transport
+from sidecar.sessions import CloseReason, Policy, ResumeState, Session, State, Transport
 from sidecar.store import PendingClose
 from sidecar.store.sqlite import SqliteStore as Store
 
@@ -500,6 +501,21 @@ async def test_ten_thousand_touches_are_one_flush_transaction(make: Factory) -> 
     assert h.store.transactions == before + 1
     flushes = h.metrics.registry.get_sample_value("mcp_sidecar_store_flush_duration_seconds_count")
     assert flushes == 1
+
+
+async def test_the_dirty_marks_are_never_walked_by_the_garbage_collector(make: Factory) -> None:
+    """Every young collection walked a tracked container of the dirty ids whole: up to
+    100,000 of them after a burst, several times a flush. A map of strings is not tracked."""
+    h = await make()
+    sessions = [await h.create(f"s{i:02d}") for i in range(20)]
+    for session in sessions:
+        h.manager.touch(session)
+        h.manager.note_setup(session, ResumeState({"protocolVersion": "2025-06-18"}))
+    dirty = (h.manager._dirty, h.manager._resume_dirty)
+    assert all(len(ids) == 20 for ids in dirty)
+    assert not any(gc.is_tracked(ids) for ids in dirty)
+    assert await h.manager.flush() == 20
+    assert not any(gc.is_tracked(ids) for ids in (h.manager._dirty, h.manager._resume_dirty))
 
 
 async def test_flush_with_nothing_dirty_writes_nothing(make: Factory) -> None:
