@@ -2,21 +2,23 @@
 
 A hibernated session is kept in memory as id, client, label and deadline only; the rest is
 in the store and read back, once, when a request (or an admin, or the sweep closing it)
-needs it whole. These tests run the manager on the real stores (SQLite and in-memory) with
-an injected clock: what a wake reads, what a lost row answers, how the dormant TTL ends a
-compact record, and what a store that cannot answer does. The same paths end to end, with
-FastMCP and a real client, are in `test_hibernate.py`.
+needs it whole. These tests run the manager on the three real stores (SQLite, in-memory,
+and a `redis-server` of the test's own) with an injected clock: what a wake reads, what a
+lost row answers, how the dormant TTL ends a compact record, and what a store that cannot
+answer does. The same paths end to end, with FastMCP and a real client, are in
+`test_hibernate.py`.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as redis_client
 
 from sidecar.errors import StoreError
 from sidecar.manager import Limits, Outcome, SessionManager
@@ -33,7 +35,9 @@ from sidecar.sessions import (
 )
 from sidecar.store import PendingClose, Store
 from sidecar.store.memory import MemoryStore
+from sidecar.store.redis import RedisStore
 from sidecar.store.sqlite import SqliteStore
+from tests.peers.redis_server import RedisServer
 
 T0 = 1_700_000_000.0
 IDLE = 600.0
@@ -87,7 +91,7 @@ class Harness:
     closer: FakeCloser
     clock: Clock
     metrics: Metrics
-    lose: Callable[[str], None]
+    lose: Callable[[str], Awaitable[None]]
 
     async def dormant(self, session_id: str, requests: int = 1) -> Session:
         """A session created with its resume state, used, then hibernated by the sweeper."""
@@ -111,27 +115,40 @@ class Harness:
 Factory = Callable[[], Any]
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+def _backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Store, Any]:
+    """A new store, and how to lose one session's record from it behind the sidecar's back."""
+    if kind == "sqlite":
+        path = tmp_path / "sessions.db"
+
+        async def lose_row(session_id: str) -> None:
+            with sqlite3.connect(path) as db:
+                db.execute("DELETE FROM sessions WHERE id=?", (session_id,))
+            db.close()
+
+        return SqliteStore(str(path)), lose_row
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+
+        async def lose_key(session_id: str) -> None:
+            client = redis_client.Redis.from_url(server.url)
+            await client.delete(f"dormant:s:{session_id}")
+            await client.aclose()
+
+        return RedisStore(server.url, key_prefix="dormant:"), lose_key
+    memory = MemoryStore()
+
+    async def lose_record(session_id: str) -> None:
+        memory.sessions.pop(session_id)
+
+    return memory, lose_record
+
+
+@pytest.fixture(params=["sqlite", "memory", "redis"])
 async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     stores: list[Store] = []
 
     async def build() -> Harness:
-        path = tmp_path / "sessions.db"
-        store: Store
-        if request.param == "sqlite":
-            store = SqliteStore(str(path))
-
-            def lose(session_id: str) -> None:
-                with sqlite3.connect(path) as db:
-                    db.execute("DELETE FROM sessions WHERE id=?", (session_id,))
-                db.close()
-
-        else:
-            memory = store = MemoryStore()
-
-            def lose(session_id: str) -> None:
-                memory.sessions.pop(session_id)
-
+        store, lose = _backend(request.param, tmp_path, request)
         await store.open()
         stores.append(store)
         clock, closer, metrics = Clock(), FakeCloser(), Metrics()
@@ -195,13 +212,17 @@ async def test_a_dormant_id_the_store_lost_answers_as_when_the_record_stayed_who
     # found nothing to resume from (the client then hears 404, resume_failed).
     h: Harness = await make()
     await h.dormant("s1")
-    h.lose("s1")
+    await h.lose("s1")
     resolution = await h.manager.resolve("s1", ALICE)
     assert resolution.outcome is Outcome.DORMANT
     session = resolution.session
     assert session is not None
     assert (session.id, session.client, session.dormant) == ("s1", ALICE, True)
     assert await h.manager.load_resume_state(session) is None
+    if h.store.shared:
+        # A close on a shared store must win the claim on the stored record, which is gone:
+        # the session is dropped instead, as before (SPEC 2.8).
+        return
 
     await h.manager.close(session, CloseReason.RESUME_FAILED)
     tombstone = h.manager.tombstones.get("s1")
