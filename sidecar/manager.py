@@ -235,15 +235,40 @@ class SessionManager:
     async def _read_back(self, record: Dormant) -> None:
         """Replace a compact dormant record by the whole session, as the store holds it now."""
         whole = self._hibernating.get(record.id)
-        if whole is None:
-            try:
-                stored = await self.store.get(record.id)
-            except StoreError as exc:
-                self.store_failed("read", exc)
-                raise
-            if self.dormant.get(record.id) is not record:
-                return  # decided meanwhile (read back, closed, woken): the caller looks again
-            whole = record.stand_in() if stored is None else stored
+        if whole is not None:
+            self._replace_record(record, whole)
+            return
+        try:
+            stored = await self.store.get(record.id)
+        except StoreError as exc:
+            self.store_failed("read", exc)
+            raise
+        self._replace_record(record, stored)
+
+    async def _read_back_many(self, records: list[Dormant]) -> None:
+        """As `_read_back` for a slice of records, in one read (`Store.get_many`): a read
+        each made closing 100,000 whose TTL ran out together ~5x slower."""
+        whole = {r.id: self._hibernating[r.id] for r in records if r.id in self._hibernating}
+        reading = [r for r in records if r.id not in whole]
+        stored: dict[str, Session] = {}
+        try:
+            # In runs, as closes are announced: building 500 records at once held the loop.
+            for first in range(0, len(reading), ANNOUNCE_RUN):
+                run = reading[first : first + ANNOUNCE_RUN]
+                stored.update(await self.store.get_many([r.id for r in run]))
+        except StoreError as exc:
+            self.store_failed("read", exc)
+            raise
+        for record in reading:
+            self._replace_record(record, stored.get(record.id))
+        for record in records:
+            if record.id in whole:
+                self._replace_record(record, whole[record.id])
+
+    def _replace_record(self, record: Dormant, stored: Session | None) -> None:
+        if self.dormant.get(record.id) is not record:
+            return  # decided meanwhile (read back, closed, woken): the caller looks again
+        whole = record.stand_in() if stored is None else stored
         self.dormant.remove(record.id)
         self._deadlines.unschedule(record)
         if whole.dormant:
@@ -1017,23 +1042,28 @@ class SessionManager:
         whole (its close writes the stored counters); one not expired is filed again. When
         the store cannot answer, the rest are filed again for the next sweep."""
         sessions: list[Session] = []
-        readable = True
+        expired: list[Dormant] = []
         for entry in filed:
             if not isinstance(entry, Dormant):
                 sessions.append(entry)
             elif not self._still_held(entry):
                 continue  # read back, closed or woken since it was filed
-            elif not readable or entry.expiry_reason(self._policy, now) is None:
+            elif entry.expiry_reason(self._policy, now) is None:
                 self._schedule(entry)
             else:
-                try:
-                    whole = await self._whole(entry.id)
-                except StoreError:
-                    readable = False
-                    self._schedule(entry)
-                    continue
-                if whole is not None and whole.dormant:
-                    sessions.append(whole)
+                expired.append(entry)
+        if not expired:
+            return sessions
+        try:
+            await self._read_back_many(expired)
+        except StoreError:
+            for record in expired:
+                if self._still_held(record):
+                    self._schedule(record)  # the next sweep tries again
+        for record in expired:
+            whole = self.dormant.get(record.id)
+            if isinstance(whole, Session):
+                sessions.append(whole)
         return sessions
 
     async def _sweep_slice(self, filed: list[Session | Dormant], now: float) -> int:
