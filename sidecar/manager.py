@@ -3,7 +3,8 @@ hibernate and resume.
 
 The transports, the sweeper and the admin API all act through one `SessionManager`, so a rule
 (expiry, binding, limits, closing) is written once, and nothing else changes a session's
-fields. Limit accounting lives in `admission.py`, closed and dormant ids in `tombstones.py`.
+fields. Limit accounting lives in `admission.py`, closed ids in `tombstones.py`, dormant ids
+(held compact until used) in `dormant.py`.
 The per-request methods (`resolve`, `touch`, `begin_call`) are synchronous and touch no SQL:
 activity is marked dirty and written behind by `flush()`. Creating, closing, hibernating and
 resuming await the store, because SPEC 2.6 wants them committed before the client hears.
@@ -904,8 +905,9 @@ class SessionManager:
 
     async def load_resume_state(self, session: Session) -> ResumeState | None:
         """A dormant session's resume state is left in the store (it is needed only to
-        wake it, and held in memory it cost most of a dormant session's bytes): read back
-        here, once, when it wakes. Raises `StoreError` when the store cannot answer."""
+        wake it, and held in memory it cost most of a dormant session's bytes). It comes
+        back with the whole record (`_whole`); read here only if that record had none (its
+        row was lost). Raises `StoreError` when the store cannot answer."""
         if session.resume is None and session.dormant:
             try:
                 stored = await self.store.get(session.id)
