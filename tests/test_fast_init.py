@@ -375,13 +375,25 @@ async def fast_path(recorder: InitUpstream) -> AsyncIterator[FastPath]:
     [
         initialize("x", batch=True),
         initialize("x", notify=True),
+        initialize("x").replace(b'"initialize"', b'"tools/list"'),
+        initialize("x").replace(b'"method": "initialize"', b'"method": "ping", "x": "initialize"'),
         initialize("x", "Mcp-Session-Id: s-1"),
         initialize("x", "Expect: 100-continue"),
         initialize("x", "Connection: close"),
         initialize("x").replace(b"POST /mcp ", b"POST /mcp/ "),
         initialize("x").replace(b"HTTP/1.1", b"HTTP/1.0"),
     ],
-    ids=["batch", "notification", "session-id", "expect", "close", "other-path", "http-1.0"],
+    ids=[
+        "batch",
+        "notification",
+        "other-method",
+        "ping",
+        "session-id",
+        "expect",
+        "close",
+        "other-path",
+        "http-1.0",
+    ],
 )
 async def test_the_fast_path_leaves_to_aiohttp_what_is_not_a_plain_initialize(
     fast_path: FastPath, request_bytes: bytes

@@ -94,7 +94,8 @@ def _origin_allowed(headers: wire.Headers, allowed: frozenset[str]) -> bool:
 def _initialize_of(body: bytes) -> jsonrpc.Message | None:
     """The body's `initialize` request, if the body is that one request and nothing else: a
     batch, a notification or any other method keeps the full path's handling."""
-    if body.lstrip()[:1] != b"{":
+    # Cheap refusals first: a stateless server's every POST comes here without a session id.
+    if b'"initialize"' not in body or body.lstrip()[:1] != b"{":
         return None
     batch = jsonrpc.parse(body)
     if not batch.valid or len(batch.messages) != 1:
