@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
+from . import fast_init
+
 if TYPE_CHECKING:
-    from .fast import FastPath, FastRequest
+    from .fast import FastPath
 
 # How long a partly received request is kept before aiohttp gets it (and its timeouts).
 HANDOVER_WAIT = 1.0
@@ -128,17 +130,28 @@ class Lane:
         self._cancel_timer()
         request = self._fast.plan(self)
         if request is None:
+            self._take_initialize()
+            return
+        self._begin(self._fast.serve(request, self))
+
+    def _take_initialize(self) -> None:
+        # A new session's `initialize` (no session id yet) has its own fast path.
+        request = fast_init.plan(self._fast, self)
+        if request is None:
             self._give_up()
             return
+        self._begin(fast_init.serve(self._fast, request, self))
+
+    def _begin(self, job: Coroutine[None, None, None]) -> None:
         self._kept = []
         self._begun = 0
         self._complete = False
         self._conn.fast_begins()
-        self._task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._task = asyncio.get_running_loop().create_task(self._serve(job))
 
-    async def _serve(self, request: FastRequest) -> None:
+    async def _serve(self, job: Coroutine[None, None, None]) -> None:
         try:
-            await self._fast.serve(request, self)
+            await job
         finally:
             self._task = None
             self._conn.fast_ended()
