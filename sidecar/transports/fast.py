@@ -20,14 +20,14 @@ import logging
 from dataclasses import dataclass
 
 from .. import jsonrpc
-from ..activity import classify
+from ..activity import Use, classify
 from ..clients import client_identity
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..intake import Rejected, RequestTimer
 from ..sessions import CloseReason, Session, Transport, valid_session_id
 from ..sse import EventSplitter
 from ..upstream import Upstream
-from ..upstream.wire import Answer, WirePool
+from ..upstream.wire import Answer, WirePool, too_late
 from . import fast_http as wire
 from .forwarder import Forwarder, body_too_late, ping_watcher
 from .lane import Lane
@@ -50,6 +50,79 @@ class FastRequest:
     protocol_version: str | None
     credentials: dict[str, str]
     timer: RequestTimer
+
+
+@dataclass(slots=True)
+class Sent:
+    """A request `start` wrote before any task: how far its exchange got."""
+
+    batch: jsonrpc.Batch
+    use: Use
+    answer: Answer
+    failure: UpstreamError | None = None  # no answer head in time
+
+
+class Exchange:
+    """A request written on a kept-alive connection, served from that connection's callbacks
+    (`wire.Listener`): a plain answer (whole, with a Content-Length, not an event stream, not
+    a sign the session is gone) is relayed the moment it is complete, without a task; any
+    other outcome goes on in a task (`FastPath.serve` with `sent`) from where it stands, so
+    the rules stay those of the task path. One timer bounds the wait for the answer."""
+
+    __slots__ = ("_timer", "fast", "lane", "request", "sent")
+
+    def __init__(self, fast: FastPath, request: FastRequest, lane: Lane, sent: Sent) -> None:
+        self.fast = fast
+        self.request = request
+        self.lane = lane
+        self.sent = sent
+        sent.answer.listener = self
+        loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = loop.call_later(
+            request.pool.upstream.read_timeout, self._too_late
+        )
+
+    # ---- wire.Listener ----------------------------------------------------------------------
+    def answered(self, answer: Answer) -> None:
+        self._stop()
+        if self.fast.relay_now(self.request, self.sent, self.lane):
+            self.lane.finished()
+        else:
+            self._go_on()
+
+    def head_only(self, answer: Answer) -> None:
+        self._stop()
+        self._go_on()
+
+    def broke(self, answer: Answer) -> None:
+        self._stop()
+        self._go_on()
+
+    # ---- the rest ---------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """The client left before the answer: the exchange is dropped, as a cancelled task's."""
+        self._stop()
+        self.sent.answer.close()
+        self.fast.dropped(self.request, self.sent)
+        # After the connection's own `connection_lost`, as a cancelled task would end.
+        asyncio.get_running_loop().call_soon(self.lane.finished)
+
+    def _too_late(self) -> None:
+        self._timer = None
+        answer = self.sent.answer
+        answer.listener = None
+        answer.close()  # a late answer must never reach the next request
+        self.sent.failure = too_late(self.request.pool.upstream)
+        self._go_on()
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.sent.answer.listener = None
+
+    def _go_on(self) -> None:
+        self.lane.run(self.fast.serve(self.request, self.lane, self.sent))
 
 
 class FastRelay:
@@ -186,12 +259,83 @@ class FastPath:
         return target
 
     # ---- serving ----------------------------------------------------------------------------
-    async def serve(self, request: FastRequest, lane: Lane) -> None:
+    def start(self, request: FastRequest, lane: Lane) -> None:
+        """Serve a planned request. With a kept-alive upstream connection at hand it is written
+        at once and the answer is relayed from that connection's callbacks (`Exchange`), no
+        task; a new connection, and whatever an answer needs beyond the plain case, take a task
+        (`serve`), which does the rest exactly as before."""
+        conn = request.pool.take()
+        if conn is None:
+            lane.run(self.serve(request, lane))
+            return
+        try:
+            batch, use = self._begin(request)
+        except Exception:
+            log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
+            request.pool.release(conn)
+            lane.write(wire.json_answer(500, _UNEXPECTED))
+            self.settle(request, "forwarded")
+            lane.finished()
+            return
+        request.timer.upstream_begins()
+        lane.serving = Exchange(self, request, lane, Sent(batch, use, conn.send(request.upstream)))
+
+    def relay_now(self, request: FastRequest, sent: Sent, lane: Lane) -> bool:
+        """`_post`'s rest for a complete plain answer, without a task; False (and nothing
+        done) when the answer needs more than this (`_relay`'s other branches)."""
+        answer = sent.answer
+        session = request.session
+        status = answer.status
+        if answer.content_length is None or (status == 404 and session.live):
+            return False
+        content_type = answer.header(b"content-type") or b""
+        if content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream":
+            return False
+        chunks = answer.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.fw.gone.matches(status, body):
+            return False
+        request.timer.upstream_answered()
+        manager = self.manager
+        use = sent.use
+        try:
+            manager.note_use(session, use)
+            manager.count_request(session)
+            if 200 <= status < 300:
+                if session.resume is not None:
+                    changed = updated_setup(session.resume, sent.batch)
+                    if changed is not None:
+                        manager.note_setup(session, changed)
+                if request.protocol_version:
+                    manager.note_protocol_version(session, request.protocol_version)
+            headers = wire.end_to_end(answer.headers, session.id.encode())
+            lane.write(wire.buffered_answer(status, answer.reason, headers, body))
+        except Exception:
+            log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
+            lane.write(wire.json_answer(500, _UNEXPECTED))
+        finally:
+            if use.is_call:
+                manager.end_call(session)
+            self.settle(request, "forwarded")
+        return True
+
+    def dropped(self, request: FastRequest, sent: Sent) -> None:
+        """The client left while the answer was awaited: `_post` and `serve` when cancelled."""
+        request.timer.upstream_answered()
+        if sent.use.is_call:
+            self.manager.end_call(request.session)
+        self.settle(request, "forwarded")
+
+    def settle(self, request: FastRequest, outcome: str) -> None:
+        """`Forwarder.handle`'s last step: the request counted, its own time observed."""
+        self.fw.count_request("POST", outcome)
+        self.fw.metrics.request_duration.observe(request.timer.own_time())
+
+    async def serve(self, request: FastRequest, lane: Lane, sent: Sent | None = None) -> None:
         """`Forwarder.handle` for a planned request: its outcome counted the same way."""
-        timer = request.timer
         outcome = "forwarded"
         try:
-            await self._post(request, lane)
+            await self._post(request, lane, sent)
         except Rejected as rejection:
             outcome = "rejected"
             self.fw.note_rejection("POST", self.fw.options.mcp_path, request.session.id, rejection)
@@ -203,8 +347,7 @@ class FastPath:
             log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
             lane.write(wire.json_answer(500, _UNEXPECTED))
         finally:
-            self.fw.count_request("POST", outcome)
-            self.fw.metrics.request_duration.observe(timer.own_time())
+            self.settle(request, outcome)
 
     def _failure(self, request: FastRequest, exc: UpstreamError) -> bytes:
         """`upstream_failure`: 502 or 504 with a JSON-RPC error echoing the request's id."""
@@ -215,8 +358,8 @@ class FastPath:
         body = jsonrpc.error_body(jsonrpc.SERVER_ERROR, message, batch.first_id)
         return wire.json_answer(504 if timeout else 502, body)
 
-    async def _post(self, request: FastRequest, lane: Lane) -> None:
-        """`StreamableHttp.dispatch` + `_post` for a live session."""
+    def _begin(self, request: FastRequest) -> tuple[jsonrpc.Batch, Use]:
+        """What `_post` does before the upstream is asked."""
         manager = self.manager
         session = request.session
         body = request.body
@@ -225,8 +368,21 @@ class FastPath:
         use = classify(batch, manager.policy, session.server_pings if session.runtime else ())
         if use.is_call:
             manager.begin_call(session)
+        return batch, use
+
+    async def _post(self, request: FastRequest, lane: Lane, sent: Sent | None) -> None:
+        """`StreamableHttp.dispatch` + `_post` for a live session; `sent`: the request was
+        written already (by `start`), its exchange goes on here."""
+        manager = self.manager
+        session = request.session
+        if sent is None:
+            batch, use = self._begin(request)
+            forward = self._forward(request)
+        else:
+            batch, use = sent.batch, sent.use
+            forward = self._forwarded(request, sent)
         try:
-            answer = await self._forward(request)
+            answer = await forward
         except UpstreamError:
             if use.is_call:  # a failed forward changes nothing about the session (SPEC 2.5)
                 manager.abandon_call(session)
@@ -246,7 +402,7 @@ class FastPath:
         finally:
             if use.is_call:
                 manager.end_call(session)
-            if not answer.ended.done() or answer.error is not None:
+            if not answer.finished or answer.error is not None:
                 answer.close()  # an answer not read to its end leaves no reusable connection
 
     async def _forward(self, request: FastRequest) -> Answer:
@@ -259,6 +415,16 @@ class FastPath:
             raise
         finally:
             timer.upstream_answered()
+
+    async def _forwarded(self, request: FastRequest, sent: Sent) -> Answer:
+        """`_forward` for a request `start` wrote: its head came, or it failed."""
+        try:
+            if sent.failure is not None:
+                raise sent.failure
+            await sent.answer.wait_head()
+            return sent.answer
+        finally:
+            request.timer.upstream_answered()
 
     async def _relay(self, request: FastRequest, answer: Answer, lane: Lane) -> None:
         """`Forwarder.relay` for the exact endpoint's answer to a live session's POST."""
@@ -291,9 +457,9 @@ class FastPath:
         read_timeout = self.fw.upstreams.primary.read_timeout
         try:
             # A body that stalls after its headers is bounded like the headers were.
-            if not answer.ended.done():
+            if not answer.finished:
                 async with asyncio.timeout(read_timeout):
-                    await answer.ended
+                    await answer.wait_ended()
         except TimeoutError as exc:
             raise body_too_late(read_timeout) from exc
         finally:
@@ -356,8 +522,7 @@ class FastPath:
         answer.sink = sink
         if not lane.flush():
             return
-        if not answer.ended.done():
-            await answer.ended
+        await answer.wait_ended()
         if answer.error is not None:
             log.debug("upstream stream ended abnormally: %s", answer.error)
         if splitter is not None and (tail := splitter.flush()):

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
 if TYPE_CHECKING:
-    from .fast import FastPath, FastRequest
+    from .fast import FastPath
 
 # How long a partly received request is kept before aiohttp gets it (and its timeouts).
 HANDOVER_WAIT = 1.0
@@ -37,6 +37,12 @@ MAX_HEADERS = 100
 # Bytes llhttp's lenient defaults might take where aiohttp's strict parser answers 400:
 # control characters, obs-fold (a line starting with white space), a bare LF.
 _ODD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\n[ \t]|(?<!\r)\n")
+
+
+class Serving(Protocol):
+    """The request being served: a task, or an exchange driven by the upstream's callbacks."""
+
+    def cancel(self) -> Any: ...
 
 
 class Connection(Protocol):
@@ -68,7 +74,7 @@ class Lane:
         self._complete = False
         self._refused = False  # the head was seen and the fast path will not take it
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.serving: Serving | None = None
         # Set while a streamed answer is relayed: a client that leaves then is noticed at the
         # next write, as the full path notices it (see `lost`).
         self.streaming = False
@@ -80,7 +86,7 @@ class Lane:
 
     # ---- bytes in ---------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        if self._task is not None:
+        if self.serving is not None:
             self._pending.append(data)  # served in order once the answer is written
             return
         if self._parser is None:
@@ -134,17 +140,25 @@ class Lane:
         self._begun = 0
         self._complete = False
         self._conn.fast_begins()
-        self._task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._fast.start(request, self)  # sets `serving`; `finished` when it is done
 
-    async def _serve(self, request: FastRequest) -> None:
+    def run(self, serving: Coroutine[Any, Any, None]) -> None:
+        """Serve (or go on serving) the request in a task."""
+        self.serving = asyncio.get_running_loop().create_task(self._run(serving))
+
+    async def _run(self, serving: Coroutine[Any, Any, None]) -> None:
         try:
-            await self._fast.serve(request, self)
+            await serving
         finally:
-            self._task = None
-            self._conn.fast_ended()
-            pending, self._pending = self._pending, []
-            for data in pending:
-                self.feed(data)
+            self.finished()
+
+    def finished(self) -> None:
+        """The request's answer is written: the connection is aiohttp's or the lane's again."""
+        self.serving = None
+        self._conn.fast_ended()
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self.feed(data)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -154,8 +168,8 @@ class Lane:
     def lost(self) -> None:
         """The client went away: a request being served is cancelled, like aiohttp's."""
         self._cancel_timer()
-        if self._task is not None and not self.streaming:
-            self._task.cancel()
+        if self.serving is not None and not self.streaming:
+            self.serving.cancel()
 
     # ---- bytes out --------------------------------------------------------------------------
     def write(self, data: bytes) -> bool:
