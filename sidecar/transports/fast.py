@@ -145,7 +145,7 @@ class FastPath:
         self.fw = forwarder
         self.manager = forwarder.manager
         self._pools: dict[int, WirePool] = {}
-        self._targets: dict[int, bytes] = {}
+        self._prefixes: dict[int, bytes] = {}
 
     @property
     def enabled(self) -> bool:
@@ -161,38 +161,42 @@ class FastPath:
         self._pools.clear()
 
     # ---- deciding ---------------------------------------------------------------------------
-    def head_ok(self, headers: wire.Headers) -> bool:
+    def head_ok(self, index: wire.Index) -> bool:
         """Checks the head alone decides (so a request that will not be taken goes to aiohttp
         at once, not after its body): plain framing, one in-limit Content-Length, keep-alive."""
-        lengths = 0
-        for name, value in headers:
-            low = name.lower()
-            if low in (b"transfer-encoding", b"expect", b"upgrade"):
-                return False
-            if low == b"content-length":
-                lengths += 1
-                if not value.isdigit() or int(value) > self.fw.options.max_body_bytes:
-                    return False
-            elif low == b"connection" and value.strip().lower() != b"keep-alive":
-                return False
-        return lengths == 1
+        if b"transfer-encoding" in index or b"expect" in index or b"upgrade" in index:
+            return False
+        lengths = index.get(b"content-length")
+        if lengths is None or len(lengths) != 1:
+            return False
+        length = lengths[0]
+        if not length.isdigit() or int(length) > self.fw.options.max_body_bytes:
+            return False
+        return all(v.strip().lower() == b"keep-alive" for v in index.get(b"connection", ()))
 
     def plan(self, lane: Lane) -> FastRequest | None:
         """The request, if the fast path can serve it exactly as the full path would."""
         options = self.fw.options
-        headers = lane.headers
-        ids = wire.all_of(headers, wire.SESSION)
-        hosts = wire.all_of(headers, b"host")
-        if not options.fast_path or len(ids) != 1 or len(hosts) != 1 or lane.url != self.target:
+        index = lane.index
+        ids = index.get(wire.SESSION)
+        hosts = index.get(b"host")
+        if (
+            not options.fast_path
+            or ids is None
+            or len(ids) != 1
+            or hosts is None
+            or len(hosts) != 1
+            or lane.url != self.target
+        ):
             return None
         session_id = ids[0].decode("latin-1")
-        origin = wire.first(headers, b"origin")
+        origin = wire.first_of(index, b"origin")
         allowed = options.allowed_origins
         if not valid_session_id(session_id) or (
             allowed and origin is not None and _text(origin) not in allowed
         ):
             return None
-        authorization = wire.first(headers, b"authorization")
+        authorization = wire.first_of(index, b"authorization")
         identity = client_identity(
             None if authorization is None else _text(authorization), lane.peer
         )
@@ -215,24 +219,26 @@ class FastPath:
         return member if member.url.scheme == "http" else None
 
     def _request(self, lane: Lane, session: Session, member: Upstream, host: bytes) -> FastRequest:
-        headers = lane.headers
-        body = b"".join(lane.body)
+        index = lane.index
+        chunks = lane.body
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         binding = session.binding
         upstream = wire.upstream_request(
-            self._target_of(member),
-            headers,
+            self._prefix_of(member),
+            lane.headers,
+            lane.names,
+            index,
             body,
-            authority=member.authority.encode(),
             host=host,
-            peer=(lane.peer or "unknown").encode(),
-            scheme=lane.scheme.encode(),
+            peer=lane.peer_bytes,
+            scheme=lane.scheme_bytes,
             session=None if binding is None else binding.session_id.encode(),
         )
-        version = wire.first(headers, b"mcp-protocol-version")
+        version = wire.first_of(index, b"mcp-protocol-version")
         credentials = {
             name: _text(value)
             for name, key in (("Authorization", b"authorization"), ("Cookie", b"cookie"))
-            if (value := wire.first(headers, key)) is not None
+            if (value := wire.first_of(index, key)) is not None
         }
         return FastRequest(
             session,
@@ -251,12 +257,14 @@ class FastPath:
             pool = self._pools[id(member)] = WirePool(member)
         return pool
 
-    def _target_of(self, member: Upstream) -> bytes:
-        target = self._targets.get(id(member))
-        if target is None:
-            url = member.target(self.fw.options.mcp_path)
-            target = self._targets[id(member)] = url.raw_path_qs.encode()
-        return target
+    def _prefix_of(self, member: Upstream) -> bytes:
+        """The upstream request's first lines for a member, built once: request line, Host."""
+        prefix = self._prefixes.get(id(member))
+        if prefix is None:
+            target = member.target(self.fw.options.mcp_path).raw_path_qs.encode()
+            prefix = b"POST %s HTTP/1.1\r\nHost: %s\r\n" % (target, member.authority.encode())
+            self._prefixes[id(member)] = prefix
+        return prefix
 
     # ---- serving ----------------------------------------------------------------------------
     def start(self, request: FastRequest, lane: Lane) -> None:
