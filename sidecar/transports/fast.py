@@ -316,8 +316,16 @@ class FastPath:
                         manager.note_setup(session, changed)
                 if request.protocol_version:
                     manager.note_protocol_version(session, request.protocol_version)
-            headers = wire.end_to_end(answer.headers, session.id.encode())
-            lane.write(wire.buffered_answer(status, answer.reason, headers, body))
+            lane.write(
+                wire.buffered_from(
+                    status,
+                    answer.reason,
+                    answer.headers,
+                    answer.names,
+                    session=session.id.encode(),
+                    body=body,
+                )
+            )
         except Exception:
             log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
             lane.write(wire.json_answer(500, _UNEXPECTED))

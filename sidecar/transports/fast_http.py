@@ -172,6 +172,55 @@ def buffered_answer(status: int, reason: bytes, headers: Headers, body: bytes) -
     return answer_head(status, reason, headers, len(body)) + body
 
 
+def buffered_from(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    names: list[bytes],
+    *,
+    session: bytes,
+    body: bytes,
+) -> bytes:
+    """`buffered_answer(status, reason, end_to_end(headers, session), body)` in one pass over
+    the upstream's headers (`names`: theirs in lower case)."""
+    lines = [status_line(status, reason)]
+    kept = _relayed(headers, names, session, lines)
+    empty = status in EMPTY_STATUSES
+    if not empty:
+        lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")
+        if body and b"content-type" not in kept:
+            lines.append(b"Content-Type: application/octet-stream\r\n")
+    if b"date" not in kept:
+        lines += (b"Date: ", rfc822_formatted_time().encode(), b"\r\n")
+    if b"server" not in kept:
+        lines += (b"Server: ", _SERVER, b"\r\n")
+    lines.append(b"\r\n")
+    if not empty:
+        lines.append(body)
+    return b"".join(lines)
+
+
+def _relayed(
+    headers: Headers, names: list[bytes], session: bytes, lines: list[bytes]
+) -> set[bytes]:
+    """`end_to_end`'s header lines added to `lines`; the (lower-case) names kept."""
+    drop = DROPPED
+    if b"connection" in names:
+        drop = _named(
+            [v for (_, v), low in zip(headers, names, strict=True) if low == b"connection"]
+        )
+    kept: set[bytes] = set()
+    for (name, value), low in zip(headers, names, strict=True):
+        if low in drop:
+            continue
+        if low != SESSION:
+            lines += (name, b": ", value, b"\r\n")
+        elif low not in kept:  # only the first one's place, with the client's own id
+            lines += (b"Mcp-Session-Id: ", session, b"\r\n")
+        kept.add(low)
+    return kept
+
+
 def json_answer(status: int, body: bytes) -> bytes:
     """The sidecar's own JSON answer (a rejection, an upstream failure), as `web.Response`
     with `content_type="application/json"` writes it."""

@@ -65,6 +65,7 @@ class Answer:
         "headed",
         "headers",
         "listener",
+        "names",
         "reason",
         "sink",
         "status",
@@ -79,6 +80,7 @@ class Answer:
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.names: list[bytes] = []  # the headers' names in lower case
         self.chunks: list[bytes] = []
         self.sink: Sink | None = None
         self.error: UpstreamError | None = None
@@ -87,11 +89,11 @@ class Answer:
         self.listener: Listener | None = None
 
     def header(self, name: bytes) -> bytes | None:
-        """The first value of a header (names compared in lower case)."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        """The first value of a header (`name` in lower case)."""
+        try:
+            return self.headers[self.names.index(name)][1]
+        except ValueError:
+            return None
 
     async def wait_head(self) -> None:
         """Until the head came; the exchange's error if it failed before."""
@@ -173,8 +175,10 @@ class WireConnection(asyncio.Protocol):
         self.answer.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.answer is not None
-        self.answer.headers.append((name, value))
+        answer = self.answer
+        assert answer is not None
+        answer.headers.append((name, value))
+        answer.names.append(name.lower())
 
     def on_headers_complete(self) -> None:
         answer = self.answer
