@@ -67,9 +67,9 @@ class Exchange:
     (`wire.Listener`): a plain answer (whole, with a Content-Length, not an event stream, not
     a sign the session is gone) is relayed the moment it is complete, without a task; any
     other outcome goes on in a task (`FastPath.serve` with `sent`) from where it stands, so
-    the rules stay those of the task path. One timer bounds the wait for the answer."""
+    the rules stay those of the task path. `Deadlines` bounds the wait for the answer."""
 
-    __slots__ = ("_timer", "fast", "lane", "request", "sent")
+    __slots__ = ("fast", "lane", "request", "sent")
 
     def __init__(self, fast: FastPath, request: FastRequest, lane: Lane, sent: Sent) -> None:
         self.fast = fast
@@ -77,10 +77,7 @@ class Exchange:
         self.lane = lane
         self.sent = sent
         sent.answer.listener = self
-        loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = loop.call_later(
-            request.pool.upstream.read_timeout, self._too_late
-        )
+        fast.deadlines.add(self, request.pool.upstream.read_timeout)
 
     # ---- wire.Listener ----------------------------------------------------------------------
     def answered(self, answer: Answer) -> None:
@@ -107,8 +104,8 @@ class Exchange:
         # After the connection's own `connection_lost`, as a cancelled task would end.
         asyncio.get_running_loop().call_soon(self.lane.finished)
 
-    def _too_late(self) -> None:
-        self._timer = None
+    def too_late(self) -> None:
+        """No answer head within `read_timeout` (`Deadlines`): 504, as on the task path."""
         answer = self.sent.answer
         answer.listener = None
         answer.close()  # a late answer must never reach the next request
@@ -116,13 +113,56 @@ class Exchange:
         self._go_on()
 
     def _stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.fast.deadlines.discard(self)
         self.sent.answer.listener = None
 
     def _go_on(self) -> None:
         self.lane.run(self.fast.serve(self.request, self.lane, self.sent))
+
+
+class Deadlines:
+    """The answer-head deadlines of the exchanges in flight, under one timer: a timer per
+    request (made and cancelled) cost more than the rest of its bookkeeping. The timer is
+    armed for the earliest deadline; when it fires, every exchange due is told and the timer
+    re-armed for the earliest left (a few exchanges are in flight, one per busy connection)."""
+
+    def __init__(self) -> None:
+        self._due: dict[Exchange, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = 0.0
+
+    def add(self, exchange: Exchange, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        due = self._due[exchange] = loop.time() + timeout
+        if self._timer is None or due < self._at:
+            self._arm(loop, due)
+
+    def discard(self, exchange: Exchange) -> None:
+        self._due.pop(exchange, None)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = at
+        self._timer = loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        # Due by the time the timer was armed for, as a per-request timer would have fired
+        # (the loop may run a timer a little before its time).
+        now = max(asyncio.get_running_loop().time(), self._at)
+        late = [exchange for exchange, due in self._due.items() if due <= now]
+        for exchange in late:
+            del self._due[exchange]
+        if self._due:
+            self._arm(asyncio.get_running_loop(), min(self._due.values()))
+        for exchange in late:
+            exchange.too_late()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class FastRelay:
@@ -146,6 +186,7 @@ class FastPath:
         self.manager = forwarder.manager
         self._pools: dict[int, WirePool] = {}
         self._prefixes: dict[int, bytes] = {}
+        self.deadlines = Deadlines()
 
     @property
     def enabled(self) -> bool:
@@ -156,6 +197,7 @@ class FastPath:
         return self.fw.options.mcp_path.encode()
 
     def close(self) -> None:
+        self.deadlines.close()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
