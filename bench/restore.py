@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:
 from sidecar.config import load_settings  # noqa: E402 - needs sys.path
 from sidecar.server import Server  # noqa: E402
 from sidecar.sessions import Binding, ResumeState, Session, State, Transport  # noqa: E402
-from sidecar.store.sqlite import _COLUMNS, _PLACEHOLDERS, SqliteStore, _row  # noqa: E402
+from sidecar.store.sqlite import _COLUMNS, SqliteStore, _row  # noqa: E402
 
 IDLE_TIMEOUT = 3600.0
 # This harness at `99dfcf8` (before serve-while-restoring), 100,000 sessions, load average
@@ -76,8 +76,9 @@ def prepare(path: str, count: int, kind: str) -> None:
     now = time.time()
     last_use = now - 2 * IDLE_TIMEOUT if kind == "expired" else now - 60
     rows = [_row(_session(now, last_use, kind)) for _ in range(count)]
+    placeholders = ", ".join("?" * len(rows[0]))
     with sqlite3.connect(path) as db:
-        db.executemany(f"INSERT INTO sessions ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", rows)
+        db.executemany(f"INSERT INTO sessions ({_COLUMNS}) VALUES ({placeholders})", rows)
 
 
 async def _create_schema(path: str) -> None:

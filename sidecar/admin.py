@@ -161,7 +161,8 @@ async def list_sessions(request: web.Request) -> web.Response:
     if state == "live":
         sessions = list(service.manager.live.values())
     elif state == "dormant":
-        sessions = list(service.manager.dormant)
+        # Held compact in memory (`dormant.py`): listed whole from the store, as closed ones.
+        sessions = await service.store.load(State.DORMANT)
     else:
         sessions = await service.store.load(State.CLOSED)
     matching = listing(sessions, client)
@@ -192,7 +193,8 @@ def _int_param(raw: str | None, default: int, low: int, high: int | None, name: 
 def _usable(service: Service, session_id: str) -> Session | None:
     """A live or dormant session: the ones an admin can still close or pin."""
     manager = service.manager
-    return manager.live.get(session_id) or manager.dormant.get(session_id)
+    held = manager.live.get(session_id) or manager.dormant.get(session_id)
+    return held if isinstance(held, Session) else None  # a compact record: the store has it
 
 
 async def _find(service: Service, session_id: str) -> Session | None:

@@ -334,7 +334,7 @@ class Service:
 
         In-flight POST answers are left to finish within `server.drain_timeout`.
         """
-        sessions = [*self.manager.live.values(), *self.manager.dormant]
+        sessions = [*self.manager.live.values(), *self.manager.dormant.whole()]
         relays = [
             r for s in sessions if s.runtime is not None for r in s.runtime.relays if r.long_lived
         ]

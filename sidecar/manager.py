@@ -3,7 +3,8 @@ hibernate and resume.
 
 The transports, the sweeper and the admin API all act through one `SessionManager`, so a rule
 (expiry, binding, limits, closing) is written once, and nothing else changes a session's
-fields. Limit accounting lives in `admission.py`, closed and dormant ids in `tombstones.py`.
+fields. Limit accounting lives in `admission.py`, closed ids in `tombstones.py`, dormant ids
+(held compact until used) in `dormant.py`.
 The per-request methods (`resolve`, `touch`, `begin_call`) are synchronous and touch no SQL:
 activity is marked dirty and written behind by `flush()`. Creating, closing, hibernating and
 resuming await the store, because SPEC 2.6 wants them committed before the client hears.
@@ -26,6 +27,7 @@ from .aio import uncancellable
 from .clients import StuckClients, client_label
 from .closer import UpstreamCloser
 from .deadlines import Deadlines, Scheduled
+from .dormant import DormantSessions
 from .errors import StoreError
 from .jsonrpc import RequestId
 from .log import Throttled
@@ -35,15 +37,17 @@ from .sessions import (
     ACTIVE_WINDOW,
     Binding,
     CloseReason,
+    Dormant,
     Policy,
     ResumeState,
     Session,
     State,
     Tombstone,
     Transport,
+    short,
 )
 from .store import ActivityRow, PendingClose, Store
-from .tombstones import MAX_TOMBSTONES_IN_MEMORY, DormantSessions, Tombstones
+from .tombstones import MAX_TOMBSTONES_IN_MEMORY, Tombstones
 
 log = logging.getLogger("sidecar.sessions")
 
@@ -111,6 +115,9 @@ class SessionManager:
         self.clock = clock
         self.live: dict[str, Session] = {}  # sessions with an upstream binding
         self.dormant = DormantSessions()
+        # Sessions being hibernated, whole, until the store has their resume state: a request
+        # for one meanwhile takes this object rather than read a row not written yet.
+        self._hibernating: dict[str, Session] = {}
         self.tombstones = Tombstones()
         self.stuck = StuckClients()
         self.admission = Admission()
@@ -167,9 +174,9 @@ class SessionManager:
         for session in [*self.live.values(), *self.dormant]:
             self._schedule(session)
 
-    def _schedule(self, session: Session) -> None:
+    def _schedule(self, session: Session | Dormant) -> None:
         """File a session under the earliest time it could expire (SPEC 2.4)."""
-        if session.live and session.kept_alive(self._policy):
+        if isinstance(session, Session) and session.live and session.kept_alive(self._policy):
             self._kept.add(session)
         deadline = session.expires_at(self._policy)
         if deadline is not None:
@@ -184,7 +191,10 @@ class SessionManager:
         even if the sweeper has not run yet (SPEC 2.4). A live session that went idle under
         `idle_action = "hibernate"` is hibernated here and resolves as dormant.
         """
-        session = self.live.get(session_id) or self.dormant.get(session_id)
+        held = self.live.get(session_id) or self.dormant.get(session_id)
+        if isinstance(held, Dormant) and self._foreign(held.client, identity):
+            return Resolution(Outcome.BINDING)  # told without reading the store
+        session = await self._whole(session_id)
         if session is None and self._reads_store and self.tombstones.get(session_id) is None:
             session = await self._adopt(session_id)
         if session is None:
@@ -193,7 +203,7 @@ class SessionManager:
                 return Resolution(Outcome.UNKNOWN)
             self.stuck.record(tombstone.label, session_id, self.clock())
             return Resolution(Outcome.EXPIRED)
-        if self.limits.bind_to == "identity" and session.client != identity:
+        if self._foreign(session.client, identity):
             return Resolution(Outcome.BINDING)
         now = self.clock()
         session.forget_stale_calls(now, self.policy)
@@ -207,9 +217,66 @@ class SessionManager:
             await self.close(session, reason)
             self.stuck.record(_label(session), session_id, self.clock())
             return Resolution(Outcome.EXPIRED)
-        if session.dormant:
-            return Resolution(Outcome.DORMANT, session)
-        return Resolution(Outcome.LIVE, session)
+        return Resolution(Outcome.DORMANT if session.dormant else Outcome.LIVE, session)
+
+    def _foreign(self, client: str, identity: str) -> bool:
+        return self.limits.bind_to == "identity" and client != identity
+
+    async def _whole(self, session_id: str) -> Session | None:
+        """The live or dormant session held for an id, whole: a dormant one held compact is
+        read back from the store first (once; later requests share it). Raises `StoreError`
+        when the store cannot answer: the client must hear "retry later" (503), as when a
+        wake reads the resume state."""
+        while isinstance(
+            held := self.live.get(session_id) or self.dormant.get(session_id), Dormant
+        ):
+            await self._read_back(held)
+        return held
+
+    async def _read_back(self, record: Dormant) -> None:
+        """Replace a compact dormant record by the whole session, as the store holds it now."""
+        whole = self._hibernating.get(record.id)
+        if whole is not None:
+            self._replace_record(record, whole)
+            return
+        try:
+            stored = await self.store.get(record.id)
+        except StoreError as exc:
+            self.store_failed("read", exc)
+            raise
+        self._replace_record(record, stored)
+
+    async def _read_back_many(self, records: list[Dormant]) -> None:
+        """As `_read_back` for a slice of records, in one read (`Store.get_many`): a read
+        each made closing 100,000 whose TTL ran out together ~5x slower."""
+        whole = {r.id: self._hibernating[r.id] for r in records if r.id in self._hibernating}
+        reading = [r for r in records if r.id not in whole]
+        stored: dict[str, Session] = {}
+        try:
+            # In runs, as closes are announced: building 500 records at once held the loop.
+            for first in range(0, len(reading), ANNOUNCE_RUN):
+                run = reading[first : first + ANNOUNCE_RUN]
+                stored.update(await self.store.get_many([r.id for r in run]))
+        except StoreError as exc:
+            self.store_failed("read", exc)
+            raise
+        for record in reading:
+            self._replace_record(record, stored.get(record.id))
+        for record in records:
+            if record.id in whole:
+                self._replace_record(record, whole[record.id])
+
+    def _replace_record(self, record: Dormant, stored: Session | None) -> None:
+        if self.dormant.get(record.id) is not record:
+            return  # decided meanwhile (read back, closed, woken): the caller looks again
+        whole = record.stand_in() if stored is None else stored
+        self.dormant.remove(record.id)
+        self._deadlines.unschedule(record)
+        if whole.dormant:
+            self.dormant.add(whole)
+            self._schedule(whole)
+        else:
+            self._take(whole)  # another sidecar closed or woke it (SPEC 2.8)
 
     def held(self, session_id: str, identity: str) -> Session | None:
         """The live session `resolve()` would answer LIVE for with nothing to do first, or None.
@@ -238,9 +305,20 @@ class SessionManager:
         except StoreError as exc:
             self.store_failed("read", exc)
             raise
-        held = self.live.get(session_id) or self.dormant.get(session_id)
-        if stored is None or held is not None:
-            return held  # unknown, or adopted by a concurrent request meanwhile
+        if self.live.get(session_id) or self.dormant.get(session_id):
+            return await self._whole(session_id)  # adopted by a concurrent request meanwhile
+        if stored is None:
+            return None
+        if not self._take(stored):
+            return None
+        if self.restoring and self._died_with_last_run(stored):
+            await self.close(stored, CloseReason.RESTART)  # as its restore slice would
+            return None
+        return stored
+
+    def _take(self, stored: Session) -> bool:
+        """Hold a session as the store has it: live or dormant; False when it is closed (a
+        tombstone from now on)."""
         if stored.state is State.CLOSED:
             assert stored.close_reason is not None
             assert stored.closed_at is not None
@@ -249,17 +327,14 @@ class SessionManager:
                     stored.id, stored.close_reason, stored.closed_at, stored.client, _label(stored)
                 )
             )
-            return None
+            return False
         if stored.live:
-            self.live[session_id] = stored
+            self.live[stored.id] = stored
             self.admission.bound(stored.client)
         else:
             self.dormant.add(stored)
         self._schedule(stored)
-        if self.restoring and self._died_with_last_run(stored):
-            await self.close(stored, CloseReason.RESTART)  # as its restore slice would
-            return None
-        return stored
+        return True
 
     def _died_with_last_run(self, session: Session) -> bool:
         """A legacy session restored live: alone on its store, this process's last run held
@@ -303,7 +378,7 @@ class SessionManager:
     async def find(self, session_id: str) -> Session | None:
         """A live or dormant session by id; on a shared store, also one only another
         sidecar has served so far (the admin API acts on every session, SPEC 2.8)."""
-        held = self.live.get(session_id) or self.dormant.get(session_id)
+        held = await self._whole(session_id)
         if held is None and self._reads_store:
             held = await self._adopt(session_id)
         return held
@@ -319,9 +394,14 @@ class SessionManager:
         aborted, nothing written or sent."""
         for session_id in session_ids:
             session = self.live.get(session_id) or self.dormant.get(session_id)
-            if session is not None:
+            if isinstance(session, Dormant):
+                self._forget_record(
+                    session, Tombstone(session_id, reason, at, session.client, session.label)
+                )
+            elif session is not None:
                 self._mark_closed(session, reason, at)
-                log.info("session %s closed by another sidecar", session.short_id)
+            if session is not None:
+                log.info("session %s closed by another sidecar", short(session_id))
 
     def moved_elsewhere(self, session_ids: list[str], bound: list[str | None] | None) -> None:
         """Hibernated or resumed by another sidecar: the copy here is bound to an upstream
@@ -331,6 +411,9 @@ class SessionManager:
         now_bound = bound if bound is not None else [None] * len(session_ids)
         for session_id, upstream_id in zip(session_ids, now_bound, strict=False):
             session = self.live.get(session_id) or self.dormant.get(session_id)
+            if isinstance(session, Dormant):
+                self._forget_record(session)
+                continue
             if session is None:
                 continue
             current = session.binding
@@ -341,9 +424,19 @@ class SessionManager:
     def pinned_elsewhere(self, session_ids: list[str], persistent: bool) -> None:
         for session_id in session_ids:
             session = self.live.get(session_id) or self.dormant.get(session_id)
-            if session is not None:
+            if isinstance(session, Session):  # a compact record reads it back when it wakes
                 session.persistent = persistent
                 self._schedule(session)
+
+    def _forget_record(self, record: Dormant, tombstone: Tombstone | None = None) -> None:
+        """A compact dormant record another sidecar decided on: dropped (the next request
+        reads the store), or closed here too (a tombstone)."""
+        self.dormant.remove(record.id)
+        self._deadlines.unschedule(record)
+        if self.restoring:
+            self._dropped.add(record.id)
+        if tombstone is not None:
+            self.tombstones.remember(tombstone)
 
     def _hibernates(self, session: Session, reason: CloseReason) -> bool:
         """SPEC 2.7: an idle Streamable HTTP session that can be re-created is hibernated."""
@@ -756,14 +849,13 @@ class SessionManager:
             session.state = State.DORMANT
             session.dormant_since = now
             session.binding = None
-            self.dormant.add(session)
-            self._schedule(session)
+            self._file_dormant(session, waking)
         try:
             await uncancellable(self.store.hibernate_many(entries))
         except StoreError as exc:
             self.store_failed("hibernate", exc)
             for session, _ in entries:
-                self.dormant.remove(session.id)
+                self._unfile_dormant(session)
                 session.state = State.CLOSED
                 session.close_reason = CloseReason.IDLE_TIMEOUT
                 session.closed_at = now
@@ -780,8 +872,9 @@ class SessionManager:
                 self.closer.schedule(pending, session.credentials)
             if session.runtime is not None and not session.runtime.relays:
                 session.runtime = None  # a dormant session costs only its record
-            if session is not waking:
-                session.resume = None  # on disk (just written): read back when it wakes
+            self._hibernating.pop(session.id, None)
+            if self.dormant.get(session.id) is not session:
+                session.resume = None  # not held whole: the record dropped, or compact
             self.metrics.sessions_hibernated.inc()
             if self.store.shared:
                 self.announce(moved([session]))
@@ -792,10 +885,29 @@ class SessionManager:
                 (self.clock() - now) * 1000,
             )
 
+    def _file_dormant(self, session: Session, waking: Session | None) -> None:
+        """Held compact from now on, unless the request waking it holds it; whole, in
+        `_hibernating`, until its resume state is on disk (read back meanwhile from there)."""
+        if session is waking:
+            self.dormant.add(session)
+            self._schedule(session)
+            return
+        self._hibernating[session.id] = session
+        record = Dormant.of(session, _label(session))
+        self.dormant.add(record)
+        self._schedule(record)
+
+    def _unfile_dormant(self, session: Session) -> None:
+        """The store refused the hibernation: out of the dormant set, whatever holds it."""
+        entry = self.dormant.remove(session.id)
+        if entry is not None:
+            self._deadlines.unschedule(entry)
+
     async def load_resume_state(self, session: Session) -> ResumeState | None:
         """A dormant session's resume state is left in the store (it is needed only to
-        wake it, and held in memory it cost most of a dormant session's bytes): read back
-        here, once, when it wakes. Raises `StoreError` when the store cannot answer."""
+        wake it, and held in memory it cost most of a dormant session's bytes). It comes
+        back with the whole record (`_whole`); read here only if that record had none (its
+        row was lost). Raises `StoreError` when the store cannot answer."""
         if session.resume is None and session.dormant:
             try:
                 stored = await self.store.get(session.id)
@@ -895,7 +1007,7 @@ class SessionManager:
         now = self.clock()
         # Kept alive at the last sweep: looked at again (few). Those also due now are taken
         # with them and skipped in the due run: once each.
-        kept = list(self._kept)
+        kept: list[Session | Dormant] = list(self._kept)
         self._kept.clear()
         seen = set(kept)
         run = self._deadlines.take_due(now)
@@ -915,16 +1027,51 @@ class SessionManager:
                 # Whatever stopped this sweep, the sessions it had not reached yet are filed
                 # again, so the next sweep still finds them.
                 for session in [*batch, *kept, *_sessions(run.rest())]:
-                    if session.usable:
+                    if self._still_held(session):
                         self._schedule(session)
                 raise
             del batch  # its closed sessions are freed now, a slice at a time
         self.tombstones.forget_older_than(now - self.tombstone_ttl)
         return ended
 
-    async def _sweep_slice(self, sessions: list[Session], now: float) -> int:
+    def _still_held(self, entry: Session | Dormant) -> bool:
+        if isinstance(entry, Dormant):
+            return self.dormant.get(entry.id) is entry
+        return entry.usable
+
+    async def _expired_records(self, filed: list[Session | Dormant], now: float) -> list[Session]:
+        """The sessions of a slice, with each compact dormant record that expired read back
+        whole (its close writes the stored counters); one not expired is filed again. When
+        the store cannot answer, the rest are filed again for the next sweep."""
+        sessions: list[Session] = []
+        expired: list[Dormant] = []
+        for entry in filed:
+            if not isinstance(entry, Dormant):
+                sessions.append(entry)
+            elif not self._still_held(entry):
+                continue  # read back, closed or woken since it was filed
+            elif entry.expiry_reason(self._policy, now) is None:
+                self._schedule(entry)
+            else:
+                expired.append(entry)
+        if not expired:
+            return sessions
+        try:
+            await self._read_back_many(expired)
+        except StoreError:
+            for record in expired:
+                if self._still_held(record):
+                    self._schedule(record)  # the next sweep tries again
+        for record in expired:
+            whole = self.dormant.get(record.id)
+            if isinstance(whole, Session):
+                sessions.append(whole)
+        return sessions
+
+    async def _sweep_slice(self, filed: list[Session | Dormant], now: float) -> int:
         by_reason: dict[CloseReason, list[Session]] = {}
         hibernating: list[Session] = []
+        sessions = await self._expired_records(filed, now)
         if self.store.shared:
             await self._merge_uses([s for s in sessions if s.live])
         for session in sessions:
@@ -1054,9 +1201,9 @@ class SessionManager:
             await asyncio.sleep(0)
         async for page in self.store.load_slices(State.DORMANT, RESTORE_SLICE):
             for session in self._not_held(page):
-                session.resume = None  # read back from the store when it wakes
-                self.dormant.add(session)
-                self._schedule(session)
+                record = Dormant.of(session, _label(session))  # the rest is read back on use
+                self.dormant.add(record)
+                self._schedule(record)
             self.between_slices()
             await asyncio.sleep(0)
         # A failure above leaves `restoring` on: ids not read back yet still come from the
@@ -1147,9 +1294,9 @@ def _label(session: Session) -> str:
     return client_label(session.user_agent, session.client_info)
 
 
-def _sessions(filed: list[Scheduled]) -> list[Session]:
-    """Only sessions are filed in the deadline index."""
-    return cast("list[Session]", filed)
+def _sessions(filed: list[Scheduled]) -> list[Session | Dormant]:
+    """Only sessions, whole or compact dormant records, are filed in the deadline index."""
+    return cast("list[Session | Dormant]", filed)
 
 
 async def _release(rows: list[ActivityRow]) -> None:

@@ -141,6 +141,17 @@ class ResumeState:
     def from_json(cls, text: str | None) -> ResumeState | None:
         if not text:
             return None
+        if text.startswith(_INITIALIZE_KEY + "{"):
+            # As `to_json` wrote it: the params' compact text is taken as it stands. Parsing
+            # it and dumping it again was ~70% of reading a session back (a wake, a restore,
+            # a slice of dormant sessions closed at their TTL).
+            start = len(_INITIALIZE_KEY)
+            initialize, end = _DECODER.raw_decode(text, start)
+            if isinstance(initialize, dict) and text[end : end + 1] in (",", "}"):
+                rest = json.loads("{" + text[end + 1 :]) if text[end] == "," else {}
+                return cls(
+                    text[start:end], rest.get("log_level"), list(rest.get("subscriptions") or [])
+                )
         data = json.loads(text)
         initialize = data.get("initialize")
         return cls(
@@ -148,6 +159,10 @@ class ResumeState:
             log_level=data.get("log_level"),
             subscriptions=list(data.get("subscriptions") or []),
         )
+
+
+_INITIALIZE_KEY = '{"initialize":'
+_DECODER = json.JSONDecoder()
 
 
 def _compact(value: Any) -> str:
@@ -339,6 +354,92 @@ class Session:
         for request_id, started in list(self.pending_calls.items()):
             if now - started > policy.call_timeout:
                 self.call_answered(request_id)
+
+
+class Dormant(float):
+    """A hibernated session as memory holds it until a request (or an admin) needs it whole.
+
+    At 100,000 dormant sessions the full `Session` cost ~430 B each; this record keeps only
+    what deciding about a dormant id needs without the store: who may use it (`client`),
+    how it is named in a tombstone (`label`), and its deadline (`created_at` for
+    `max_lifetime`, the float's own value for `dormant_since`). A float subclass holds its
+    number inline: one object where a slot would point to a second one (24 B a session).
+    The rest (resume state, counters, user agent) is in the store; `SessionManager` reads
+    it back, once, when the id is used. Compared and hashed by identity, never as a number:
+    the sessions one sweep hibernates share their `dormant_since`.
+    """
+
+    __slots__ = ("client", "created_at", "due", "id", "label")
+    id: str
+    client: str
+    label: str
+    created_at: float
+    # The sweeper's index entry (`deadlines.py`), as on a `Session`.
+    due: Bucket | None
+
+    def __new__(
+        cls, session_id: str, client: str, label: str, created_at: float, dormant_since: float
+    ) -> Dormant:
+        record = super().__new__(cls, dormant_since)
+        record.id = session_id
+        # Many sessions share one client and one label: one copy each.
+        record.client = sys.intern(client)
+        record.label = sys.intern(label)
+        record.created_at = created_at
+        record.due = None
+        return record
+
+    @classmethod
+    def of(cls, session: Session, label: str) -> Dormant:
+        since = session.dormant_since or session.last_activity_at
+        return cls(session.id, session.client, label, session.created_at, since)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    def __hash__(self) -> int:
+        return object.__hash__(self)
+
+    def __bool__(self) -> bool:
+        return True  # a record, even one dormant since 0.0 (a test's clock): `a or b` holds
+
+    def __repr__(self) -> str:
+        return f"Dormant({short(self.id)}, since={self.dormant_since})"
+
+    @property
+    def dormant_since(self) -> float:
+        return float(self)
+
+    def expires_at(self, policy: Policy) -> float:
+        """The end of a dormant session, as `Session.expires_at` reckons it."""
+        end = self.dormant_since + policy.dormant_ttl
+        if policy.max_lifetime > 0:
+            end = min(end, self.created_at + policy.max_lifetime)
+        return end
+
+    def expiry_reason(self, policy: Policy, now: float) -> CloseReason | None:
+        """As `Session.expiry_reason` for a dormant session."""
+        if policy.max_lifetime > 0 and now - self.created_at >= policy.max_lifetime:
+            return CloseReason.MAX_LIFETIME
+        return CloseReason.DORMANT_TTL if now >= self.expires_at(policy) else None
+
+    def stand_in(self) -> Session:
+        """The session as far as memory knows it, for an id whose row the store lost: it
+        answers, and ends, as it did when the whole record stayed in memory. The label
+        stands in for the user agent (the parts it was made of are in the lost row)."""
+        return Session(
+            id=self.id,
+            transport=Transport.STREAMABLE_HTTP,  # only those hibernate
+            client=self.client,
+            created_at=self.created_at,
+            last_activity_at=self.dormant_since,
+            user_agent="" if self.label == "unknown" else self.label,
+            state=State.DORMANT,
+            dormant_since=self.dormant_since,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,9 @@
-"""Ids that no longer have an upstream session: closed ones (tombstones) and dormant ones.
+"""Closed ids (tombstones): ids that no longer have an upstream session, nor ever will.
 
 A closed id keeps answering 404 for `tombstone_ttl` (and names the client that keeps using
-it); a dormant id (SPEC 2.7) keeps answering, and its next request re-creates the upstream
-session. Both live here so the session table (`manager.py`) holds only bound sessions, the
-ones limits count and the sweeper walks for idleness.
+it). Closed ids live here and dormant ones (SPEC 2.7) in `dormant.py`, so the session table
+(`manager.py`) holds only bound sessions, the ones limits count and the sweeper walks for
+idleness.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from .sessions import Session, Tombstone
+from .sessions import Tombstone
 
 # Closed ids kept in memory to answer 404 and name stuck clients (~300 bytes each, so about
 # 60 MB at the cap); older ones live on in the store until tombstone_ttl.
@@ -62,25 +62,3 @@ class Tombstones:
             if oldest.closed_at >= horizon:
                 break
             self._by_id.popitem(last=False)
-
-
-class DormantSessions:
-    """Hibernated sessions by client id: records only, no runtime, no upstream binding."""
-
-    def __init__(self) -> None:
-        self._by_id: dict[str, Session] = {}
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def __iter__(self) -> Iterator[Session]:
-        return iter(list(self._by_id.values()))
-
-    def get(self, session_id: str) -> Session | None:
-        return self._by_id.get(session_id)
-
-    def add(self, session: Session) -> None:
-        self._by_id[session.id] = session
-
-    def remove(self, session_id: str) -> None:
-        self._by_id.pop(session_id, None)

@@ -7,7 +7,9 @@ JSON-RPC methods it carried, in order), and what the sidecar shows (admin API, d
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -241,6 +243,33 @@ async def test_delete_or_admin_close_ends_a_dormant_id_for_good_without_waking_i
         assert len(upstream.requests()) == requests_before  # nothing woke upstream
         shown = await state_of(sidecar, session_id)
         assert (shown["state"], shown["close_reason"]) == ("closed", ender)
+
+
+async def test_dormant_ids_are_listed_from_the_store_and_one_whose_row_is_gone_gets_404(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    # Dormant sessions are held compact in memory and read back from the store when used:
+    # a row lost meanwhile is answered as before (nothing to resume from: 404), and the
+    # others still wake behind their ids.
+    sidecar = hibernating(sidecar_factory, upstream)
+    async with raw_client() as http:
+        kept, lost = RawSession(http, sidecar.url), RawSession(http, sidecar.url)
+        for raw in (kept, lost):
+            assert (await raw.initialize()).status_code == 200
+            assert raw.session_id is not None
+            await wait_state(sidecar, raw.session_id, "dormant")
+        listed = (await admin_get(sidecar, "/sessions?state=dormant")).json()
+        assert {s["id"] for s in listed["sessions"]} == {kept.session_id, lost.session_id}
+        assert all(s["dormant_since"] and s["requests"] >= 1 for s in listed["sessions"])
+
+        with contextlib.closing(sqlite3.connect(sidecar.db_path)) as db, db:
+            db.execute("DELETE FROM sessions WHERE id=?", (lost.session_id,))
+        answer = await lost.call("echo", {"text": "x"})
+        assert answer.status_code == 404, answer.text
+        metrics = (await admin_get(sidecar, "/metrics")).text
+        assert 'mcp_sidecar_resume_failures_total{reason="refused"} 1.0' in metrics
+        assert await kept.call_text("echo", {"text": "awake"}) == "awake"
+        assert (await state_of(sidecar, kept.session_id or ""))["state"] == "live"
 
 
 async def test_resume_with_upstream_down_is_502_and_the_session_stays_dormant(

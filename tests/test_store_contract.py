@@ -737,3 +737,24 @@ async def test_load_slices_reads_what_load_does_in_slices_closed_ones_oldest_fir
     (dormant,) = [page async for page in store.load_slices(State.DORMANT, 2)]
     assert [s.id for s in dormant] == ["dormant"]
     assert dormant[0].resume == (await store.get("dormant")).resume  # type: ignore[union-attr]
+
+
+async def test_get_many_reads_the_named_sessions_as_get_does_and_leaves_out_unknown_ids(
+    store: Store,
+) -> None:
+    await store.insert(_session("live-1"))
+    await _insert_dormant(store, "dormant-1", since=T0 + 5)
+    await _insert_closed(store, "closed-1", T0 + 10)
+    found = await store.get_many(["dormant-1", "nobody", "live-1", "closed-1"])
+    assert sorted(found) == ["closed-1", "dormant-1", "live-1"]
+    for session_id, session in found.items():
+        one = await store.get(session_id)
+        assert one is not None
+        assert (session.state, session.resume, session.dormant_since, session.requests) == (
+            one.state,
+            one.resume,
+            one.dormant_since,
+            one.requests,
+        )
+    assert found["dormant-1"].resume == _resume()
+    assert await store.get_many([]) == {}

@@ -76,6 +76,10 @@ class Store(Protocol):
 
     async def get(self, session_id: str) -> Session | None: ...
 
+    async def get_many(self, session_ids: Sequence[str]) -> dict[str, Session]:
+        """The sessions of these ids, read at once (a slice of dormant sessions the sweep
+        closes); an id the store does not hold is left out."""
+
     async def pending_closes(self) -> list[PendingClose]: ...
 
     async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:

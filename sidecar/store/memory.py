@@ -145,6 +145,10 @@ class MemoryStore(UnsharedStore):
         stored = self.sessions.get(session_id)
         return None if stored is None else _copy(stored)
 
+    async def get_many(self, session_ids: Sequence[str]) -> dict[str, Session]:
+        found = (self.sessions.get(i) for i in session_ids)
+        return {s.id: _copy(s) for s in found if s is not None}
+
     async def pending_closes(self) -> list[PendingClose]:
         return [pending for pending, _ in self.pending.values()]
 

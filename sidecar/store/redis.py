@@ -570,6 +570,20 @@ class RedisStore:
         self._note_counts([session])
         return session
 
+    async def get_many(self, session_ids: Sequence[str]) -> dict[str, Session]:
+        if not session_ids:
+            return {}
+        try:
+            async with self.db.pipeline(transaction=False) as pipe:
+                for session_id in session_ids:
+                    pipe.hgetall(self._key(session_id))
+                found = await pipe.execute()
+        except RedisError as exc:
+            raise _read_error(self, exc) from exc
+        sessions = [_session(cast(dict[str, str], f)) for f in found if f]
+        self._note_counts(sessions)
+        return {s.id: s for s in sessions}
+
     async def pending_closes(self) -> list[PendingClose]:
         try:
             values = await self.db.hvals(self.prefix + "pending")

@@ -555,6 +555,18 @@ class SqliteStore(UnsharedStore):
             row = await cursor.fetchone()
         return _session(row) if row else None
 
+    async def get_many(self, session_ids: Sequence[str]) -> dict[str, Session]:
+        if not session_ids:
+            return {}
+        # One statement, the ids passed as a JSON array: a `get` each cost a round trip to
+        # the connection's thread, ~5x the time of the closes they were read for.
+        async with self.db.execute(
+            f"SELECT {_COLUMNS} FROM sessions WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(session_ids)),),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return {s.id: s for s in map(_session, rows)}
+
     async def pending_closes(self) -> list[PendingClose]:
         async with self.db.execute(
             "SELECT session_id, protocol_version, attempts, next_attempt_at, upstream "

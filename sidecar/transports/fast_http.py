@@ -34,6 +34,15 @@ def first(headers: Headers, name: bytes) -> bytes | None:
     return None
 
 
+def indexed(headers: Headers) -> tuple[list[bytes], Index]:
+    """The headers' names in lower case, and the index `upstream_request` takes."""
+    names = [name.lower() for name, _ in headers]
+    index: Index = {}
+    for low, (_, value) in zip(names, headers, strict=True):
+        index.setdefault(low, []).append(value)
+    return names, index
+
+
 def first_of(index: Index, name: bytes) -> bytes | None:
     values = index.get(name)
     return None if values is None else values[0]

@@ -330,11 +330,18 @@ class Forwarder:
         self, request: web.Request, session_id: str, upstream: Upstream | None = None
     ) -> None:
         """Close upstream a session the client will never hear of (one attempt, logged)."""
+        await self.close_orphan(session_id, credentials(request), upstream)
+
+    async def close_orphan(
+        self, session_id: str, client_credentials: dict[str, str], upstream: Upstream | None
+    ) -> None:
+        """`delete_orphan` with the client's credentials already read (the fast path has no
+        `web.Request`)."""
         member = upstream or self.upstreams.primary
         # Not the client's headers: its Content-Length and body belong to another request.
         headers = {"Host": member.authority, SESSION_HEADER: session_id}
         headers.update(member.static_headers)
-        headers.update(credentials(request))
+        headers.update(client_credentials)
         try:
             answer = await member.request("DELETE", member.url, headers, None)
             answer.release()

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
+from . import fast_init
+
 if TYPE_CHECKING:
     from .fast import FastPath
 
@@ -147,13 +149,25 @@ class Lane:
         self._cancel_timer()
         request = self._fast.plan(self)
         if request is None:
+            self._take_initialize()
+            return
+        self._begin()
+        self._fast.start(request, self)  # sets `serving`; `finished` when it is done
+
+    def _take_initialize(self) -> None:
+        # A new session's `initialize` (no session id yet) has its own fast path.
+        request = fast_init.plan(self._fast, self)
+        if request is None:
             self._give_up()
             return
+        self._begin()
+        self.run(fast_init.serve(self._fast, request, self))
+
+    def _begin(self) -> None:
         self._kept = []
         self._begun = 0
         self._complete = False
         self._conn.fast_begins()
-        self._fast.start(request, self)  # sets `serving`; `finished` when it is done
 
     def run(self, serving: Coroutine[Any, Any, None]) -> None:
         """Serve (or go on serving) the request in a task."""

@@ -1,0 +1,358 @@
+"""The fast path for a new session: an `initialize` served below aiohttp (issue 10).
+
+Creating a session is a proxied POST plus one store insert; through aiohttp's server and
+client the HTTP part cost ~90% of its CPU. `plan` takes the `initialize` requests `lane.Lane`
+kept (the fast POST's head rules, no `Mcp-Session-Id`, the body one JSON-RPC `initialize`
+request), and `serve` does for them what `StreamableHttp._initialize` does (SPEC 2.1, 2.5,
+2.6, 2.8): admission, placement on a member with failover past a refusing replica, the
+upstream exchange on the raw keep-alive pool (`upstream/wire.py`), and only for a 2xx
+carrying a session id, track-or-undo: the session is committed before the answer leaves, or,
+if the store fails, closed upstream again and the client answered 503. A session's answer is
+relayed by `FastPath._relay` (JSON or SSE, with the session's id and ping watching); an answer
+that made no session (an error, a stateless server) is relayed as it came.
+
+Whatever `plan` is unsure of goes to the full path, which stays the reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import jsonrpc
+from ..admission import LimitReachedError
+from ..clients import client_identity, initialize_client
+from ..errors import StoreError, UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
+from ..intake import Rejected, RequestTimer
+from ..sessions import Session, Transport, short, valid_session_id
+from ..upstream import Upstream
+from ..upstream.wire import Answer
+from . import fast
+from . import fast_http as wire
+from .forwarder import body_too_late
+from .rejections import limit_rejection, store_rejection
+from .resume import initial_resume_state
+
+if TYPE_CHECKING:
+    from .lane import Lane
+
+log = logging.getLogger("sidecar.proxy")
+
+_UNEXPECTED = jsonrpc.error_body(jsonrpc.SERVER_ERROR, "Internal error in mcp-sidecar")
+_CREDENTIALS = (("Authorization", b"authorization"), ("Cookie", b"cookie"))
+
+
+@dataclass(slots=True)
+class InitRequest:
+    """An `initialize` `plan` took; the member is chosen when it is served, as on the full
+    path (placement counts the sessions live at that moment)."""
+
+    initialize: jsonrpc.Message
+    body: bytes
+    headers: wire.Headers
+    host: bytes
+    identity: str
+    peer: bytes
+    scheme: bytes
+    timer: RequestTimer
+
+
+def plan(path: fast.FastPath, lane: Lane) -> InitRequest | None:
+    """The request, if it is an `initialize` the fast path can serve as the full path would."""
+    fw = path.fw
+    options = fw.options
+    headers = lane.headers
+    hosts = wire.all_of(headers, b"host")
+    if (
+        not options.fast_path
+        or len(hosts) != 1
+        or lane.url != path.target
+        or wire.first(headers, wire.SESSION) is not None
+        or not _origin_allowed(headers, options.allowed_origins)
+        or not all(member.url.scheme == "http" for _, member in fw.upstreams)
+    ):
+        return None
+    body = b"".join(lane.body)
+    initialize = _initialize_of(body)
+    if initialize is None:
+        return None
+    authorization = wire.first(headers, b"authorization")
+    identity = client_identity(None if authorization is None else _text(authorization), lane.peer)
+    peer = (lane.peer or "unknown").encode()
+    return InitRequest(
+        initialize, body, headers, hosts[0], identity, peer, lane.scheme.encode(), RequestTimer()
+    )
+
+
+def _origin_allowed(headers: wire.Headers, allowed: frozenset[str]) -> bool:
+    origin = wire.first(headers, b"origin")
+    return not allowed or origin is None or _text(origin) in allowed
+
+
+def _initialize_of(body: bytes) -> jsonrpc.Message | None:
+    """The body's `initialize` request, if the body is that one request and nothing else: a
+    batch, a notification or any other method keeps the full path's handling."""
+    # Cheap refusals first: a stateless server's every POST comes here without a session id.
+    if b'"initialize"' not in body or body.lstrip()[:1] != b"{":
+        return None
+    batch = jsonrpc.parse(body)
+    if not batch.valid or len(batch.messages) != 1:
+        return None
+    message = batch.messages[0]
+    return message if message.method == "initialize" and message.is_request else None
+
+
+def _text(value: bytes) -> str:
+    """A header value as aiohttp gives it to the full path."""
+    return value.decode("utf-8", "surrogateescape")
+
+
+# ---- serving --------------------------------------------------------------------------------
+async def serve(path: fast.FastPath, request: InitRequest, lane: Lane) -> None:
+    """`Forwarder.handle` for a planned `initialize`: its outcome counted the same way."""
+    fw = path.fw
+    outcome = "forwarded"
+    try:
+        await _initialize(path, request, lane)
+    except Rejected as rejection:
+        outcome = "rejected"
+        fw.note_rejection("POST", fw.options.mcp_path, None, rejection)
+        lane.write(_rejection_answer(rejection))
+    except UpstreamError as exc:
+        outcome = "upstream_error"
+        fw.note_upstream_failure("POST", fw.options.mcp_path, exc)
+        lane.write(_failure(request, exc))
+    except Exception:
+        log.exception("unexpected error handling POST %s", fw.options.mcp_path)
+        lane.write(wire.json_answer(500, _UNEXPECTED))
+    finally:
+        fw.count_request("POST", outcome)
+        fw.metrics.request_duration.observe(request.timer.own_time())
+
+
+def _rejection_answer(rejection: Rejected) -> bytes:
+    """`Rejected.response()` as aiohttp writes it: its headers, then the JSON content type."""
+    headers = [(name.encode(), value.encode()) for name, value in rejection.headers.items()]
+    headers.append((b"Content-Type", b"application/json"))
+    return wire.buffered_answer(rejection.status, b"", headers, rejection.body)
+
+
+def _failure(request: InitRequest, exc: UpstreamError) -> bytes:
+    """`upstream_failure`: 502 or 504 with a JSON-RPC error echoing the request's id."""
+    timeout = isinstance(exc, UpstreamTimeoutError)
+    message = "Upstream MCP server timed out" if timeout else "Upstream MCP server unreachable"
+    body = jsonrpc.error_body(jsonrpc.SERVER_ERROR, message, request.initialize.id)
+    return wire.json_answer(504 if timeout else 502, body)
+
+
+async def _initialize(path: fast.FastPath, request: InitRequest, lane: Lane) -> None:
+    """`StreamableHttp._initialize`: admitted, placed, forwarded, tracked or undone, relayed."""
+    manager = path.manager
+    identity = request.identity
+    try:
+        await manager.admit(identity)
+    except LimitReachedError as exc:
+        raise limit_rejection(exc, request.initialize.id) from exc
+    session: Session | None = None
+    try:
+        name, member, answer = await _forward_placed(path, request)
+        upstream_id = answer.header(wire.SESSION)
+        # Only a successful answer creates a session: the Python SDK's 400 carries a
+        # throw-away id that must not be tracked (SPEC 2.1).
+        if upstream_id is not None and 200 <= answer.status < 300:
+            session = await _track_or_undo(path, request, answer, _text(upstream_id), name)
+        elif 200 <= answer.status < 300:
+            path.fw.metrics.stateless_requests.inc()
+    finally:
+        manager.release(identity)
+    try:
+        if session is None:
+            await _relay_untracked(path, request, answer, lane)
+        else:
+            await path._relay(_as_session_request(path, request, session, member), answer, lane)
+    finally:
+        if not answer.finished or answer.error is not None:
+            answer.close()  # an answer not read to its end leaves no reusable connection
+
+
+async def _forward_placed(
+    path: fast.FastPath, request: InitRequest
+) -> tuple[str, Upstream, Answer]:
+    """`_forward_placed`: the member `place()` picks; a replica that refuses the connection
+    never saw the request, so the next healthy one is tried (SPEC 2.8)."""
+    upstreams = path.fw.upstreams
+    for _ in range(len(upstreams) - 1):
+        name = path.fw.place()
+        member = upstreams.at(name)
+        try:
+            return name, member, await _exchange(path, request, member)
+        except UpstreamRefusedError:
+            if not any(r.up for r in upstreams.replicas):
+                raise
+    name = path.fw.place()
+    member = upstreams.at(name)
+    return name, member, await _exchange(path, request, member)
+
+
+async def _exchange(path: fast.FastPath, request: InitRequest, member: Upstream) -> Answer:
+    """`Forwarder.forward` on the member's wire pool; a refusal marks the member down."""
+    names, index = wire.indexed(request.headers)
+    data = wire.upstream_request(
+        path._prefix_of(member),
+        request.headers,
+        names,
+        index,
+        request.body,
+        host=request.host,
+        peer=request.peer,
+        scheme=request.scheme,
+        session=None,
+    )
+    timer = request.timer
+    timer.upstream_begins()
+    try:
+        return await path._pool(member).exchange(data)
+    except UpstreamRefusedError:
+        path.fw.upstreams.refused(member)
+        raise
+    finally:
+        timer.upstream_answered()
+
+
+async def _track_or_undo(
+    path: fast.FastPath, request: InitRequest, answer: Answer, upstream_id: str, name: str
+) -> Session | None:
+    """Track the new session, or, when the store cannot record it, close it upstream again at
+    once and answer 503: the client never holds an id the sidecar could not commit."""
+    try:
+        return await _track_new(path, request, upstream_id, name)
+    except StoreError as exc:
+        path.manager.store_failed("insert", exc)
+        answer.close()
+        log.warning(
+            "cannot record session %s (store failed); closing it upstream", short(upstream_id)
+        )
+        fw = path.fw
+        await fw.close_orphan(upstream_id, _credentials(request), fw.upstreams.member(name))
+        raise store_rejection(request.initialize.id) from exc
+
+
+async def _track_new(
+    path: fast.FastPath, request: InitRequest, upstream_id: str, name: str
+) -> Session | None:
+    if not valid_session_id(upstream_id):
+        log.warning("upstream issued a malformed session id; passing it through untracked")
+        return None
+    params = request.initialize.params
+    client_info, version = initialize_client(params)
+    agent = wire.first(request.headers, b"user-agent")
+    return await path.manager.create(
+        upstream_id,
+        Transport.STREAMABLE_HTTP,
+        request.identity,
+        protocol_version=version,
+        user_agent="" if agent is None else _text(agent)[:200],
+        client_info=client_info,
+        credentials=_credentials(request),
+        resume=initial_resume_state(params),
+        upstream=name,
+    )
+
+
+def _credentials(request: InitRequest) -> dict[str, str]:
+    """`intake.credentials`: what the client authenticated with, for the sidecar's DELETE."""
+    return {
+        name: _text(value)
+        for name, key in _CREDENTIALS
+        if (value := wire.first(request.headers, key)) is not None
+    }
+
+
+def _as_session_request(
+    path: fast.FastPath, request: InitRequest, session: Session, member: Upstream
+) -> fast.FastRequest:
+    """The request as a live session's fast POST, for `FastPath._relay`. Its body stays
+    empty: the full path relays an `initialize`'s answer without the request body, so a
+    "session gone" answer to it echoes no id there either."""
+    version = wire.first(request.headers, b"mcp-protocol-version")
+    return fast.FastRequest(
+        session,
+        b"",
+        b"",
+        path._pool(member),
+        member,
+        None if version is None else _text(version),
+        _credentials(request),
+        request.timer,
+    )
+
+
+# ---- an answer that made no session -------------------------------------------------------
+async def _relay_untracked(
+    path: fast.FastPath, request: InitRequest, answer: Answer, lane: Lane
+) -> None:
+    """`Forwarder.relay` with no session: the answer as it came, its headers end to end."""
+    headers = wire.end_to_end(answer.headers)
+    content_type = answer.header(b"content-type") or b""
+    stream = content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    if not stream and answer.content_length is not None:
+        body = await _read_answer(path, request, answer)
+        lane.write(wire.buffered_answer(answer.status, answer.reason, headers, body))
+        return
+    identity = (answer.header(b"content-encoding") or b"identity").lower() == b"identity"
+    if stream and identity:
+        headers.append((b"X-Accel-Buffering", b"no"))
+    lane.hold()
+    lane.write(wire.answer_head(answer.status, answer.reason, headers, None))
+    await _pump_raw(request, answer, lane)
+
+
+async def _read_answer(path: fast.FastPath, request: InitRequest, answer: Answer) -> bytes:
+    timer = request.timer
+    timer.upstream_begins()
+    read_timeout = path.fw.upstreams.primary.read_timeout
+    try:
+        # A body that stalls after its headers is bounded like the headers were.
+        if not answer.finished:
+            async with asyncio.timeout(read_timeout):
+                await answer.wait_ended()
+    except TimeoutError as exc:
+        raise body_too_late(read_timeout) from exc
+    finally:
+        timer.upstream_answered()
+    if answer.error is not None:
+        raise UpstreamError(f"upstream answer broke off: {answer.error}")
+    return b"".join(answer.chunks)
+
+
+async def _pump_raw(request: InitRequest, answer: Answer, lane: Lane) -> None:
+    """A streamed answer with no session to watch it for: bytes through as they come."""
+
+    def sink(data: bytes) -> None:
+        if not lane.write(wire.chunk(data)):
+            answer.close()  # the client left: the stream ends here, as on the full path
+
+    request.timer.upstream_begins()
+    lane.on_pause, lane.on_resume = answer.pause, answer.resume
+    lane.streaming = True
+    try:
+        for data in answer.chunks:
+            sink(data)
+        answer.chunks = []
+        answer.sink = sink
+        if not lane.flush():
+            return
+        await answer.wait_ended()
+        if answer.error is not None:
+            log.debug("upstream stream ended abnormally: %s", answer.error)
+        lane.write(wire.LAST_CHUNK)
+    finally:
+        lane.streaming = False
+        lane.flush()
+        lane.on_pause = lane.on_resume = None
+        request.timer.upstream_answered()
+
+
+__all__ = ["InitRequest", "plan", "serve"]
