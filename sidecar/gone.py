@@ -73,6 +73,13 @@ def _json_message(data: Any, *, rpc_only: bool) -> str | None:
     return None
 
 
+def _may_hold_error(body: bytes) -> bool:
+    """Whether a 200's body can be a JSON-RPC error: without the bytes `error` (or a \\u
+    escape that could spell them) no JSON object in it has an "error" member, so the JSON
+    parse every plain answer would otherwise cost is skipped."""
+    return b"error" in body or b"\\u" in body
+
+
 def is_gone_message(message: str) -> bool:
     return _PHRASES.fullmatch(_STATUS_PREFIX.sub("", message.strip(), count=1)) is not None
 
@@ -86,7 +93,7 @@ class GonePatterns:
             return False
         if status >= 500 or 300 <= status < 400 or status in (201, 202, 204):
             return False
-        if status in GONE_STATUSES:
+        if status in GONE_STATUSES and (status != 200 or _may_hold_error(body)):
             message = message_of(status, body)
             if message is not None and is_gone_message(message):
                 return True

@@ -78,6 +78,10 @@ class Recorder:
             await self.release.wait()
             await response.write_eof()
             return response
+        if mode == "close":  # the upstream ends its keep-alive connection after this answer
+            response = web.Response(body=answer.encode(), content_type="application/json")
+            response.force_close()
+            return response
         if mode == "gone":
             return web.json_response({"error": "no session"}, status=404)
         if mode == "empty":
@@ -236,11 +240,17 @@ async def session_view(sidecar: SidecarHandle, session: str) -> dict[str, Any]:
         return dict(await answer.json())
 
 
+# A first fast request opens the upstream connection (in a task); later ones find it kept alive
+# and are served from its callbacks: both ways must keep the rules.
+WARM = pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "kept-alive"])
+
+
+@WARM
 async def test_a_client_that_leaves_mid_request_leaves_no_call_in_flight(
-    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder, warm: bool
 ) -> None:
     fast = pair[0]
-    await exchange(fast.listen_port, [initialize("s-1")])
+    await exchange(fast.listen_port, [initialize("s-1"), *([call(0)] if warm else [])])
     _, writer = await asyncio.open_connection(HOST, fast.listen_port)
     writer.write(call(1, "X-Test-Answer: hold"))
     await recorder.arrived.wait()
@@ -294,8 +304,9 @@ async def test_a_slow_body_is_handed_to_aiohttp_and_gets_its_408(
         sidecar.stop()
 
 
+@WARM
 async def test_an_answer_head_later_than_read_timeout_is_a_504_and_its_connection_not_reused(
-    tmp_path: Path, recorder: Recorder
+    tmp_path: Path, recorder: Recorder, warm: bool
 ) -> None:
     """The upstream's late answer must never reach the next request on that connection."""
     sidecars = [
@@ -307,7 +318,7 @@ async def test_an_answer_head_later_than_read_timeout_is_a_504_and_its_connectio
     try:
         timed_out = []
         for sidecar in sidecars:
-            await exchange(sidecar.listen_port, [initialize("s-1")])
+            await exchange(sidecar.listen_port, [initialize("s-1"), *([call(0)] if warm else [])])
             timed_out.append(await exchange(sidecar.listen_port, [call(1, "X-Test-Answer: hold")]))
         recorder.release.set()  # the held answers now come, to connections given up on
         after = [await exchange(s.listen_port, [call(2), call(3)]) for s in sidecars]
@@ -320,3 +331,13 @@ async def test_an_answer_head_later_than_read_timeout_is_a_504_and_its_connectio
     assert json.loads(body)["id"] == 1
     assert after[0] == after[1]
     assert [json.loads(answer[2])["id"] for answer in after[0]] == [2, 3]
+
+
+async def test_an_upstream_that_ends_its_connection_after_an_answer(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+) -> None:
+    """The next request gets its answer on a new connection, on both paths, the same."""
+    sequence = [initialize("s-1"), call(1), call(2, "X-Test-Answer: close"), call(3), call(4)]
+    answers = [await exchange(sidecar.listen_port, sequence) for sidecar in pair]
+    assert answers[0] == answers[1]
+    assert [json.loads(body)["id"] for _, _, body in answers[0][1:]] == [1, 2, 3, 4]

@@ -20,14 +20,14 @@ import logging
 from dataclasses import dataclass
 
 from .. import jsonrpc
-from ..activity import classify
+from ..activity import Use, classify
 from ..clients import client_identity
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..intake import Rejected, RequestTimer
 from ..sessions import CloseReason, Session, Transport, valid_session_id
 from ..sse import EventSplitter
 from ..upstream import Upstream
-from ..upstream.wire import Answer, WirePool
+from ..upstream.wire import Answer, WirePool, too_late
 from . import fast_http as wire
 from .forwarder import Forwarder, body_too_late, ping_watcher
 from .lane import Lane
@@ -52,6 +52,119 @@ class FastRequest:
     timer: RequestTimer
 
 
+@dataclass(slots=True)
+class Sent:
+    """A request `start` wrote before any task: how far its exchange got."""
+
+    batch: jsonrpc.Batch
+    use: Use
+    answer: Answer
+    failure: UpstreamError | None = None  # no answer head in time
+
+
+class Exchange:
+    """A request written on a kept-alive connection, served from that connection's callbacks
+    (`wire.Listener`): a plain answer (whole, with a Content-Length, not an event stream, not
+    a sign the session is gone) is relayed the moment it is complete, without a task; any
+    other outcome goes on in a task (`FastPath.serve` with `sent`) from where it stands, so
+    the rules stay those of the task path. `Deadlines` bounds the wait for the answer."""
+
+    __slots__ = ("fast", "lane", "request", "sent")
+
+    def __init__(self, fast: FastPath, request: FastRequest, lane: Lane, sent: Sent) -> None:
+        self.fast = fast
+        self.request = request
+        self.lane = lane
+        self.sent = sent
+        sent.answer.listener = self
+        fast.deadlines.add(self, request.pool.upstream.read_timeout)
+
+    # ---- wire.Listener ----------------------------------------------------------------------
+    def answered(self, answer: Answer) -> None:
+        self._stop()
+        if self.fast.relay_now(self.request, self.sent, self.lane):
+            self.lane.finished()
+        else:
+            self._go_on()
+
+    def head_only(self, answer: Answer) -> None:
+        self._stop()
+        self._go_on()
+
+    def broke(self, answer: Answer) -> None:
+        self._stop()
+        self._go_on()
+
+    # ---- the rest ---------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """The client left before the answer: the exchange is dropped, as a cancelled task's."""
+        self._stop()
+        self.sent.answer.close()
+        self.fast.dropped(self.request, self.sent)
+        # After the connection's own `connection_lost`, as a cancelled task would end.
+        asyncio.get_running_loop().call_soon(self.lane.finished)
+
+    def too_late(self) -> None:
+        """No answer head within `read_timeout` (`Deadlines`): 504, as on the task path."""
+        answer = self.sent.answer
+        answer.listener = None
+        answer.close()  # a late answer must never reach the next request
+        self.sent.failure = too_late(self.request.pool.upstream)
+        self._go_on()
+
+    def _stop(self) -> None:
+        self.fast.deadlines.discard(self)
+        self.sent.answer.listener = None
+
+    def _go_on(self) -> None:
+        self.lane.run(self.fast.serve(self.request, self.lane, self.sent))
+
+
+class Deadlines:
+    """The answer-head deadlines of the exchanges in flight, under one timer: a timer per
+    request (made and cancelled) cost more than the rest of its bookkeeping. The timer is
+    armed for the earliest deadline; when it fires, every exchange due is told and the timer
+    re-armed for the earliest left (a few exchanges are in flight, one per busy connection)."""
+
+    def __init__(self) -> None:
+        self._due: dict[Exchange, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = 0.0
+
+    def add(self, exchange: Exchange, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        due = self._due[exchange] = loop.time() + timeout
+        if self._timer is None or due < self._at:
+            self._arm(loop, due)
+
+    def discard(self, exchange: Exchange) -> None:
+        self._due.pop(exchange, None)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = at
+        self._timer = loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        # Due by the time the timer was armed for, as a per-request timer would have fired
+        # (the loop may run a timer a little before its time).
+        now = max(asyncio.get_running_loop().time(), self._at)
+        late = [exchange for exchange, due in self._due.items() if due <= now]
+        for exchange in late:
+            del self._due[exchange]
+        if self._due:
+            self._arm(asyncio.get_running_loop(), min(self._due.values()))
+        for exchange in late:
+            exchange.too_late()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class FastRelay:
     """A relayed answer stream in `session.relays`: closing the session cuts it."""
 
@@ -72,7 +185,8 @@ class FastPath:
         self.fw = forwarder
         self.manager = forwarder.manager
         self._pools: dict[int, WirePool] = {}
-        self._targets: dict[int, bytes] = {}
+        self._prefixes: dict[int, bytes] = {}
+        self.deadlines = Deadlines()
 
     @property
     def enabled(self) -> bool:
@@ -83,43 +197,48 @@ class FastPath:
         return self.fw.options.mcp_path.encode()
 
     def close(self) -> None:
+        self.deadlines.close()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
 
     # ---- deciding ---------------------------------------------------------------------------
-    def head_ok(self, headers: wire.Headers) -> bool:
+    def head_ok(self, index: wire.Index) -> bool:
         """Checks the head alone decides (so a request that will not be taken goes to aiohttp
         at once, not after its body): plain framing, one in-limit Content-Length, keep-alive."""
-        lengths = 0
-        for name, value in headers:
-            low = name.lower()
-            if low in (b"transfer-encoding", b"expect", b"upgrade"):
-                return False
-            if low == b"content-length":
-                lengths += 1
-                if not value.isdigit() or int(value) > self.fw.options.max_body_bytes:
-                    return False
-            elif low == b"connection" and value.strip().lower() != b"keep-alive":
-                return False
-        return lengths == 1
+        if b"transfer-encoding" in index or b"expect" in index or b"upgrade" in index:
+            return False
+        lengths = index.get(b"content-length")
+        if lengths is None or len(lengths) != 1:
+            return False
+        length = lengths[0]
+        if not length.isdigit() or int(length) > self.fw.options.max_body_bytes:
+            return False
+        return all(v.strip().lower() == b"keep-alive" for v in index.get(b"connection", ()))
 
     def plan(self, lane: Lane) -> FastRequest | None:
         """The request, if the fast path can serve it exactly as the full path would."""
         options = self.fw.options
-        headers = lane.headers
-        ids = wire.all_of(headers, wire.SESSION)
-        hosts = wire.all_of(headers, b"host")
-        if not options.fast_path or len(ids) != 1 or len(hosts) != 1 or lane.url != self.target:
+        index = lane.index
+        ids = index.get(wire.SESSION)
+        hosts = index.get(b"host")
+        if (
+            not options.fast_path
+            or ids is None
+            or len(ids) != 1
+            or hosts is None
+            or len(hosts) != 1
+            or lane.url != self.target
+        ):
             return None
         session_id = ids[0].decode("latin-1")
-        origin = wire.first(headers, b"origin")
+        origin = wire.first_of(index, b"origin")
         allowed = options.allowed_origins
         if not valid_session_id(session_id) or (
             allowed and origin is not None and _text(origin) not in allowed
         ):
             return None
-        authorization = wire.first(headers, b"authorization")
+        authorization = wire.first_of(index, b"authorization")
         identity = client_identity(
             None if authorization is None else _text(authorization), lane.peer
         )
@@ -142,24 +261,26 @@ class FastPath:
         return member if member.url.scheme == "http" else None
 
     def _request(self, lane: Lane, session: Session, member: Upstream, host: bytes) -> FastRequest:
-        headers = lane.headers
-        body = b"".join(lane.body)
+        index = lane.index
+        chunks = lane.body
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         binding = session.binding
         upstream = wire.upstream_request(
-            self._target_of(member),
-            headers,
+            self._prefix_of(member),
+            lane.headers,
+            lane.names,
+            index,
             body,
-            authority=member.authority.encode(),
             host=host,
-            peer=(lane.peer or "unknown").encode(),
-            scheme=lane.scheme.encode(),
+            peer=lane.peer_bytes,
+            scheme=lane.scheme_bytes,
             session=None if binding is None else binding.session_id.encode(),
         )
-        version = wire.first(headers, b"mcp-protocol-version")
+        version = wire.first_of(index, b"mcp-protocol-version")
         credentials = {
             name: _text(value)
             for name, key in (("Authorization", b"authorization"), ("Cookie", b"cookie"))
-            if (value := wire.first(headers, key)) is not None
+            if (value := wire.first_of(index, key)) is not None
         }
         return FastRequest(
             session,
@@ -178,20 +299,101 @@ class FastPath:
             pool = self._pools[id(member)] = WirePool(member)
         return pool
 
-    def _target_of(self, member: Upstream) -> bytes:
-        target = self._targets.get(id(member))
-        if target is None:
-            url = member.target(self.fw.options.mcp_path)
-            target = self._targets[id(member)] = url.raw_path_qs.encode()
-        return target
+    def _prefix_of(self, member: Upstream) -> bytes:
+        """The upstream request's first lines for a member, built once: request line, Host."""
+        prefix = self._prefixes.get(id(member))
+        if prefix is None:
+            target = member.target(self.fw.options.mcp_path).raw_path_qs.encode()
+            prefix = b"POST %s HTTP/1.1\r\nHost: %s\r\n" % (target, member.authority.encode())
+            self._prefixes[id(member)] = prefix
+        return prefix
 
     # ---- serving ----------------------------------------------------------------------------
-    async def serve(self, request: FastRequest, lane: Lane) -> None:
+    def start(self, request: FastRequest, lane: Lane) -> None:
+        """Serve a planned request. With a kept-alive upstream connection at hand it is written
+        at once and the answer is relayed from that connection's callbacks (`Exchange`), no
+        task; a new connection, and whatever an answer needs beyond the plain case, take a task
+        (`serve`), which does the rest exactly as before."""
+        conn = request.pool.take()
+        if conn is None:
+            lane.run(self.serve(request, lane))
+            return
+        try:
+            batch, use = self._begin(request)
+        except Exception:
+            log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
+            request.pool.release(conn)
+            lane.write(wire.json_answer(500, _UNEXPECTED))
+            self.settle(request, "forwarded")
+            lane.finished()
+            return
+        request.timer.upstream_begins()
+        lane.serving = Exchange(self, request, lane, Sent(batch, use, conn.send(request.upstream)))
+
+    def relay_now(self, request: FastRequest, sent: Sent, lane: Lane) -> bool:
+        """`_post`'s rest for a complete plain answer, without a task; False (and nothing
+        done) when the answer needs more than this (`_relay`'s other branches)."""
+        answer = sent.answer
+        session = request.session
+        status = answer.status
+        if answer.content_length is None or (status == 404 and session.live):
+            return False
+        content_type = answer.header(b"content-type") or b""
+        if content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream":
+            return False
+        chunks = answer.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.fw.gone.matches(status, body):
+            return False
+        request.timer.upstream_answered()
+        manager = self.manager
+        use = sent.use
+        try:
+            manager.note_use(session, use)
+            manager.count_request(session)
+            if 200 <= status < 300:
+                if session.resume is not None:
+                    changed = updated_setup(session.resume, sent.batch)
+                    if changed is not None:
+                        manager.note_setup(session, changed)
+                if request.protocol_version:
+                    manager.note_protocol_version(session, request.protocol_version)
+            lane.write(
+                wire.buffered_from(
+                    status,
+                    answer.reason,
+                    answer.headers,
+                    answer.names,
+                    session=session.id.encode(),
+                    body=body,
+                )
+            )
+        except Exception:
+            log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
+            lane.write(wire.json_answer(500, _UNEXPECTED))
+        finally:
+            if use.is_call:
+                manager.end_call(session)
+            self.settle(request, "forwarded")
+        return True
+
+    def dropped(self, request: FastRequest, sent: Sent) -> None:
+        """The client left while the answer was awaited: `_post` and `serve` when cancelled."""
+        request.timer.upstream_answered()
+        if sent.use.is_call:
+            self.manager.end_call(request.session)
+        self.settle(request, "forwarded")
+
+    def settle(self, request: FastRequest, outcome: str) -> None:
+        """`Forwarder.handle`'s last step: the request counted, its own time observed."""
+        self.fw.count_request("POST", outcome)
+        self.fw.metrics.request_duration.observe(request.timer.own_time())
+
+    async def serve(self, request: FastRequest, lane: Lane, sent: Sent | None = None) -> None:
         """`Forwarder.handle` for a planned request: its outcome counted the same way."""
-        timer = request.timer
         outcome = "forwarded"
         try:
-            await self._post(request, lane)
+            await self._post(request, lane, sent)
         except Rejected as rejection:
             outcome = "rejected"
             self.fw.note_rejection("POST", self.fw.options.mcp_path, request.session.id, rejection)
@@ -203,8 +405,7 @@ class FastPath:
             log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
             lane.write(wire.json_answer(500, _UNEXPECTED))
         finally:
-            self.fw.count_request("POST", outcome)
-            self.fw.metrics.request_duration.observe(timer.own_time())
+            self.settle(request, outcome)
 
     def _failure(self, request: FastRequest, exc: UpstreamError) -> bytes:
         """`upstream_failure`: 502 or 504 with a JSON-RPC error echoing the request's id."""
@@ -215,8 +416,8 @@ class FastPath:
         body = jsonrpc.error_body(jsonrpc.SERVER_ERROR, message, batch.first_id)
         return wire.json_answer(504 if timeout else 502, body)
 
-    async def _post(self, request: FastRequest, lane: Lane) -> None:
-        """`StreamableHttp.dispatch` + `_post` for a live session."""
+    def _begin(self, request: FastRequest) -> tuple[jsonrpc.Batch, Use]:
+        """What `_post` does before the upstream is asked."""
         manager = self.manager
         session = request.session
         body = request.body
@@ -225,8 +426,21 @@ class FastPath:
         use = classify(batch, manager.policy, session.server_pings if session.runtime else ())
         if use.is_call:
             manager.begin_call(session)
+        return batch, use
+
+    async def _post(self, request: FastRequest, lane: Lane, sent: Sent | None) -> None:
+        """`StreamableHttp.dispatch` + `_post` for a live session; `sent`: the request was
+        written already (by `start`), its exchange goes on here."""
+        manager = self.manager
+        session = request.session
+        if sent is None:
+            batch, use = self._begin(request)
+            forward = self._forward(request)
+        else:
+            batch, use = sent.batch, sent.use
+            forward = self._forwarded(request, sent)
         try:
-            answer = await self._forward(request)
+            answer = await forward
         except UpstreamError:
             if use.is_call:  # a failed forward changes nothing about the session (SPEC 2.5)
                 manager.abandon_call(session)
@@ -246,7 +460,7 @@ class FastPath:
         finally:
             if use.is_call:
                 manager.end_call(session)
-            if not answer.ended.done() or answer.error is not None:
+            if not answer.finished or answer.error is not None:
                 answer.close()  # an answer not read to its end leaves no reusable connection
 
     async def _forward(self, request: FastRequest) -> Answer:
@@ -259,6 +473,16 @@ class FastPath:
             raise
         finally:
             timer.upstream_answered()
+
+    async def _forwarded(self, request: FastRequest, sent: Sent) -> Answer:
+        """`_forward` for a request `start` wrote: its head came, or it failed."""
+        try:
+            if sent.failure is not None:
+                raise sent.failure
+            await sent.answer.wait_head()
+            return sent.answer
+        finally:
+            request.timer.upstream_answered()
 
     async def _relay(self, request: FastRequest, answer: Answer, lane: Lane) -> None:
         """`Forwarder.relay` for the exact endpoint's answer to a live session's POST."""
@@ -291,9 +515,9 @@ class FastPath:
         read_timeout = self.fw.upstreams.primary.read_timeout
         try:
             # A body that stalls after its headers is bounded like the headers were.
-            if not answer.ended.done():
+            if not answer.finished:
                 async with asyncio.timeout(read_timeout):
-                    await answer.ended
+                    await answer.wait_ended()
         except TimeoutError as exc:
             raise body_too_late(read_timeout) from exc
         finally:
@@ -356,8 +580,7 @@ class FastPath:
         answer.sink = sink
         if not lane.flush():
             return
-        if not answer.ended.done():
-            await answer.ended
+        await answer.wait_ended()
         if answer.error is not None:
             log.debug("upstream stream ended abnormally: %s", answer.error)
         if splitter is not None and (tail := splitter.flush()):

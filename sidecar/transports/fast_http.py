@@ -18,6 +18,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from ..forwarding import HOP_BY_HOP, RECOMPUTED
 
 Headers = list[tuple[bytes, bytes]]
+Index = dict[bytes, list[bytes]]  # lower-case name: its values, in order
 
 DROPPED = frozenset(name.encode() for name in HOP_BY_HOP | RECOMPUTED)
 SESSION = b"mcp-session-id"
@@ -31,6 +32,20 @@ def first(headers: Headers, name: bytes) -> bytes | None:
         if key.lower() == name:
             return value
     return None
+
+
+def indexed(headers: Headers) -> tuple[list[bytes], Index]:
+    """The headers' names in lower case, and the index `upstream_request` takes."""
+    names = [name.lower() for name, _ in headers]
+    index: Index = {}
+    for low, (_, value) in zip(names, headers, strict=True):
+        index.setdefault(low, []).append(value)
+    return names, index
+
+
+def first_of(index: Index, name: bytes) -> bytes | None:
+    values = index.get(name)
+    return None if values is None else values[0]
 
 
 def all_of(headers: Headers, name: bytes) -> list[bytes]:
@@ -72,26 +87,61 @@ def _append(headers: Headers, name: bytes, value: bytes) -> None:
 
 
 def upstream_request(
-    target: bytes,
+    prefix: bytes,
     headers: Headers,
+    names: list[bytes],
+    index: Index,
     body: bytes,
     *,
-    authority: bytes,
     host: bytes,
     peer: bytes,
     scheme: bytes,
     session: bytes | None,
 ) -> bytes:
-    """The request as the upstream gets it, as `Forwarder.forward` sends it via aiohttp."""
-    kept = end_to_end(headers, session)
-    _replace(kept, b"X-Forwarded-Host", host)
-    _append(kept, b"X-Forwarded-For", peer)
-    _append(kept, b"X-Forwarded-Proto", scheme)
-    lines = [b"POST ", target, b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
-    for name, value in kept:
-        lines += (name, b": ", value, b"\r\n")
+    """The request as the upstream gets it, as `Forwarder.forward` sends it via aiohttp:
+    `prefix` (request line and Host), then `end_to_end` of the headers with the session id
+    replaced, X-Forwarded-Host set and X-Forwarded-For/-Proto appended to (the multidict
+    rules of `_replace` and `_append`), in one pass over the headers (`names` are theirs in
+    lower case, `index` maps them to their values)."""
+    tokens = index.get(b"connection")
+    drop = DROPPED if tokens is None else _named(tokens)
+    forwarded = {
+        b"x-forwarded-host": (b"X-Forwarded-Host", host),
+        b"x-forwarded-for": (b"X-Forwarded-For", _appended(index, drop, b"x-forwarded-for", peer)),
+        b"x-forwarded-proto": (
+            b"X-Forwarded-Proto",
+            _appended(index, drop, b"x-forwarded-proto", scheme),
+        ),
+    }
+    if session is not None:
+        forwarded[SESSION] = (b"Mcp-Session-Id", session)
+    lines = [prefix]
+    done: set[bytes] = set()
+    for (name, value), low in zip(headers, names, strict=True):
+        if low in drop:
+            continue
+        replaced = forwarded.get(low)
+        if replaced is None:
+            lines += (name, b": ", value, b"\r\n")
+        elif low not in done:  # the first one's place; later ones are gone
+            done.add(low)
+            lines += (replaced[0], b": ", replaced[1], b"\r\n")
+    for low, (name, value) in forwarded.items():
+        if low not in done and low != SESSION:
+            lines += (name, b": ", value, b"\r\n")
     lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body)
     return b"".join(lines)
+
+
+def _named(tokens: list[bytes]) -> frozenset[bytes]:
+    """The headers dropped when `Connection` names some (see `_dropped`)."""
+    named = {t.strip().lower() for value in tokens for t in value.split(b",") if t.strip()}
+    return DROPPED | named
+
+
+def _appended(index: Index, drop: frozenset[bytes], name: bytes, value: bytes) -> bytes:
+    existing = b"" if name in drop else b", ".join(index.get(name, ()))
+    return existing + b", " + value if existing else value
 
 
 def status_line(status: int, reason: bytes) -> bytes:
@@ -129,6 +179,55 @@ def buffered_answer(status: int, reason: bytes, headers: Headers, body: bytes) -
     if status in EMPTY_STATUSES:
         return answer_head(status, reason, headers, 0)
     return answer_head(status, reason, headers, len(body)) + body
+
+
+def buffered_from(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    names: list[bytes],
+    *,
+    session: bytes,
+    body: bytes,
+) -> bytes:
+    """`buffered_answer(status, reason, end_to_end(headers, session), body)` in one pass over
+    the upstream's headers (`names`: theirs in lower case)."""
+    lines = [status_line(status, reason)]
+    kept = _relayed(headers, names, session, lines)
+    empty = status in EMPTY_STATUSES
+    if not empty:
+        lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")
+        if body and b"content-type" not in kept:
+            lines.append(b"Content-Type: application/octet-stream\r\n")
+    if b"date" not in kept:
+        lines += (b"Date: ", rfc822_formatted_time().encode(), b"\r\n")
+    if b"server" not in kept:
+        lines += (b"Server: ", _SERVER, b"\r\n")
+    lines.append(b"\r\n")
+    if not empty:
+        lines.append(body)
+    return b"".join(lines)
+
+
+def _relayed(
+    headers: Headers, names: list[bytes], session: bytes, lines: list[bytes]
+) -> set[bytes]:
+    """`end_to_end`'s header lines added to `lines`; the (lower-case) names kept."""
+    drop = DROPPED
+    if b"connection" in names:
+        drop = _named(
+            [v for (_, v), low in zip(headers, names, strict=True) if low == b"connection"]
+        )
+    kept: set[bytes] = set()
+    for (name, value), low in zip(headers, names, strict=True):
+        if low in drop:
+            continue
+        if low != SESSION:
+            lines += (name, b": ", value, b"\r\n")
+        elif low not in kept:  # only the first one's place, with the client's own id
+            lines += (b"Mcp-Session-Id: ", session, b"\r\n")
+        kept.add(low)
+    return kept
 
 
 def json_answer(status: int, body: bytes) -> bytes:

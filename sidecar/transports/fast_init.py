@@ -173,7 +173,7 @@ async def _initialize(path: fast.FastPath, request: InitRequest, lane: Lane) -> 
         else:
             await path._relay(_as_session_request(path, request, session, member), answer, lane)
     finally:
-        if not answer.ended.done() or answer.error is not None:
+        if not answer.finished or answer.error is not None:
             answer.close()  # an answer not read to its end leaves no reusable connection
 
 
@@ -198,11 +198,13 @@ async def _forward_placed(
 
 async def _exchange(path: fast.FastPath, request: InitRequest, member: Upstream) -> Answer:
     """`Forwarder.forward` on the member's wire pool; a refusal marks the member down."""
+    names, index = wire.indexed(request.headers)
     data = wire.upstream_request(
-        path._target_of(member),
+        path._prefix_of(member),
         request.headers,
+        names,
+        index,
         request.body,
-        authority=member.authority.encode(),
         host=request.host,
         peer=request.peer,
         scheme=request.scheme,
@@ -313,9 +315,9 @@ async def _read_answer(path: fast.FastPath, request: InitRequest, answer: Answer
     read_timeout = path.fw.upstreams.primary.read_timeout
     try:
         # A body that stalls after its headers is bounded like the headers were.
-        if not answer.ended.done():
+        if not answer.finished:
             async with asyncio.timeout(read_timeout):
-                await answer.ended
+                await answer.wait_ended()
     except TimeoutError as exc:
         raise body_too_late(read_timeout) from exc
     finally:
@@ -342,8 +344,7 @@ async def _pump_raw(request: InitRequest, answer: Answer, lane: Lane) -> None:
         answer.sink = sink
         if not lane.flush():
             return
-        if not answer.ended.done():
-            await answer.ended
+        await answer.wait_ended()
         if answer.error is not None:
             log.debug("upstream stream ended abnormally: %s", answer.error)
         lane.write(wire.LAST_CHUNK)

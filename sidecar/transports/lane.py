@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
@@ -37,8 +37,25 @@ HANDOVER_WAIT = 1.0
 MAX_HEAD = 8000
 MAX_HEADERS = 100
 # Bytes llhttp's lenient defaults might take where aiohttp's strict parser answers 400:
-# control characters, obs-fold (a line starting with white space), a bare LF.
-_ODD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\n[ \t]|(?<!\r)\n")
+# control characters, obs-fold (a line starting with white space), a bare LF (see `_odd`).
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _odd(head: bytes) -> bool:
+    """Whether the head has any of those: byte scans in C, not a regex with alternatives tried
+    at every byte (which cost as much as the rest of the head checks together)."""
+    return (
+        _CONTROL.search(head) is not None
+        or b"\n " in head
+        or b"\n\t" in head
+        or head.count(b"\n") != head.count(b"\r\n")  # an LF without its CR
+    )
+
+
+class Serving(Protocol):
+    """The request being served: a task, or an exchange driven by the upstream's callbacks."""
+
+    def cancel(self) -> Any: ...
 
 
 class Connection(Protocol):
@@ -63,6 +80,8 @@ class Lane:
         self._fast = fast
         self.peer = peer
         self.scheme = scheme
+        self.peer_bytes = (peer or "unknown").encode()  # as X-Forwarded-For gets it
+        self.scheme_bytes = scheme.encode()
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._slow = False  # the current request is aiohttp's
         self._kept: list[bytes] = []
@@ -70,7 +89,7 @@ class Lane:
         self._complete = False
         self._refused = False  # the head was seen and the fast path will not take it
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.serving: Serving | None = None
         # Set while a streamed answer is relayed: a client that leaves then is noticed at the
         # next write, as the full path notices it (see `lost`).
         self.streaming = False
@@ -82,7 +101,7 @@ class Lane:
 
     # ---- bytes in ---------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        if self._task is not None:
+        if self.serving is not None:
             self._pending.append(data)  # served in order once the answer is written
             return
         if self._parser is None:
@@ -132,7 +151,8 @@ class Lane:
         if request is None:
             self._take_initialize()
             return
-        self._begin(self._fast.serve(request, self))
+        self._begin()
+        self._fast.start(request, self)  # sets `serving`; `finished` when it is done
 
     def _take_initialize(self) -> None:
         # A new session's `initialize` (no session id yet) has its own fast path.
@@ -140,24 +160,32 @@ class Lane:
         if request is None:
             self._give_up()
             return
-        self._begin(fast_init.serve(self._fast, request, self))
+        self._begin()
+        self.run(fast_init.serve(self._fast, request, self))
 
-    def _begin(self, job: Coroutine[None, None, None]) -> None:
+    def _begin(self) -> None:
         self._kept = []
         self._begun = 0
         self._complete = False
         self._conn.fast_begins()
-        self._task = asyncio.get_running_loop().create_task(self._serve(job))
 
-    async def _serve(self, job: Coroutine[None, None, None]) -> None:
+    def run(self, serving: Coroutine[Any, Any, None]) -> None:
+        """Serve (or go on serving) the request in a task."""
+        self.serving = asyncio.get_running_loop().create_task(self._run(serving))
+
+    async def _run(self, serving: Coroutine[Any, Any, None]) -> None:
         try:
-            await job
+            await serving
         finally:
-            self._task = None
-            self._conn.fast_ended()
-            pending, self._pending = self._pending, []
-            for data in pending:
-                self.feed(data)
+            self.finished()
+
+    def finished(self) -> None:
+        """The request's answer is written: the connection is aiohttp's or the lane's again."""
+        self.serving = None
+        self._conn.fast_ended()
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self.feed(data)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -167,8 +195,8 @@ class Lane:
     def lost(self) -> None:
         """The client went away: a request being served is cancelled, like aiohttp's."""
         self._cancel_timer()
-        if self._task is not None and not self.streaming:
-            self._task.cancel()
+        if self.serving is not None and not self.streaming:
+            self.serving.cancel()
 
     # ---- bytes out --------------------------------------------------------------------------
     def write(self, data: bytes) -> bool:
@@ -199,6 +227,8 @@ class Lane:
     def _reset_message(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.names: list[bytes] = []  # the headers' names in lower case, in order
+        self.index: dict[bytes, list[bytes]] = {}  # lower-case name: its values, in order
         self.body: list[bytes] = []
 
     def on_message_begin(self) -> None:
@@ -214,13 +244,21 @@ class Lane:
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._slow:
             self.headers.append((name, value))
+            # One lower-casing per header: every later look-up is a dict hit.
+            low = name.lower()
+            self.names.append(low)
+            values = self.index.get(low)
+            if values is None:
+                self.index[low] = [value]
+            else:
+                values.append(value)
 
     def on_headers_complete(self) -> None:
         if self._slow:
             return
         parser = self._parser
         assert parser is not None
-        kept = b"".join(self._kept)
+        kept = self._kept[0] if len(self._kept) == 1 else b"".join(self._kept)
         end = kept.find(b"\r\n\r\n")
         head = kept[: end + 4]
         if (
@@ -230,8 +268,8 @@ class Lane:
             or parser.get_http_version() != "1.1"
             or self.url != self._fast.target
             or len(self.headers) > MAX_HEADERS
-            or _ODD_HEAD.search(head) is not None
-            or not self._fast.head_ok(self.headers)
+            or _odd(head)
+            or not self._fast.head_ok(self.index)
         ):
             self._refused = True
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -33,46 +33,94 @@ from .client import POOL_IDLE_SECONDS, Upstream
 Sink = Callable[[bytes], None]
 
 
+class Listener(Protocol):
+    """Who is told of an exchange's progress from the connection's callbacks, without a task
+    (`transports/fast.py`'s `Exchange`); at most one of these is called, once."""
+
+    def answered(self, answer: Answer) -> None: ...  # the whole answer came
+
+    def head_only(self, answer: Answer) -> None: ...  # a read ended between head and end
+
+    def broke(self, answer: Answer) -> None: ...  # the exchange failed (see `error`)
+
+
 class Answer:
     """One exchange on a wire connection: its head once it came, its body as it comes.
 
     Body bytes are kept (`chunks`) until a `sink` is set; from then on each goes to the sink.
-    `ended` is set when the answer is complete or broke off (`error` says which).
+    `headed` is set when the head came, `finished` when the answer is complete or broke off
+    (`error` says which). A task waits with `wait_head` / `wait_ended`; their futures are made
+    only then, so an answer served from callbacks (`listener`) allocates none.
     """
 
     __slots__ = (
+        "_ended",
+        "_head",
         "chunked",
         "chunks",
         "conn",
         "content_length",
-        "ended",
         "error",
-        "head",
+        "finished",
+        "headed",
         "headers",
+        "listener",
+        "names",
         "reason",
         "sink",
         "status",
     )
 
-    def __init__(self, conn: WireConnection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, conn: WireConnection) -> None:
         self.conn = conn
-        self.head: asyncio.Future[None] = loop.create_future()
-        self.ended: asyncio.Future[None] = loop.create_future()
+        self._head: asyncio.Future[None] | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self.headed = False
+        self.finished = False
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.names: list[bytes] = []  # the headers' names in lower case
         self.chunks: list[bytes] = []
         self.sink: Sink | None = None
         self.error: UpstreamError | None = None
         self.content_length: int | None = None
         self.chunked = False
+        self.listener: Listener | None = None
 
     def header(self, name: bytes) -> bytes | None:
-        """The first value of a header (names compared in lower case)."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        """The first value of a header (`name` in lower case)."""
+        try:
+            return self.headers[self.names.index(name)][1]
+        except ValueError:
+            return None
+
+    async def wait_head(self) -> None:
+        """Until the head came; the exchange's error if it failed before."""
+        if not self.headed and not self.finished:
+            self._head = asyncio.get_running_loop().create_future()
+            await self._head
+        if not self.headed:
+            assert self.error is not None
+            raise self.error
+
+    async def wait_ended(self) -> None:
+        """Until the answer is complete or broke off (`error`)."""
+        if not self.finished:
+            self._ended = asyncio.get_running_loop().create_future()
+            await self._ended
+
+    def _got_head(self) -> None:
+        self.headed = True
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+
+    def _end(self, error: UpstreamError | None) -> None:
+        self.finished = True
+        self.error = error
+        for waiter in (self._head, self._ended):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def close(self) -> None:
         """Drop the connection: the upstream sees the exchange end (an aborted stream)."""
@@ -91,7 +139,6 @@ class WireConnection(asyncio.Protocol):
     def __init__(self, pool: WirePool) -> None:
         self._pool = pool
         self._parser = httptools.HttpResponseParser(self)
-        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.answer: Answer | None = None
         self.closed = False
@@ -116,6 +163,11 @@ class WireConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(f"malformed answer from the upstream ({exc})")
             self.abandon()
+            return
+        answer = self.answer
+        if answer is not None and answer.headed and answer.listener is not None:
+            # The rest of the body comes in later reads: a task waits for it (with its timeout).
+            answer.listener.head_only(answer)
 
     # ---- httptools callbacks ----------------------------------------------------------------
     def on_status(self, reason: bytes) -> None:
@@ -123,8 +175,10 @@ class WireConnection(asyncio.Protocol):
         self.answer.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.answer is not None
-        self.answer.headers.append((name, value))
+        answer = self.answer
+        assert answer is not None
+        answer.headers.append((name, value))
+        answer.names.append(name.lower())
 
     def on_headers_complete(self) -> None:
         answer = self.answer
@@ -134,8 +188,7 @@ class WireConnection(asyncio.Protocol):
         answer.content_length = int(length) if length is not None and length.isdigit() else None
         encoding = answer.header(b"transfer-encoding")
         answer.chunked = encoding is not None and b"chunked" in encoding.lower()
-        if not answer.head.done():
-            answer.head.set_result(None)
+        answer._got_head()
 
     def on_body(self, body: bytes) -> None:
         answer = self.answer
@@ -151,17 +204,21 @@ class WireConnection(asyncio.Protocol):
         if answer is None:
             return  # abandoned within this same read: the connection is closed already
         keep = self._parser.should_keep_alive()
-        if not answer.ended.done():
-            answer.ended.set_result(None)
+        answer._end(None)
         if keep and not self.closed:
             self._pool.release(self)
         else:
             self.abandon()
+        # Told last: the connection is back in the pool for the request its answer lets in.
+        listener = answer.listener
+        if listener is not None:
+            answer.listener = None
+            listener.answered(answer)
 
     # ---- use --------------------------------------------------------------------------------
     def send(self, data: bytes) -> Answer:
         assert self.transport is not None
-        answer = self.answer = Answer(self, self._loop)
+        answer = self.answer = Answer(self)
         self.transport.write(data)
         return answer
 
@@ -189,12 +246,13 @@ class WireConnection(asyncio.Protocol):
         answer, self.answer = self.answer, None
         if answer is None:
             return
-        if answer.ended.done():
+        if answer.finished:
             return
-        answer.error = UpstreamUnreachableError(why)
-        if not answer.head.done():
-            answer.head.set_exception(answer.error)
-        answer.ended.set_result(None)
+        answer._end(UpstreamUnreachableError(why))
+        listener = answer.listener
+        if listener is not None:
+            answer.listener = None
+            listener.broke(answer)
 
 
 class WirePool:
@@ -215,20 +273,20 @@ class WirePool:
         if conn is None:
             conn = await self._connect()
         answer = conn.send(request)
-        timeout = upstream.read_timeout
         try:
-            async with asyncio.timeout(timeout):
-                await answer.head
+            async with asyncio.timeout(upstream.read_timeout):
+                await answer.wait_head()
         except TimeoutError as exc:
             conn.abandon()
-            raise UpstreamTimeoutError(
-                f"{upstream.url.origin()}{upstream.url.path} did not answer within "
-                f"{timeout:g}s (upstream.read_timeout)"
-            ) from exc
+            raise too_late(upstream) from exc
         except BaseException:
             conn.abandon()
             raise
         return answer
+
+    def take(self) -> WireConnection | None:
+        """An idle connection that can take a request now, if there is one."""
+        return self._take()
 
     def _take(self) -> WireConnection | None:
         idle = self._idle
@@ -290,3 +348,11 @@ class WirePool:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.abandon()
+
+
+def too_late(upstream: Upstream) -> UpstreamTimeoutError:
+    """No answer head within `read_timeout` (the same words as `client.py`)."""
+    return UpstreamTimeoutError(
+        f"{upstream.url.origin()}{upstream.url.path} did not answer within "
+        f"{upstream.read_timeout:g}s (upstream.read_timeout)"
+    )
