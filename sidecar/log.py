@@ -33,6 +33,11 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str, fmt: str) -> None:
     """Install one stderr handler on the `sidecar` logger (idempotent, reload-safe)."""
+    # Neither format shows them, and each record would otherwise look them up (a getpid
+    # system call among them): a mass expiry writes one line per closed session.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger("sidecar")
     handler = next((h for h in logger.handlers if getattr(h, "_sidecar", False)), None)
     if handler is None:
