@@ -145,7 +145,7 @@ async def _measure(service: Service, requests: int, rounds: int) -> list[float]:
         protocol_version="2025-06-18",
     )
     member = service.forwarder.upstreams.primary
-    pool = service.fast._pool(member)  # the pool the fake upstream connection joins
+    pool = service.fast.pool(member)  # the pool the fake upstream connection joins
     conn = WireConnection(pool)
 
     def upstream_written(data: bytes) -> None:

@@ -266,7 +266,7 @@ class FastPath:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         binding = session.binding
         upstream = wire.upstream_request(
-            self._prefix_of(member),
+            self.prefix_of(member),
             lane.headers,
             lane.names,
             index,
@@ -286,20 +286,20 @@ class FastPath:
             session,
             body,
             upstream,
-            self._pool(member),
+            self.pool(member),
             member,
             None if version is None else _text(version),
             credentials,
             RequestTimer(),
         )
 
-    def _pool(self, member: Upstream) -> WirePool:
+    def pool(self, member: Upstream) -> WirePool:
         pool = self._pools.get(id(member))
         if pool is None:
             pool = self._pools[id(member)] = WirePool(member)
         return pool
 
-    def _prefix_of(self, member: Upstream) -> bytes:
+    def prefix_of(self, member: Upstream) -> bytes:
         """The upstream request's first lines for a member, built once: request line, Host."""
         prefix = self._prefixes.get(id(member))
         if prefix is None:
@@ -332,7 +332,7 @@ class FastPath:
 
     def relay_now(self, request: FastRequest, sent: Sent, lane: Lane) -> bool:
         """`_post`'s rest for a complete plain answer, without a task; False (and nothing
-        done) when the answer needs more than this (`_relay`'s other branches)."""
+        done) when the answer needs more than this (`relay`'s other branches)."""
         answer = sent.answer
         session = request.session
         status = answer.status
@@ -456,7 +456,7 @@ class FastPath:
                 changed = updated_setup(session.resume, batch)
                 if changed is not None:
                     manager.note_setup(session, changed)
-            await self._relay(request, answer, lane)
+            await self.relay(request, answer, lane)
         finally:
             if use.is_call:
                 manager.end_call(session)
@@ -484,7 +484,7 @@ class FastPath:
         finally:
             request.timer.upstream_answered()
 
-    async def _relay(self, request: FastRequest, answer: Answer, lane: Lane) -> None:
+    async def relay(self, request: FastRequest, answer: Answer, lane: Lane) -> None:
         """`Forwarder.relay` for the exact endpoint's answer to a live session's POST."""
         session = request.session
         status = answer.status

@@ -8,7 +8,7 @@ request), and `serve` does for them what `StreamableHttp._initialize` does (SPEC
 upstream exchange on the raw keep-alive pool (`upstream/wire.py`), and only for a 2xx
 carrying a session id, track-or-undo: the session is committed before the answer leaves, or,
 if the store fails, closed upstream again and the client answered 503. A session's answer is
-relayed by `FastPath._relay` (JSON or SSE, with the session's id and ping watching); an answer
+relayed by `FastPath.relay` (JSON or SSE, with the session's id and ping watching); an answer
 that made no session (an error, a stateless server) is relayed as it came.
 
 Whatever `plan` is unsure of goes to the full path, which stays the reference.
@@ -171,7 +171,7 @@ async def _initialize(path: fast.FastPath, request: InitRequest, lane: Lane) -> 
         if session is None:
             await _relay_untracked(path, request, answer, lane)
         else:
-            await path._relay(_as_session_request(path, request, session, member), answer, lane)
+            await path.relay(_as_session_request(path, request, session, member), answer, lane)
     finally:
         if not answer.finished or answer.error is not None:
             answer.close()  # an answer not read to its end leaves no reusable connection
@@ -200,7 +200,7 @@ async def _exchange(path: fast.FastPath, request: InitRequest, member: Upstream)
     """`Forwarder.forward` on the member's wire pool; a refusal marks the member down."""
     names, index = wire.indexed(request.headers)
     data = wire.upstream_request(
-        path._prefix_of(member),
+        path.prefix_of(member),
         request.headers,
         names,
         index,
@@ -213,7 +213,7 @@ async def _exchange(path: fast.FastPath, request: InitRequest, member: Upstream)
     timer = request.timer
     timer.upstream_begins()
     try:
-        return await path._pool(member).exchange(data)
+        return await path.pool(member).exchange(data)
     except UpstreamRefusedError:
         path.fw.upstreams.refused(member)
         raise
@@ -273,7 +273,7 @@ def _credentials(request: InitRequest) -> dict[str, str]:
 def _as_session_request(
     path: fast.FastPath, request: InitRequest, session: Session, member: Upstream
 ) -> fast.FastRequest:
-    """The request as a live session's fast POST, for `FastPath._relay`. Its body stays
+    """The request as a live session's fast POST, for `FastPath.relay`. Its body stays
     empty: the full path relays an `initialize`'s answer without the request body, so a
     "session gone" answer to it echoes no id there either."""
     version = wire.first(request.headers, b"mcp-protocol-version")
@@ -281,7 +281,7 @@ def _as_session_request(
         session,
         b"",
         b"",
-        path._pool(member),
+        path.pool(member),
         member,
         None if version is None else _text(version),
         _credentials(request),
