@@ -9,8 +9,7 @@ itself (`Session.expiry_reason` over every session).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,10 +18,9 @@ from sidecar.deadlines import Bucket, Deadlines
 from sidecar.manager import Limits, SessionManager
 from sidecar.metrics import Metrics
 from sidecar.sessions import Binding, Dormant, Policy, ResumeState, Session, State, Transport
-from sidecar.store import PendingClose
 from sidecar.store.memory import MemoryStore
+from tests.fakes import Clock, FakeCloser
 
-T0 = 1_700_000_000.0
 IDLE = 100.0
 
 
@@ -64,22 +62,6 @@ def test_an_unscheduled_item_is_never_due() -> None:
 
 
 # ---- the manager against the rule ----------------------------------------------------------
-
-
-@dataclass
-class Clock:
-    now: float = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class FakeCloser:
-    scheduled: list[PendingClose] = field(default_factory=list)
-
-    def schedule(self, pending: PendingClose, credentials: Mapping[str, str]) -> None:
-        self.scheduled.append(pending)
 
 
 OPS = st.one_of(

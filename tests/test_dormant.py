@@ -12,8 +12,8 @@ answer does. The same paths end to end, with FastMCP and a real client, are in
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,13 @@ from sidecar.sessions import (
     State,
     Transport,
 )
-from sidecar.store import PendingClose, Store
+from sidecar.store import Store
 from sidecar.store.memory import MemoryStore
 from sidecar.store.redis import RedisStore
 from sidecar.store.sqlite import SqliteStore
+from tests.fakes import T0, Clock, FakeCloser
 from tests.peers.redis_server import RedisServer
 
-T0 = 1_700_000_000.0
 IDLE = 600.0
 TTL = 3600.0
 ALICE = "auth:alice"
@@ -48,22 +48,6 @@ RESUME = ResumeState(
     log_level="warning",
     subscriptions=["file:///a"],
 )
-
-
-@dataclass
-class Clock:
-    now: float = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class FakeCloser:
-    scheduled: list[PendingClose] = field(default_factory=list)
-
-    def schedule(self, pending: PendingClose, credentials: Mapping[str, str]) -> None:
-        self.scheduled.append(pending)
 
 
 class Reads:

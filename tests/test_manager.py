@@ -29,20 +29,12 @@ from sidecar.metrics import Metrics
 from sidecar.sessions import CloseReason, Policy, ResumeState, Session, State, Transport
 from sidecar.store import PendingClose
 from sidecar.store.sqlite import SqliteStore as Store
+from tests.fakes import T0, Clock
 
-T0 = 1_700_000_000.0
 IDLE = 600.0
 EPS = 1e-3
 ALICE = "auth:alice"
 BOB = "auth:bob"
-
-
-@dataclass
-class Clock:
-    now: float = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

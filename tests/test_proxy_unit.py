@@ -30,8 +30,8 @@ from sidecar.errors import UpstreamUnreachableError
 from sidecar.sessions import CloseReason, State
 from sidecar.upstream import Upstream
 from sidecar.upstream.client import may_retry
+from tests.fakes import T0, Clock
 
-T0 = 1_700_000_000.0
 IDLE = 600.0
 SID = "Mcp-Session-Id"
 JSON_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -62,14 +62,6 @@ class Seen:
     path_qs: str
     headers: CIMultiDictProxy[str]
     body: bytes
-
-
-@dataclass
-class Clock:
-    now: float = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

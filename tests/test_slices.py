@@ -14,8 +14,8 @@ import asyncio
 import itertools
 import math
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,31 +24,15 @@ from sidecar.deadlines import Bucket, Deadlines
 from sidecar.manager import ANNOUNCE_RUN, FLUSH_RUN, SWEEP_SLICE, Limits, Outcome, SessionManager
 from sidecar.metrics import Metrics
 from sidecar.sessions import CloseReason, Policy, Session, State, Transport
-from sidecar.store import ActivityRow, PendingClose
+from sidecar.store import ActivityRow
 from sidecar.store.redis import FLUSH_SLICE as REDIS_FLUSH_SLICE
 from sidecar.store.redis import RedisStore
 from sidecar.store.sqlite import FLUSH_SLICE, SqliteStore
+from tests.fakes import T0, Clock, FakeCloser
 from tests.peers.redis_server import RedisServer
 
-T0 = 1_700_000_000.0
 IDLE = 600.0
 ALICE = "auth:alice"
-
-
-@dataclass
-class Clock:
-    now: float = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class FakeCloser:
-    scheduled: list[PendingClose] = field(default_factory=list)
-
-    def schedule(self, pending: PendingClose, credentials: Mapping[str, str]) -> None:
-        self.scheduled.append(pending)
 
 
 @dataclass

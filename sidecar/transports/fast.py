@@ -503,14 +503,14 @@ class FastPath:
 
     async def _relay_buffered(self, request: FastRequest, answer: Answer, lane: Lane) -> None:
         session = request.session
-        body = await self._read_answer(request, answer)
+        body = await self.read_answer(request.timer, answer)
         if self.fw.gone.matches(answer.status, body):
             await self.fw.session_gone(session, answer.status, request.body)
         headers = wire.end_to_end(answer.headers, session.id.encode())
         lane.write(wire.buffered_answer(answer.status, answer.reason, headers, body))
 
-    async def _read_answer(self, request: FastRequest, answer: Answer) -> bytes:
-        timer = request.timer
+    async def read_answer(self, timer: RequestTimer, answer: Answer) -> bytes:
+        """A buffered answer's whole body, within `read_timeout` (fast_init reads with it too)."""
         timer.upstream_begins()
         read_timeout = self.fw.upstreams.primary.read_timeout
         try:

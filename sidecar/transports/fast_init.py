@@ -16,7 +16,6 @@ Whatever `plan` is unsure of goes to the full path, which stays the reference.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,7 +30,6 @@ from ..upstream import Upstream
 from ..upstream.wire import Answer
 from . import fast
 from . import fast_http as wire
-from .forwarder import body_too_late
 from .rejections import limit_rejection, store_rejection
 from .resume import initial_resume_state
 
@@ -298,7 +296,7 @@ async def _relay_untracked(
     content_type = answer.header(b"content-type") or b""
     stream = content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
     if not stream and answer.content_length is not None:
-        body = await _read_answer(path, request, answer)
+        body = await path.read_answer(request.timer, answer)
         lane.write(wire.buffered_answer(answer.status, answer.reason, headers, body))
         return
     identity = (answer.header(b"content-encoding") or b"identity").lower() == b"identity"
@@ -307,24 +305,6 @@ async def _relay_untracked(
     lane.hold()
     lane.write(wire.answer_head(answer.status, answer.reason, headers, None))
     await _pump_raw(request, answer, lane)
-
-
-async def _read_answer(path: fast.FastPath, request: InitRequest, answer: Answer) -> bytes:
-    timer = request.timer
-    timer.upstream_begins()
-    read_timeout = path.fw.upstreams.primary.read_timeout
-    try:
-        # A body that stalls after its headers is bounded like the headers were.
-        if not answer.finished:
-            async with asyncio.timeout(read_timeout):
-                await answer.wait_ended()
-    except TimeoutError as exc:
-        raise body_too_late(read_timeout) from exc
-    finally:
-        timer.upstream_answered()
-    if answer.error is not None:
-        raise UpstreamError(f"upstream answer broke off: {answer.error}")
-    return b"".join(answer.chunks)
 
 
 async def _pump_raw(request: InitRequest, answer: Answer, lane: Lane) -> None:
