@@ -134,6 +134,9 @@ class ResumeState:
         return ResumeState(self.initialize_json, self.log_level, self.subscriptions)
 
     def to_json(self) -> str:
+        if self.log_level is None and not self.subscriptions:
+            # Every new session's: the text `_compact` would make, without encoding it again.
+            return _INITIALIZE_KEY + self.initialize_json + _NO_SETUP
         setup = _compact({"log_level": self.log_level, "subscriptions": self.subscriptions})
         return '{"initialize":' + self.initialize_json + "," + setup[1:]
 
@@ -162,6 +165,7 @@ class ResumeState:
 
 
 _INITIALIZE_KEY = '{"initialize":'
+_NO_SETUP = ',"log_level":null,"subscriptions":[]}'
 _DECODER = json.JSONDecoder()
 
 

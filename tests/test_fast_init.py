@@ -24,6 +24,7 @@ from sidecar.manager import Limits, SessionManager
 from sidecar.metrics import Metrics
 from sidecar.sessions import Policy
 from sidecar.store.memory import MemoryStore
+from sidecar.transports import fast_init
 from sidecar.transports.fast import FastPath
 from sidecar.transports.forwarder import Forwarder, ProxyOptions
 from sidecar.transports.lane import Lane
@@ -45,6 +46,7 @@ class InitUpstream:
 
     def __init__(self) -> None:
         self.log: list[dict[str, Any]] = []
+        self.release = asyncio.Event()  # held answers may come
         self.runner: web.AppRunner | None = None
         self.port = free_ports(1)[0]
 
@@ -72,6 +74,8 @@ class InitUpstream:
         sid = request.headers.get("X-Test-Sid")
         headers = {"Mcp-Session-Id": sid} if sid is not None else {}
         mode = request.headers.get("X-Test-Answer", "json")
+        if mode == "hold":
+            await self.release.wait()
         result = {"jsonrpc": "2.0", "id": first.get("id"), "result": {"protocolVersion": "x"}}
         if mode == "sse":
             response = web.StreamResponse(
@@ -288,6 +292,95 @@ async def test_a_store_failure_answers_503_and_deletes_the_upstream_session_on_b
     assert (delete["mcp-session-id"], delete["cookie"]) == ("doomed", "c=2")
     for sidecar in pair:
         assert "doomed" not in session_rows(sidecar.db_path)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "kept-alive"])
+async def test_an_initialize_answered_later_than_read_timeout_is_the_same_504_on_both_paths(
+    tmp_path: Path, recorder: InitUpstream, warm: bool
+) -> None:
+    """The fast path's deadline (`fast.Deadlines`) gives the full path's 504, and the late
+    answer never reaches the next request on that connection."""
+    sidecars = start_pair(tmp_path, recorder.url, upstream={"read_timeout": "1s"})
+    try:
+        timed_out = []
+        for sidecar in sidecars:
+            if warm:  # a kept-alive upstream connection is at hand for the next initialize
+                await exchange(sidecar.listen_port, [initialize("warm", request_id=1)])
+            held = initialize("held", "X-Test-Answer: hold", request_id=2)
+            timed_out.append(await exchange(sidecar.listen_port, [held]))
+        recorder.release.set()  # the held answers now come, to connections given up on
+        after = [
+            await exchange(s.listen_port, [initialize(f"next-{n}", request_id=3 + n)])
+            for n, s in enumerate(sidecars)
+        ]
+    finally:
+        for sidecar in sidecars:
+            sidecar.stop()
+    assert timed_out[0] == timed_out[1]
+    status, _, body = timed_out[0][0]
+    assert status == 504
+    assert json.loads(body)["id"] == 2
+    assert [json.loads(answer[0][2])["id"] for answer in after] == [3, 4]
+    assert "held" not in rows(sidecars[0])
+    assert "held" not in rows(sidecars[1])
+
+
+def compact_initialize(sid: str, params: str) -> bytes:
+    """An `initialize` as the SDKs write it: compact JSON, `params` before `jsonrpc` and `id`."""
+    data = ('{"method":"initialize","params":' + params + ',"jsonrpc":"2.0","id":1}').encode()
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: example.test\r\nContent-Type: application/json\r\n"
+        f"Accept: application/json, text/event-stream\r\nX-Test-Sid: {sid}\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+async def test_the_resume_state_keeps_the_clients_params_text_and_matches_the_full_path(
+    pair: tuple[SidecarHandle, SidecarHandle],
+) -> None:
+    """The fast path stores the params' text as the request carried it (no encoding again):
+    for an SDK's compact ASCII JSON that is the very text the full path stores; other text
+    (here non-ASCII) is encoded as the full path does."""
+    ascii_params = (
+        '{"protocolVersion":"2025-06-18","capabilities":{"roots":{"listChanged":true}},'
+        '"clientInfo":{"name":"a \\"params\\": client","version":"1.0"}}'
+    )
+    other_params = '{"protocolVersion":"2025-06-18","clientInfo":{"name":"caf\u00e9 ü"}}'
+    requests = [
+        compact_initialize("ascii", ascii_params),
+        compact_initialize("other", other_params),
+    ]
+    for sidecar in pair:
+        answers = await exchange(sidecar.listen_port, requests)
+        assert [status for status, _, _ in answers] == [200, 200]
+    fast_rows, slow_rows = rows(pair[0]), rows(pair[1])
+    assert fast_rows == slow_rows
+    assert fast_rows["ascii"]["resume"] == (
+        '{"initialize":' + ascii_params + ',"log_level":null,"subscriptions":[]}'
+    )
+    stored = json.loads(fast_rows["other"]["resume"])["initialize"]
+    assert stored == json.loads(other_params)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # The first "params": is nested; the top-level value is another object.
+        b'{"jsonrpc":"2.0","id":1,"method":"initialize","meta":{"params":{"a":1}},'
+        b'"params":{"b":2}}',
+        # A repeated key: the last one counts, as for `json.loads`.
+        b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"a":1},"params":{"b":2}}',
+        # Spaced JSON: no span is cut out, the params are encoded again.
+        b'{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"b": 2}}',
+    ],
+)
+def test_params_text_is_only_taken_where_it_is_the_top_level_value(body: bytes) -> None:
+    taken = fast_init._initialize_of(body)
+    assert taken is not None
+    message, text = taken
+    assert message.params == {"b": 2}
+    assert text is None or json.loads(text) == message.params
 
 
 async def test_sdk_client_initializes_and_calls_a_tool_through_the_fast_path(

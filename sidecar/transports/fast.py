@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 from .. import jsonrpc
 from ..activity import Use, classify
@@ -120,6 +121,27 @@ class Exchange:
         self.lane.run(self.fast.serve(self.request, self.lane, self.sent))
 
 
+class Due(Protocol):
+    """What `Deadlines` tells when no answer head came in time."""
+
+    def too_late(self) -> None: ...
+
+
+class HeadWait:
+    """An answer head awaited in a task (`FastPath.exchange`) under `Deadlines`."""
+
+    __slots__ = ("answer", "failure", "upstream")
+
+    def __init__(self, answer: Answer, upstream: Upstream) -> None:
+        self.answer = answer
+        self.upstream = upstream
+        self.failure: UpstreamError | None = None
+
+    def too_late(self) -> None:
+        self.failure = too_late(self.upstream)
+        self.answer.close()  # wakes the waiter; a late answer must never reach the next request
+
+
 class Deadlines:
     """The answer-head deadlines of the exchanges in flight, under one timer: a timer per
     request (made and cancelled) cost more than the rest of its bookkeeping. The timer is
@@ -127,17 +149,17 @@ class Deadlines:
     re-armed for the earliest left (a few exchanges are in flight, one per busy connection)."""
 
     def __init__(self) -> None:
-        self._due: dict[Exchange, float] = {}
+        self._due: dict[Due, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._at = 0.0
 
-    def add(self, exchange: Exchange, timeout: float) -> None:
+    def add(self, exchange: Due, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         due = self._due[exchange] = loop.time() + timeout
         if self._timer is None or due < self._at:
             self._arm(loop, due)
 
-    def discard(self, exchange: Exchange) -> None:
+    def discard(self, exchange: Due) -> None:
         self._due.pop(exchange, None)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
@@ -298,6 +320,30 @@ class FastPath:
         if pool is None:
             pool = self._pools[id(member)] = WirePool(member)
         return pool
+
+    async def exchange(self, pool: WirePool, data: bytes) -> Answer:
+        """`WirePool.exchange` with the answer-head deadline in `deadlines`, not a timeout
+        context per request (that cost ~8% of an `initialize`'s CPU); a new connection
+        keeps the pool's own (its connect is bounded there too)."""
+        conn = pool.take()
+        if conn is None:
+            return await pool.exchange(data)
+        wait = HeadWait(conn.send(data), pool.upstream)
+        self.deadlines.add(wait, pool.upstream.read_timeout)
+        try:
+            await wait.answer.wait_head()
+        except UpstreamError:
+            if wait.failure is None:
+                raise
+        except BaseException:
+            wait.answer.close()  # the client left: as `WirePool.exchange`, the connection goes
+            raise
+        finally:
+            self.deadlines.discard(wait)
+        if wait.failure is not None:
+            # Also when the head came just as the timer fired: the answer is closed by then.
+            raise wait.failure
+        return wait.answer
 
     def prefix_of(self, member: Upstream) -> bytes:
         """The upstream request's first lines for a member, built once: request line, Host."""

@@ -16,6 +16,7 @@ Whatever `plan` is unsure of goes to the full path, which stays the reference.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +41,8 @@ log = logging.getLogger("sidecar.proxy")
 
 _UNEXPECTED = jsonrpc.error_body(jsonrpc.SERVER_ERROR, "Internal error in mcp-sidecar")
 _CREDENTIALS = (("Authorization", b"authorization"), ("Cookie", b"cookie"))
+_DECODER = json.JSONDecoder()
+_PARAMS = "params"
 
 
 @dataclass(slots=True)
@@ -48,6 +51,7 @@ class InitRequest:
     path (placement counts the sessions live at that moment)."""
 
     initialize: jsonrpc.Message
+    params_json: str | None  # the params' text in the body, for the resume state
     body: bytes
     headers: wire.Headers
     host: bytes
@@ -73,14 +77,23 @@ def plan(path: fast.FastPath, lane: Lane) -> InitRequest | None:
     ):
         return None
     body = b"".join(lane.body)
-    initialize = _initialize_of(body)
-    if initialize is None:
+    taken = _initialize_of(body)
+    if taken is None:
         return None
+    initialize, params_json = taken
     authorization = wire.first(headers, b"authorization")
     identity = client_identity(None if authorization is None else _text(authorization), lane.peer)
     peer = (lane.peer or "unknown").encode()
     return InitRequest(
-        initialize, body, headers, hosts[0], identity, peer, lane.scheme.encode(), RequestTimer()
+        initialize,
+        params_json,
+        body,
+        headers,
+        hosts[0],
+        identity,
+        peer,
+        lane.scheme.encode(),
+        RequestTimer(),
     )
 
 
@@ -89,17 +102,51 @@ def _origin_allowed(headers: wire.Headers, allowed: frozenset[str]) -> bool:
     return not allowed or origin is None or _text(origin) in allowed
 
 
-def _initialize_of(body: bytes) -> jsonrpc.Message | None:
+def _initialize_of(body: bytes) -> tuple[jsonrpc.Message, str | None] | None:
     """The body's `initialize` request, if the body is that one request and nothing else: a
-    batch, a notification or any other method keeps the full path's handling."""
+    batch, a notification or any other method keeps the full path's handling; with it, its
+    params' own JSON text when it could be cut out (`_parsed`)."""
     # Cheap refusals first: a stateless server's every POST comes here without a session id.
     if b'"initialize"' not in body or body.lstrip()[:1] != b"{":
         return None
-    batch = jsonrpc.parse(body)
+    parsed = _parsed(body)
+    batch, params_json = (jsonrpc.parse(body), None) if parsed is None else parsed
     if not batch.valid or len(batch.messages) != 1:
         return None
     message = batch.messages[0]
-    return message if message.method == "initialize" and message.is_request else None
+    if message.method != "initialize" or not message.is_request:
+        return None
+    return message, params_json
+
+
+def _parsed(body: bytes) -> tuple[jsonrpc.Batch, str] | None:
+    """The body parsed as `jsonrpc.parse` would, with the text of its top-level `params`
+    object: the resume state keeps that text as it came instead of encoding the parsed params
+    again. The params are decoded where `"params":` stands, the rest with `null` in their
+    place; only if that rest is an object whose `params` is that `null` was the span the
+    top-level value (a nested or repeated key leaves something else there). An SDK's
+    compact ASCII JSON is then the very text the full path stores; a client's own spacing is
+    kept as it came (readers decode the text). None: not sure, `jsonrpc.parse` decides."""
+    if not body.isascii():
+        return None  # the full path stores non-ASCII as `\u` escapes: encoded again here too
+    try:
+        text = body.decode("ascii")
+        key = text.find('"params":')
+        if key < 1 or text[key - 1] not in "{,":
+            return None
+        start = key + 9
+        params, end = _DECODER.raw_decode(text, start)
+        rest = json.loads(text[:start] + "null" + text[end:])
+    except (ValueError, RecursionError):
+        return None
+    if (
+        not isinstance(params, dict)
+        or not isinstance(rest, dict)
+        or rest.get(_PARAMS, 0) is not None
+    ):
+        return None
+    rest[_PARAMS] = params
+    return jsonrpc.from_json(rest), text[start:end]
 
 
 def _text(value: bytes) -> str:
@@ -211,7 +258,7 @@ async def _exchange(path: fast.FastPath, request: InitRequest, member: Upstream)
     timer = request.timer
     timer.upstream_begins()
     try:
-        return await path.pool(member).exchange(data)
+        return await path.exchange(path.pool(member), data)
     except UpstreamRefusedError:
         path.fw.upstreams.refused(member)
         raise
@@ -254,7 +301,7 @@ async def _track_new(
         user_agent="" if agent is None else _text(agent)[:200],
         client_info=client_info,
         credentials=_credentials(request),
-        resume=initial_resume_state(params),
+        resume=initial_resume_state(params, request.params_json),
         upstream=name,
     )
 

@@ -52,11 +52,13 @@ class ResumeRefusedError(Exception):
         self.reason = reason
 
 
-def initial_resume_state(params: Any) -> ResumeState | None:
-    """What a resume replays, from the client's `initialize` params (never credentials)."""
+def initial_resume_state(params: Any, text: str | None = None) -> ResumeState | None:
+    """What a resume replays, from the client's `initialize` params (never credentials);
+    `text`: those params' JSON text as the request carried it, kept instead of encoding them
+    again (readers decode it, whatever its spacing)."""
     if not isinstance(params, dict):
         return None
-    return ResumeState(initialize=params)
+    return ResumeState(initialize=params if text is None else text)
 
 
 def updated_setup(resume: ResumeState, batch: jsonrpc.Batch) -> ResumeState | None:
