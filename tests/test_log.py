@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from sidecar import log as sidecar_log
-from sidecar.log import JsonFormatter, Throttled
+from sidecar.log import TEXT_FORMAT, JsonFormatter, TextFormatter, Throttled
 
 
 class FakeClock:
@@ -49,3 +49,12 @@ def test_json_lines_carry_utc_time_level_logger_and_message() -> None:
         "logger": "sidecar.proxy",
         "message": "x=3",
     }
+
+
+def test_text_lines_are_logging_formatters_own_across_seconds() -> None:
+    """The time text made once per second reads as `logging.Formatter` writes it each line."""
+    plain, cached = logging.Formatter(TEXT_FORMAT), TextFormatter()
+    for created in (1_767_225_599.001, 1_767_225_599.999, 1_767_225_600.0, 1_767_225_600.5):
+        record = logging.LogRecord("sidecar.manager", logging.INFO, "x", 1, "m %s", ("a",), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert cached.format(record) == plain.format(record)
