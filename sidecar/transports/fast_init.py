@@ -54,6 +54,8 @@ class InitRequest:
     params_json: str | None  # the params' text in the body, for the resume state
     body: bytes
     headers: wire.Headers
+    names: list[bytes]  # the lane's, as its head came: lower-case names, in order
+    index: wire.Index  # the lane's: lower-case name: its values
     host: bytes
     identity: str
     peer: bytes
@@ -65,40 +67,43 @@ def plan(path: fast.FastPath, lane: Lane) -> InitRequest | None:
     """The request, if it is an `initialize` the fast path can serve as the full path would."""
     fw = path.fw
     options = fw.options
-    headers = lane.headers
-    hosts = wire.all_of(headers, b"host")
+    index = lane.index
+    hosts = index.get(b"host")
     if (
         not options.fast_path
+        or hosts is None
         or len(hosts) != 1
         or lane.url != path.target
-        or wire.first(headers, wire.SESSION) is not None
-        or not _origin_allowed(headers, options.allowed_origins)
+        or wire.SESSION in index
+        or not _origin_allowed(index, options.allowed_origins)
         or not all(member.url.scheme == "http" for _, member in fw.upstreams)
     ):
         return None
-    body = b"".join(lane.body)
+    chunks = lane.body
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     taken = _initialize_of(body)
     if taken is None:
         return None
     initialize, params_json = taken
-    authorization = wire.first(headers, b"authorization")
+    authorization = wire.first_of(index, b"authorization")
     identity = client_identity(None if authorization is None else _text(authorization), lane.peer)
-    peer = (lane.peer or "unknown").encode()
     return InitRequest(
         initialize,
         params_json,
         body,
-        headers,
+        lane.headers,
+        lane.names,
+        index,
         hosts[0],
         identity,
-        peer,
-        lane.scheme.encode(),
+        lane.peer_bytes,
+        lane.scheme_bytes,
         RequestTimer(),
     )
 
 
-def _origin_allowed(headers: wire.Headers, allowed: frozenset[str]) -> bool:
-    origin = wire.first(headers, b"origin")
+def _origin_allowed(index: wire.Index, allowed: frozenset[str]) -> bool:
+    origin = wire.first_of(index, b"origin")
     return not allowed or origin is None or _text(origin) in allowed
 
 
@@ -243,12 +248,11 @@ async def _forward_placed(
 
 async def _exchange(path: fast.FastPath, request: InitRequest, member: Upstream) -> Answer:
     """`Forwarder.forward` on the member's wire pool; a refusal marks the member down."""
-    names, index = wire.indexed(request.headers)
     data = wire.upstream_request(
         path.prefix_of(member),
         request.headers,
-        names,
-        index,
+        request.names,
+        request.index,
         request.body,
         host=request.host,
         peer=request.peer,
@@ -292,7 +296,7 @@ async def _track_new(
         return None
     params = request.initialize.params
     client_info, version = initialize_client(params)
-    agent = wire.first(request.headers, b"user-agent")
+    agent = wire.first_of(request.index, b"user-agent")
     return await path.manager.create(
         upstream_id,
         Transport.STREAMABLE_HTTP,
@@ -311,7 +315,7 @@ def _credentials(request: InitRequest) -> dict[str, str]:
     return {
         name: _text(value)
         for name, key in _CREDENTIALS
-        if (value := wire.first(request.headers, key)) is not None
+        if (value := wire.first_of(request.index, key)) is not None
     }
 
 
@@ -321,7 +325,7 @@ def _as_session_request(
     """The request as a live session's fast POST, for `FastPath.relay`. Its body stays
     empty: the full path relays an `initialize`'s answer without the request body, so a
     "session gone" answer to it echoes no id there either."""
-    version = wire.first(request.headers, b"mcp-protocol-version")
+    version = wire.first_of(request.index, b"mcp-protocol-version")
     return fast.FastRequest(
         session,
         b"",
