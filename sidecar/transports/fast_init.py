@@ -220,7 +220,7 @@ async def _initialize(path: fast.FastPath, request: InitRequest, lane: Lane) -> 
     try:
         if session is None:
             await _relay_untracked(path, request, answer, lane)
-        else:
+        elif not _relay_now(path, request, session, answer, lane):
             await path.relay(_as_session_request(path, request, session, member), answer, lane)
     finally:
         if not answer.finished or answer.error is not None:
@@ -317,6 +317,38 @@ def _credentials(request: InitRequest) -> dict[str, str]:
         for name, key in _CREDENTIALS
         if (value := wire.first_of(request.index, key)) is not None
     }
+
+
+def _relay_now(
+    path: fast.FastPath, request: InitRequest, session: Session, answer: Answer, lane: Lane
+) -> bool:
+    """`FastPath.relay` for the usual answer that made a session (2xx, complete, a body with
+    its length, not an event stream, no sign the session is gone): written at once, in one
+    pass over its headers (`buffered_from`), without building a live session's request for
+    it. False, and nothing done, for any other answer."""
+    if not answer.finished or answer.error is not None or answer.content_length is None:
+        return False
+    content_type = answer.header(b"content-type") or b""
+    if content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream":
+        return False
+    chunks = answer.chunks
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if path.fw.gone.matches(answer.status, body):
+        return False
+    version = wire.first_of(request.index, b"mcp-protocol-version")
+    if version:  # `relay` notes a non-empty header's version of a 2xx answer
+        path.manager.note_protocol_version(session, _text(version))
+    lane.write(
+        wire.buffered_from(
+            answer.status,
+            answer.reason,
+            answer.headers,
+            answer.names,
+            session=session.id.encode(),
+            body=body,
+        )
+    )
+    return True
 
 
 def _as_session_request(
