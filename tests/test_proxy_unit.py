@@ -197,6 +197,11 @@ async def make(
         clock = Clock()
         service = Service(settings, clock=clock)
         client = await aiohttp_client(build_proxy_app(service))
+        # The start's restore runs behind the open port and ends with a sweep at the manager's
+        # clock: a test that moves the clock before that sweep would see it close sessions
+        # in the background, racing the request-time expiry the test is about.
+        if (restoring := service.restoring) is not None:
+            await restoring
         return Proxy(client, service, fake, clock)
 
     yield build
