@@ -30,40 +30,20 @@ from sidecar.transports.forwarder import Forwarder, ProxyOptions
 from sidecar.transports.lane import Lane
 from sidecar.upstream import UpstreamPool
 from tests.peers.mcp_clients import eventually, sdk_session, session_rows, text_of
-from tests.peers.processes import HOST, SidecarHandle, UpstreamHandle, free_ports, start_sidecar
-from tests.test_fast_path import exchange
+from tests.peers.processes import SidecarHandle, UpstreamHandle, start_sidecar
+from tests.test_fast_path import Recorder, exchange
 
 PATH = "/mcp"
-# Headers the upstream sees that differ by construction between the two sidecars.
-PER_SIDECAR = {"x-forwarded-for", "x-forwarded-host"}
 # Store columns that hold the moment a row was written.
 MOMENTS = {"created_at", "last_activity_at", "closed_at"}
 
 
-class InitUpstream:
+class InitUpstream(Recorder):
     """A Streamable HTTP upstream that logs every request and answers an `initialize` as its
     `X-Test-Sid` (the id to issue, none without it) and `X-Test-Answer` headers say."""
 
-    def __init__(self) -> None:
-        self.log: list[dict[str, Any]] = []
-        self.release = asyncio.Event()  # held answers may come
-        self.runner: web.AppRunner | None = None
-        self.port = free_ports(1)[0]
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.log.append(
-            {
-                "method": request.method,
-                "path": request.path_qs,
-                "headers": sorted(
-                    (k.lower(), v)
-                    for k, v in request.headers.items()
-                    if k.lower() not in PER_SIDECAR
-                ),
-                "body": body,
-            }
-        )
+        body = await self.record(request)
         if request.method == "DELETE":
             return web.Response(status=200)
         return await self._answer(request, body)
@@ -91,21 +71,6 @@ class InitUpstream:
         if mode == "broken":
             return web.Response(status=500, text="upstream broke", headers=headers)
         return web.json_response(result, headers={**headers, "X-Up": "1"})
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, HOST, self.port).start()
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}{PATH}"
 
 
 @pytest.fixture

@@ -36,7 +36,8 @@ class Recorder:
         self.runner: web.AppRunner | None = None
         self.port = free_ports(1)[0]
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:  # noqa: PLR0911 - one branch per answer kind, read as a table
+    async def record(self, request: web.Request) -> bytes:
+        """Log the request as the comparisons see it; its body."""
         body = await request.read()
         self.log.append(
             {
@@ -50,6 +51,10 @@ class Recorder:
                 "body": body,
             }
         )
+        return body
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:  # noqa: PLR0911 - one branch per answer kind, read as a table
+        body = await self.record(request)
         session = request.headers.get("X-Test-Sid", "")
         message = json.loads(body) if body else {}
         if message.get("method") == "initialize":
