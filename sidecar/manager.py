@@ -13,6 +13,7 @@ resuming await the store, because SPEC 2.6 wants them committed before the clien
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -634,8 +635,10 @@ class SessionManager:
     ) -> Session:
         """Track a session the upstream just created; committed before this returns.
 
-        Shielded: if the client disconnects mid-way, the session is still tracked (and will
-        be expired and closed upstream) rather than left in the store but not in memory.
+        Tracked in memory by the store's own answer to the insert (`_inserted`), not after
+        this coroutine's await: if the client disconnects mid-way, the session is still
+        tracked (and will be expired and closed upstream) rather than left in the store but
+        not in memory, without a task and a shield per creation (issue 10).
         """
         now = self.clock()
         session = Session(
@@ -654,10 +657,24 @@ class SessionManager:
             resume=resume,
         )
         session.credentials = credentials or {}
-        return await uncancellable(self._register(session))
+        committed: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self.store.insert_then(session, functools.partial(self._inserted, session, committed))
+        return await committed
 
-    async def _register(self, session: Session) -> Session:
-        await self.store.insert(session)
+    def _inserted(
+        self, session: Session, committed: asyncio.Future[Session], error: BaseException | None
+    ) -> None:
+        """The store's answer to a new session's insert, whatever became of its caller."""
+        if error is None:
+            self._register(session)
+        if committed.done():
+            return  # the caller was cancelled: the session is tracked (or not) all the same
+        if error is None:
+            committed.set_result(session)
+        else:
+            committed.set_exception(error)
+
+    def _register(self, session: Session) -> None:
         session_id, identity = session.id, session.client
         self.tombstones.forget(session_id)
         self.live[session_id] = session
@@ -670,7 +687,6 @@ class SessionManager:
             session.transport.value,
             _label(session),
         )
-        return session
 
     # ---- closing -----------------------------------------------------------------------
     async def close(
