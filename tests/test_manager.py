@@ -414,6 +414,24 @@ async def test_admitted_but_unanswered_initializes_count_towards_the_limit(
     h.manager.release(BOB)
 
 
+async def test_an_initialize_admitted_with_no_limit_counts_once_a_reload_sets_one(
+    make: Factory,
+) -> None:
+    """With no limit `admit` checks nothing, but it still reserves: a limit a reload sets
+    while that initialize is unanswered counts it, for all and for its client."""
+    h = await make()
+    await h.manager.admit(ALICE)
+    h.manager.limits = Limits(max_sessions=1)
+    with pytest.raises(LimitReachedError):
+        await h.manager.admit(BOB)
+    h.manager.limits = Limits(max_sessions_per_client=1)
+    with pytest.raises(LimitReachedError):
+        await h.manager.admit(ALICE)
+    h.manager.release(ALICE)
+    await h.manager.admit(ALICE)
+    h.manager.release(ALICE)
+
+
 async def test_one_clients_pending_initializes_do_not_count_against_another_client(
     make: Factory,
 ) -> None:
