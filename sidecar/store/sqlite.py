@@ -340,10 +340,16 @@ class SqliteStore(UnsharedStore):
                 await self._reopen()
             db = self.db
             try:
-                await db.execute("BEGIN IMMEDIATE")
-                for sql, params in statements:
-                    await db.execute(sql, params)
-                await db.execute("COMMIT")
+                if len(statements) == 1:
+                    # The connection autocommits: one statement is a transaction of its own,
+                    # all or nothing, in one hop to aiosqlite's thread instead of three (a
+                    # group commit of `initialize`s is usually one multi-row INSERT).
+                    await db.execute(*statements[0])
+                else:
+                    await db.execute("BEGIN IMMEDIATE")
+                    for sql, params in statements:
+                        await db.execute(sql, params)
+                    await db.execute("COMMIT")
             except sqlite3.Error as exc:
                 if _is_io_error(exc):
                     self._reconnect = True
