@@ -644,7 +644,7 @@ def _settle(future: asyncio.Future[None], outcome: BaseException | None) -> None
         future.set_result(None)
     else:
         future.set_exception(outcome)
-        future.exception()  # read here: a caller cancelled on this very turn never will
+        future.exception()  # read here: should no one await it any more, no warning
 
 
 def _batched(
