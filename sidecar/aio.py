@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# Told once how a piece of work ended: None when it succeeded, else what it raised.
+Outcome = Callable[[BaseException | None], None]
 
 
 async def uncancellable(work: Coroutine[Any, Any, T]) -> T:
@@ -21,3 +24,16 @@ async def uncancellable(work: Coroutine[Any, Any, T]) -> T:
     task = asyncio.ensure_future(work)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return await asyncio.shield(task)
+
+
+def run_then(work: Coroutine[Any, Any, object], done: Outcome) -> None:
+    """Run `work` in a task of its own and tell `done` how it ended, whoever waits for what:
+    the caller's own cancellation cannot keep `done` from hearing the outcome."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(lambda t: done(_outcome(t)))
+
+
+def _outcome(task: asyncio.Future[Any]) -> BaseException | None:
+    if task.cancelled():
+        return asyncio.CancelledError()
+    return task.exception()

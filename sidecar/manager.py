@@ -13,6 +13,7 @@ resuming await the store, because SPEC 2.6 wants them committed before the clien
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -526,10 +527,16 @@ class SessionManager:
         in between, so concurrent initializes at the limit can never overshoot it; only the
         evicted sessions' store write is awaited afterwards.
         """
-        if not self._counted.is_set() and self._limited:
+        if not self._limited:
+            # No limit to hold (the default): nothing to wait for, count or evict; only the
+            # reservation, which a limit set by a reload then counts (issue 10: the checks
+            # below were ~5% of an `initialize`'s CPU).
+            self.admission.reserve(identity)
+            return
+        if not self._counted.is_set():
             # Restoring: a limit the sessions not yet in memory fill must hold (SPEC 2.5).
             await self._counted.wait()
-        stored = await self._stored_counts(identity)
+        stored = await self._stored_counts(identity) if self.store.shared else None
         now = self.clock()
         victims = self._reserve(identity, now, stored)
         if victims:
@@ -561,16 +568,11 @@ class SessionManager:
                 self.tombstones.forget(victim.id)
         return [v for v in victims if v.id in won]
 
-    async def _stored_counts(self, identity: str) -> tuple[int, int] | None:
+    async def _stored_counts(self, identity: str) -> tuple[int, int]:
         """SPEC 2.8: on a shared store the limits count every sidecar's live sessions, as
         the store holds them (plus this sidecar's initializes not yet answered). Two
         sidecars admitting at the same instant can each see the other's not yet written:
         the limit can be passed by the initializes in flight at that moment, no more."""
-        limits = self.limits
-        if not self.store.shared or (
-            limits.max_sessions <= 0 and limits.max_sessions_per_client <= 0
-        ):
-            return None
         return await self.store.live_counts(identity)
 
     def _reserve(
@@ -582,8 +584,10 @@ class SessionManager:
             ("max_sessions", self.limits.max_sessions, None),
             ("max_sessions_per_client", self.limits.max_sessions_per_client, identity),
         ):
+            if limit <= 0:
+                continue
             freed = sum(1 for v in victims if owner is None or v.client == owner)
-            if limit <= 0 or self._used(owner, stored) - freed < limit:
+            if self._used(owner, stored) - freed < limit:
                 continue
             victim = (
                 self._eviction_candidate(owner, victims)
@@ -634,8 +638,10 @@ class SessionManager:
     ) -> Session:
         """Track a session the upstream just created; committed before this returns.
 
-        Shielded: if the client disconnects mid-way, the session is still tracked (and will
-        be expired and closed upstream) rather than left in the store but not in memory.
+        Tracked in memory by the store's own answer to the insert (`_inserted`), not after
+        this coroutine's await: if the client disconnects mid-way, the session is still
+        tracked (and will be expired and closed upstream) rather than left in the store but
+        not in memory, without a task and a shield per creation (issue 10).
         """
         now = self.clock()
         session = Session(
@@ -654,10 +660,24 @@ class SessionManager:
             resume=resume,
         )
         session.credentials = credentials or {}
-        return await uncancellable(self._register(session))
+        committed: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self.store.insert_then(session, functools.partial(self._inserted, session, committed))
+        return await committed
 
-    async def _register(self, session: Session) -> Session:
-        await self.store.insert(session)
+    def _inserted(
+        self, session: Session, committed: asyncio.Future[Session], error: BaseException | None
+    ) -> None:
+        """The store's answer to a new session's insert, whatever became of its caller."""
+        if error is None:
+            self._register(session)
+        if committed.done():
+            return  # the caller was cancelled: the session is tracked (or not) all the same
+        if error is None:
+            committed.set_result(session)
+        else:
+            committed.set_exception(error)
+
+    def _register(self, session: Session) -> None:
         session_id, identity = session.id, session.client
         self.tombstones.forget(session_id)
         self.live[session_id] = session
@@ -670,7 +690,6 @@ class SessionManager:
             session.transport.value,
             _label(session),
         )
-        return session
 
     # ---- closing -----------------------------------------------------------------------
     async def close(

@@ -7,6 +7,7 @@ what it must receive (which DELETEs are owed, with what) is exactly what is unde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import sqlite3
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 import pytest
 
+from sidecar.errors import StoreError
 from sidecar.manager import (
     ANNOUNCE_RUN,
     SWEEP_SLICE,
@@ -330,6 +332,57 @@ async def test_concurrent_creations_share_commits_and_each_is_on_disk_when_it_re
     assert h.store.transactions - before < len(ids)
 
 
+def _tracked(h: Harness, session_id: str) -> tuple[bool, bool]:
+    """Whether the session is in memory, and whether the store has its row."""
+    stored = h.rows("SELECT id FROM sessions WHERE id=?", (session_id,))
+    return session_id in h.manager.live, stored == [(session_id,)]
+
+
+async def _cancelled_mid_way(h: Harness, session_id: str, turns: int) -> None:
+    """Create `session_id` and cancel its caller after `turns` loop turns, then let every
+    write queued meanwhile end (a later creation's commit comes after that group's)."""
+    task = asyncio.create_task(h.create(session_id))
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(StoreError):  # refused if it shared the group of a refused row
+        await h.create("after")
+
+
+@pytest.mark.parametrize("turns", range(8))
+async def test_a_creation_whose_caller_is_cancelled_is_tracked_in_memory_and_store_or_neither(
+    make: Factory, turns: int
+) -> None:
+    """A client that disconnects during the insert must not leave its session in the store
+    but not in memory (it would never expire nor be DELETEd upstream), nor the reverse."""
+    h = await make()
+    await h.create("first")  # a commit under way, so that later inserts wait in the queue
+    await _cancelled_mid_way(h, "s1", turns)
+    assert _tracked(h, "s1") in ((True, True), (False, False))
+    if turns > 0:  # once started, the insert is queued: the session is created whole
+        assert _tracked(h, "s1") == (True, True)
+        assert h.manager.admission.per_client[ALICE] == 3
+
+
+@pytest.mark.parametrize("turns", range(1, 6))
+async def test_a_failed_insert_whose_caller_is_cancelled_leaves_the_session_nowhere(
+    make: Factory, turns: int
+) -> None:
+    h = await make()
+    with sqlite3.connect(h.path) as db:  # the store refuses this one row, as a full disk would
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON sessions WHEN NEW.id = 's1' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    db.close()
+    await _cancelled_mid_way(h, "s1", turns)
+    assert _tracked(h, "s1") == (False, False)
+    await h.create("later")  # and the store still works
+    assert _tracked(h, "later") == (True, True)
+
+
 async def _admitted(h: Harness, session_id: str, identity: str = ALICE) -> Session:
     await h.manager.admit(identity)
     try:
@@ -359,6 +412,24 @@ async def test_admitted_but_unanswered_initializes_count_towards_the_limit(
     h.manager.release(ALICE)
     await h.manager.admit(BOB)
     h.manager.release(BOB)
+
+
+async def test_an_initialize_admitted_with_no_limit_counts_once_a_reload_sets_one(
+    make: Factory,
+) -> None:
+    """With no limit `admit` checks nothing, but it still reserves: a limit a reload sets
+    while that initialize is unanswered counts it, for all and for its client."""
+    h = await make()
+    await h.manager.admit(ALICE)
+    h.manager.limits = Limits(max_sessions=1)
+    with pytest.raises(LimitReachedError):
+        await h.manager.admit(BOB)
+    h.manager.limits = Limits(max_sessions_per_client=1)
+    with pytest.raises(LimitReachedError):
+        await h.manager.admit(ALICE)
+    h.manager.release(ALICE)
+    await h.manager.admit(ALICE)
+    h.manager.release(ALICE)
 
 
 async def test_one_clients_pending_initializes_do_not_count_against_another_client(

@@ -509,6 +509,31 @@ async def test_a_group_larger_than_one_statement_is_one_transaction_and_every_ro
     assert all(stored[s.id] == _fields(s) for s in sessions)
 
 
+async def test_a_group_of_one_statement_that_fails_on_one_row_writes_none_of_them(
+    store: Store, db_path: Path
+) -> None:
+    # A group that is one multi-row INSERT runs without BEGIN/COMMIT (the connection
+    # autocommits, one hop instead of three): SQLite still undoes the whole statement, and
+    # every caller of the group hears the error.
+    await store.insert(_session("first"))
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON sessions WHEN NEW.id = 'g05' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        db.commit()
+    before = store.transactions
+    outcomes = await asyncio.gather(
+        *(store.insert(_session(f"g{i:02d}")) for i in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(outcome, StoreError) for outcome in outcomes)
+    assert _rows(db_path, "SELECT id FROM sessions") == [("first",)]
+    assert store.transactions == before
+    assert not store.db.in_transaction
+    await store.insert(_session("after"))
+    assert _rows(db_path, "SELECT id FROM sessions WHERE id = 'after'") == [("after",)]
+
+
 def test_batched_drops_of_owed_deletes_look_keys_up_not_scan_the_table() -> None:
     # With 100,000 owed DELETEs a scan per group of drops cut the close rate to a fifth.
     [(sql, params)] = _batched([("drop_pending", ("up", f"s{i}"), None) for i in range(3)])

@@ -8,6 +8,7 @@ backend-specific and tested at the end of the file.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -151,6 +152,22 @@ async def test_inserted_session_reads_back_with_every_field_binding_and_resume(
     (loaded,) = await store.load(State.LIVE)
     assert _record(loaded) == _record(session)
     assert await store.get("missing") is None
+
+
+async def test_insert_then_tells_its_listener_once_the_row_is_durable(store: Store) -> None:
+    """The manager tracks a new session from this answer (no task of its own per creation):
+    it must come once, after the row can be read back, with no one awaiting anything."""
+    heard: list[BaseException | None] = []
+    told = asyncio.Event()
+
+    def done(error: BaseException | None) -> None:
+        heard.append(error)
+        told.set()
+
+    store.insert_then(_session("client-1"), done)
+    await told.wait()
+    assert heard == [None]
+    assert _record(await _get(store, "client-1")) == _record(_session("client-1"))
 
 
 async def test_legacy_session_keeps_its_upstream_endpoint(store: Store) -> None:

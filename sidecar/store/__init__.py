@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..aio import Outcome
 from ..sessions import Binding, Session, State
 from .records import ActivityRow, PendingClose
 
@@ -38,6 +39,13 @@ class Store(Protocol):
 
     async def insert(self, session: Session) -> None:
         """A new session, live and bound to its upstream session."""
+
+    def insert_then(self, session: Session, done: Outcome) -> None:
+        """`insert`, begun now; `done` hears once how it ended (None: durable; else the
+        error, nothing changed), even if whoever waits for it is cancelled meanwhile: the
+        manager tracks a new session in memory from `done`, so a client that leaves during
+        the insert cannot leave its session in the store but not in memory. `done` must
+        not raise."""
 
     async def mark_closed_many(self, closes: Sequence[tuple[Session, PendingClose | None]]) -> None:
         """Close sessions (all or none) and record the upstream DELETEs they owe."""

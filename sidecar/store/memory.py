@@ -11,6 +11,7 @@ import copy
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
+from ..aio import Outcome, run_then
 from ..errors import StoreError
 from ..sessions import Binding, ResumeState, Session, State
 from .records import ActivityRow, PendingClose
@@ -39,6 +40,9 @@ class MemoryStore(UnsharedStore):
     async def insert(self, session: Session) -> None:
         self._begin()
         self.sessions[session.id] = _copy(session)
+
+    def insert_then(self, session: Session, done: Outcome) -> None:
+        run_then(self.insert(session), done)
 
     async def mark_closed_many(self, closes: Sequence[tuple[Session, PendingClose | None]]) -> None:
         if not closes:

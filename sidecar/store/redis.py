@@ -44,6 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
+from ..aio import Outcome, run_then
 from ..config_render import mask_url_password
 from ..errors import StoreError, StoreTooNewError
 from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
@@ -327,6 +328,9 @@ class RedisStore:
     async def insert(self, session: Session) -> None:
         await self._write([{"op": "put", "id": session.id, "fields": _fields(session)}])
         self._requests_seen[session.id] = session.requests
+
+    def insert_then(self, session: Session, done: Outcome) -> None:
+        run_then(self.insert(session), done)
 
     def _merge_use(self, session: Session) -> dict[str, Any]:
         """The session's activity as a merging write (SPEC 2.8), forgetting its count."""
