@@ -716,8 +716,10 @@ class SessionManager:
             if session.usable:
                 self._mark_closed(session, reason, now)
                 marked.append(session)
-        if len(closing) > 1 and turn.spent():
-            await turn.pause()  # the write's rows are built and encoded in a turn of their own
+        if len(closing) >= ANNOUNCE_RUN or turn.spent():
+            # The write's rows are built and encoded (~2 ms a slice of 500) in a turn of their
+            # own, not after a whole turn of flips.
+            await turn.pause()
         await self._persist_closes(marked, reason, upstream_done, now)
 
     async def _persist_closes(
@@ -861,8 +863,8 @@ class SessionManager:
             session.dormant_since = now
             session.binding = None
             self._file_dormant(session, waking)
-        if len(going) > 1 and turn.spent():
-            await turn.pause()  # the write's rows are built and encoded in a turn of their own
+        if len(going) >= ANNOUNCE_RUN or turn.spent():
+            await turn.pause()  # the write in a turn of its own, as for closes
         try:
             await uncancellable(self.store.hibernate_many(entries))
         except StoreError as exc:
