@@ -11,13 +11,25 @@ DELETEs, and, beside the phases:
   named by their task and the place their coroutine stopped at;
 * a sampling thread that, while one callback has held the loop for over 2 ms, records the
   innermost sidecar frame of the main thread (what the loop was busy with);
-* `gc.callbacks` timing every collection.
+* `gc.callbacks` timing every collection;
+* for the ticker's longest wait of each phase, every callback that ran while it waited
+  (`max lag was:` under the row): the lag is the sum of what ran back to back in the loop's
+  turns, not the longest callback alone; and the wait with the most of the main thread's
+  own CPU time in it (`max CPU lag`): on a shared, loaded machine the wall-time lag is mostly
+  the process waiting for a CPU, the CPU lag is the sidecar's own work a request waited for;
+* each callback's minor page faults and involuntary context switches (`getrusage` of the
+  main thread) and the phase's steal time (`/proc/stat`): a virtual machine whose host takes
+  the CPU away shows that time as the guest thread's own CPU time.
+
+`--loop uvloop` runs it on the loop the server uses: uvloop's handles cannot be wrapped, so
+only the ticker's lags, the collections and the sampler's findings are shown then.
 
 Phases (N sessions): idle sweeps; a sweep with 1% expired; a flush of N dirty sessions; a
 burst of touches while the flusher runs on its own timer; a mass expiry of all N; with
 `--hibernate` (or by default), the same N hibernated at once on a second manager.
 
     .venv/bin/python bench/stalls.py [--sessions 100000] [--phases idle,expire1,...]
+        [--loop asyncio|uvloop]
 
 Prints one row a phase: max and p99 lag of the 1 ms ticker, the longest callback and what
 it was, the collections and their longest, the phase's wall time.
@@ -32,11 +44,12 @@ import gc
 import logging
 import os
 import pstats
+import resource
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar import heap
+from sidecar import heap, log
 from sidecar.admission import Limits
 from sidecar.manager import SessionManager
 from sidecar.metrics import Metrics
@@ -62,6 +75,8 @@ SAMPLE_AFTER = 0.002  # the sampler looks at the main thread once a callback ran
 CREATE_BATCH = 2000
 PROFILE = os.environ.get("STALLS_PROFILE", "")  # a phase name's start: cProfile it
 TOP = 5  # callbacks over STALL listed under each phase's row
+NAMED = 0.0002  # callbacks that ran longer than this are named in the max lag's breakdown
+RECENT = 256  # callbacks remembered to explain the ticker's longest wait
 
 
 class Clock:
@@ -92,6 +107,34 @@ class Held:
     what: str
     where: str
     inside: str = ""  # what the sampler saw while this callback ran
+    faults: int = 0  # minor page faults the main thread took in it
+    switches: int = 0  # times the kernel took the CPU from it (involuntary context switches)
+
+
+@dataclass
+class Ran:
+    """One callback in the window of the ticker's wait (named if it was not short)."""
+
+    start: float
+    seconds: float
+    cpu: float
+    what: str
+
+
+@dataclass
+class Wait:
+    """The ticker's longest wait in a phase and the callbacks run meanwhile."""
+
+    lag: float = 0.0
+    ran: list[Ran] = field(default_factory=list)
+
+    def describe(self) -> str:
+        named = [r for r in self.ran if r.what]
+        small = len(self.ran) - len(named)
+        small_ms = sum(r.seconds for r in self.ran if not r.what) * 1000
+        parts = [f"{r.seconds * 1000:.1f} (cpu {r.cpu * 1000:.1f}) {r.what}" for r in named]
+        parts.append(f"{small} short ones {small_ms:.1f}")
+        return f"{self.lag * 1000:.1f} ms = " + " + ".join(parts)
 
 
 @dataclass
@@ -104,6 +147,9 @@ class Recorder:
     samples: Counter[str] = field(default_factory=Counter)
     current_start: float = 0.0  # when the running callback began (0: none running)
     current_samples: list[str] = field(default_factory=list)
+    recent: deque[Ran] = field(default_factory=lambda: deque(maxlen=RECENT))
+    worst: Wait = field(default_factory=Wait)
+    worst_cpu: Wait = field(default_factory=Wait)  # `lag` here: CPU time of what it waited for
     _gc_start: float = 0.0
 
     def reset(self) -> None:
@@ -111,6 +157,24 @@ class Recorder:
         self.held.clear()
         self.collections.clear()
         self.samples.clear()
+        self.worst = Wait()
+        self.worst_cpu = Wait()
+
+    def waited(self, since: float, lag: float) -> None:
+        """The ticker woke `lag` late: if the phase's worst, keep what ran after it was due.
+        Also the main thread's own CPU time in the callbacks it waited for: on a loaded
+        machine the wall time is mostly waiting for a CPU, this part is the sidecar's work."""
+        self.lags.append(lag)
+        ran = []
+        for r in reversed(self.recent):
+            if r.start + r.seconds < since:
+                break
+            ran.append(r)
+        cpu = sum(r.cpu for r in ran)
+        if lag > self.worst.lag:
+            self.worst = Wait(lag, ran[::-1])
+        if cpu > self.worst_cpu.lag:
+            self.worst_cpu = Wait(cpu, ran[::-1])
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -152,6 +216,7 @@ def _wrap_handles() -> None:
 
     def timed(handle: asyncio.Handle) -> None:
         RECORDER.current_samples = []
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
         start = RECORDER.current_start = time.perf_counter()
         cpu = time.thread_time()
         try:
@@ -160,11 +225,27 @@ def _wrap_handles() -> None:
             took = time.perf_counter() - start
             cpu = time.thread_time() - cpu
             RECORDER.current_start = 0.0
+            what = ""
+            if took > NAMED:
+                task, where = _describe(handle)
+                what = f"{task} @ {where}"
+            RECORDER.recent.append(Ran(start, took, cpu, what))
             if took > 0.001:
-                what, where = _describe(handle)
+                after = resource.getrusage(resource.RUSAGE_THREAD)
                 seen = Counter(RECORDER.current_samples).most_common(3)
                 inside = ", ".join(f"{k} x{n}" for k, n in seen)
-                RECORDER.held.append(Held(took, cpu, what, where, inside))
+                task, _, where = what.partition(" @ ")
+                RECORDER.held.append(
+                    Held(
+                        took,
+                        cpu,
+                        task,
+                        where,
+                        inside,
+                        after.ru_minflt - usage.ru_minflt,
+                        after.ru_nivcsw - usage.ru_nivcsw,
+                    )
+                )
 
     asyncio.Handle._run = timed  # type: ignore[method-assign]
 
@@ -194,7 +275,7 @@ async def _ticker(stop: asyncio.Event) -> None:
     while not stop.is_set():
         before = time.perf_counter()
         await asyncio.sleep(0.001)
-        RECORDER.lags.append(time.perf_counter() - before - 0.001)
+        RECORDER.waited(before + 0.001, time.perf_counter() - before - 0.001)
 
 
 # ---- phases -----------------------------------------------------------------------------------
@@ -208,6 +289,9 @@ class Row:
     held: list[Held]
     collections: list[tuple[int, float]]
     samples: Counter[str]
+    worst: Wait
+    worst_cpu: Wait
+    steal: float
 
     def cells(self) -> list[str]:
         lags = sorted(self.lags) or [0.0]
@@ -231,6 +315,8 @@ class Row:
             str(over),
             gcs,
             top,
+            f"{self.steal * 1000:.0f}",
+            f"{self.worst_cpu.lag * 1000:.1f}",
         ]
 
 
@@ -245,7 +331,17 @@ HEADER = [
     "callbacks > 10 ms",
     "collections",
     "sampled while held > 2 ms",
+    "steal ms",
+    "max CPU lag ms",
 ]
+
+
+def _steal() -> float:
+    """Seconds of CPU the host took from this virtual machine so far (all its CPUs)."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[8]) / ticks if len(fields) > 8 else 0.0
 
 
 async def measure(phase: str, work: Callable[[], Awaitable[object]]) -> Row:
@@ -253,10 +349,12 @@ async def measure(phase: str, work: Callable[[], Awaitable[object]]) -> Row:
     RECORDER.reset()
     profiler = cProfile.Profile() if PROFILE and phase.startswith(PROFILE) else None
     start = time.perf_counter()
+    steal = _steal()
     if profiler is not None:
         profiler.enable()
     await work()
     wall = time.perf_counter() - start
+    steal = _steal() - steal
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
@@ -268,12 +366,20 @@ async def measure(phase: str, work: Callable[[], Awaitable[object]]) -> Row:
         list(RECORDER.held),
         list(RECORDER.collections),
         Counter(RECORDER.samples),
+        RECORDER.worst,
+        RECORDER.worst_cpu,
+        steal,
     )
     print(" | ".join(row.cells()), flush=True)
+    if row.worst.ran:
+        print(f"#   max lag was: {row.worst.describe()}")
+    if row.worst_cpu.ran:
+        print(f"#   max CPU lag (the main thread's CPU time) was: {row.worst_cpu.describe()}")
     for held in sorted(row.held, key=lambda h: -h.seconds)[:TOP]:
         if held.seconds > STALL:
             print(
-                f"#   {held.seconds * 1000:.1f} ms (cpu {held.cpu * 1000:.1f}) {held.what} "
+                f"#   {held.seconds * 1000:.1f} ms (cpu {held.cpu * 1000:.1f}, "
+                f"{held.faults} page faults, {held.switches} preempted) {held.what} "
                 f"@ {held.where} [{held.inside}]"
             )
     return row
@@ -351,17 +457,18 @@ def dirty_all(manager: SessionManager) -> None:
         manager.touch(session)
 
 
-async def main(count: int, phases: set[str]) -> list[Row]:
-    _wrap_handles()
+async def main(count: int, phases: set[str], on_uvloop: bool) -> list[Row]:
+    if not on_uvloop:
+        _wrap_handles()  # uvloop's handles are compiled: not wrapped, not timed
     gc.callbacks.append(RECORDER.on_gc)
-    # Every line formatted and written, as to the server's stderr (a pipe to journald); to
-    # /dev/null, so a disk busy with the store's writes does not block the loop's writes here.
+    # Every line formatted and written as the server's are (`log.configure`: its formatter,
+    # and no caller lookup nor process and thread names per record), to /dev/null instead of
+    # stderr, so a disk busy with the store's writes does not block the loop's writes here.
     log_file = open(os.devnull, "w")  # noqa: SIM115, ASYNC230 - open for the whole run
-    handler = logging.StreamHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("sidecar").addHandler(handler)
-    logging.getLogger("sidecar").setLevel(logging.INFO)
-    logging.getLogger("sidecar").propagate = False
+    log.configure("info", "text")
+    for handler in logging.getLogger("sidecar").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(log_file)
     stop_thread = threading.Event()
     sampler = threading.Thread(target=_sampler, args=(stop_thread,), daemon=True)
     sampler.start()
@@ -449,7 +556,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=100_000)
     parser.add_argument("--phases", default=ALL_PHASES, help=f"comma-separated ({ALL_PHASES})")
+    parser.add_argument(
+        "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="uvloop: as the server"
+    )
     args = parser.parse_args()
-    print(f"# load before: {os.getloadavg()}", flush=True)
-    asyncio.run(main(args.sessions, set(args.phases.split(","))))
+    print(f"# load before: {os.getloadavg()} loop: {args.loop}", flush=True)
+    phases = set(args.phases.split(","))
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main(args.sessions, phases, True))
+    else:
+        asyncio.run(main(args.sessions, phases, False))
     print(f"# load after: {os.getloadavg()}", flush=True)

@@ -33,6 +33,7 @@ from .errors import StoreError
 from .jsonrpc import RequestId
 from .log import Throttled
 from .metrics import Metrics
+from .pacing import TURN_LIMIT, Pacing, yield_turn
 from .peers import Event, closed, moved, pinned
 from .sessions import (
     ACTIVE_WINDOW,
@@ -70,9 +71,10 @@ CloseListener = Callable[[Session, CloseReason, float], None]
 # the event loop, so a mass expiry never stalls the requests being served meanwhile.
 SWEEP_SLICE = 500
 # Sessions whose close is announced (DELETE queued, metrics, log line, listeners) between two
-# turns of the event loop: ~20 us each, so a slice of 500 in one go held the loop ~10 ms on a
-# quiet machine and far longer on a busy one, while requests waited.
-ANNOUNCE_RUN = 64
+# turns of the event loop at most: ~20 us each, so a slice of 500 in one go held the loop
+# ~10 ms on a quiet machine and far longer on a busy one, while requests waited. A turn also
+# ends once it used `pacing.TURN_BUDGET`, whichever comes first (`self.pacing`).
+ANNOUNCE_RUN = TURN_LIMIT
 # Dirty sessions turned into activity rows between two turns of the event loop (~1 us each).
 FLUSH_RUN = 1000
 # Sessions read back per slice of the restore at start: each slice is one short query and
@@ -147,6 +149,8 @@ class SessionManager:
         # (tombstones, owed DELETEs) made each full garbage collection in it walk more of
         # them, 80-100 ms with the loop stopped, again and again.
         self.between_slices: Callable[[], None] = _nothing
+        # The turns mass closes and hibernations are cut into (time and count; see pacing.py).
+        self.pacing = Pacing()
         # The restore at start runs behind an open port (`restore`): while it does, an id not
         # in memory yet is read from the store, as on a shared store, so it gets the answer
         # it will get once restored; `_counted` is set once every live session is in memory
@@ -724,13 +728,17 @@ class SessionManager:
         leave sessions closed in memory with no DELETE owed.
         """
         marked: list[Session] = []
-        for first in range(0, len(closing), ANNOUNCE_RUN):
-            if first:
-                await asyncio.sleep(0)
-            for session in closing[first : first + ANNOUNCE_RUN]:
-                if session.usable:
-                    self._mark_closed(session, reason, now)
-                    marked.append(session)
+        turn = self.pacing.turn()
+        for session in closing:
+            if turn.spent():
+                await turn.pause()
+            if session.usable:
+                self._mark_closed(session, reason, now)
+                marked.append(session)
+        if len(closing) >= ANNOUNCE_RUN or turn.spent():
+            # The write's rows are built and encoded (~2 ms a slice of 500) in a turn of their
+            # own, not after a whole turn of flips.
+            await turn.pause()
         await self._persist_closes(marked, reason, upstream_done, now)
 
     async def _persist_closes(
@@ -750,11 +758,12 @@ class SessionManager:
         except StoreError as exc:
             self.store_failed("close", exc)
             self._unpersisted_closes.extend(closes)
-        for done, (session, pending) in enumerate(closes):
-            if done and done % ANNOUNCE_RUN == 0:
-                # Durable and refused at request time already: only the announcing is left,
-                # and requests must not wait for all of it.
-                await asyncio.sleep(0)
+        # Durable and refused at request time already: only the announcing is left, and
+        # requests must not wait for all of it.
+        turn = self.pacing.turn()
+        for session, pending in closes:
+            if turn.spent():
+                await turn.pause()
             if pending is not None:
                 self.closer.schedule(pending, session.credentials)
             if session.runtime is not None:
@@ -860,9 +869,10 @@ class SessionManager:
         """Flip in runs that yield (as `_close_now`), write, then announce; one shielded
         piece, so a cancellation never leaves a DELETE owed on disk but not scheduled."""
         entries = []
-        for done, session in enumerate(going):
-            if done and done % ANNOUNCE_RUN == 0:
-                await asyncio.sleep(0)
+        turn = self.pacing.turn()
+        for session in going:
+            if turn.spent():
+                await turn.pause()
             if not session.live:
                 continue  # hibernated (or closed) by a request while this waited its turn
             pending = self._pending_close(session, CloseReason.IDLE_TIMEOUT, False, now)
@@ -872,6 +882,8 @@ class SessionManager:
             session.dormant_since = now
             session.binding = None
             self._file_dormant(session, waking)
+        if len(going) >= ANNOUNCE_RUN or turn.spent():
+            await turn.pause()  # the write in a turn of its own, as for closes
         try:
             await uncancellable(self.store.hibernate_many(entries))
         except StoreError as exc:
@@ -887,9 +899,10 @@ class SessionManager:
                     )
                 )
             self._unpersisted_closes.extend(entries)
-        for done, (session, pending) in enumerate(entries):
-            if done and done % ANNOUNCE_RUN == 0:
-                await asyncio.sleep(0)  # as for closes: the announcing yields in runs
+        turn = self.pacing.turn()  # as for closes: the announcing yields in turns
+        for session, pending in entries:
+            if turn.spent():
+                await turn.pause()
             if pending is not None:
                 self.closer.schedule(pending, session.credentials)
             if session.runtime is not None and not session.runtime.relays:
@@ -1044,7 +1057,7 @@ class SessionManager:
             try:
                 ended += await self._sweep_slice(batch, now)
                 self.between_slices()
-                await asyncio.sleep(0)
+                await yield_turn()
             except BaseException:
                 # Whatever stopped this sweep, the sessions it had not reached yet are filed
                 # again, so the next sweep still finds them.

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import math
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +23,15 @@ import pytest
 from sidecar.deadlines import Bucket, Deadlines
 from sidecar.manager import ANNOUNCE_RUN, FLUSH_RUN, SWEEP_SLICE, Limits, Outcome, SessionManager
 from sidecar.metrics import Metrics
+from sidecar.pacing import TURN_BUDGET, Pacing
 from sidecar.sessions import CloseReason, Policy, Session, State, Transport
-from sidecar.store import ActivityRow
+from sidecar.store import ActivityRow, PendingClose
 from sidecar.store.redis import FLUSH_SLICE as REDIS_FLUSH_SLICE
 from sidecar.store.redis import RedisStore
 from sidecar.store.sqlite import FLUSH_SLICE, SqliteStore
 from tests.fakes import T0, Clock, FakeCloser
 from tests.peers.redis_server import RedisServer
+from tests.test_pacing import Ticks
 
 IDLE = 600.0
 ALICE = "auth:alice"
@@ -297,3 +299,87 @@ async def test_a_sweep_cancelled_between_runs_still_persists_and_owes_what_it_fl
     assert await harness.manager.sweep() == count - SWEEP_SLICE
     assert len(harness.closer.scheduled) == count
     assert harness.manager.live == {}
+
+
+# ---- turns bounded by time, behind due timers ----------------------------------------------------
+
+
+def _runs(seen: list[int]) -> list[int]:
+    """Lengths of the runs of items done with no turn of the other task between them."""
+    return [len(list(run)) for _, run in itertools.groupby(seen)]
+
+
+async def test_closes_slow_to_announce_yield_after_each_close_not_after_a_run(
+    harness: Harness, turns: Turns
+) -> None:
+    """A turn ends when its time is used, not only after ANNOUNCE_RUN closes: announcing
+    each close here takes twice the budget (by the turn's injected clock), so every close
+    is announced in a turn of its own; each is still closed, written and owed once."""
+    count = ANNOUNCE_RUN + 5
+    sessions = await harness.create(count)
+    ticks = Ticks()
+    harness.manager.pacing = Pacing(clock=ticks)
+    seen: list[int] = []
+
+    def slow_listener(session: Session, reason: CloseReason, now: float) -> None:
+        seen.append(turns.count)
+        ticks.now += 2 * TURN_BUDGET
+
+    harness.manager.close_listeners.append(slow_listener)
+    await harness.manager.close_many(sessions, CloseReason.IDLE_TIMEOUT)
+
+    assert _runs(seen) == [1] * count
+    assert harness.manager.pacing.yields >= count - 1
+    assert len(harness.closer.scheduled) == count
+    assert harness.column("SELECT DISTINCT state FROM sessions") == ["closed"]
+    assert len(harness.column("SELECT session_id FROM pending_closes")) == count
+
+
+async def test_a_timer_due_during_a_turn_of_closes_runs_before_the_next_turn(
+    harness: Harness,
+) -> None:
+    """What a request waits for is one turn: the timers that came due during a turn run
+    before the next turn (`asyncio.sleep(0)` would have run the next turn first)."""
+    count = 2 * ANNOUNCE_RUN + 3
+    sessions = await harness.create(count)
+    harness.manager.pacing = Pacing(clock=Ticks())  # time stands still: turns of ANNOUNCE_RUN
+    announced: list[Session] = []
+    timer_saw: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def listener(session: Session, reason: CloseReason, now: float) -> None:
+        if not announced:
+            loop.call_at(loop.time() - 1, lambda: timer_saw.append(len(announced)))
+        announced.append(session)
+
+    harness.manager.close_listeners.append(listener)
+    await harness.manager.close_many(sessions, CloseReason.IDLE_TIMEOUT)
+
+    assert timer_saw == [ANNOUNCE_RUN]
+    assert len(announced) == count
+
+
+async def test_hibernations_slow_to_announce_yield_after_each_one(
+    harness: Harness, turns: Turns
+) -> None:
+    count = ANNOUNCE_RUN + 5
+    sessions = await harness.create(count)
+    harness.manager.policy = Policy(idle_timeout=IDLE, idle_action="hibernate")
+    ticks = Ticks()
+    harness.manager.pacing = Pacing(clock=ticks)
+    seen: list[int] = []
+    schedule = harness.closer.schedule
+
+    def slow_schedule(pending: PendingClose, credentials: Mapping[str, str]) -> None:
+        seen.append(turns.count)
+        ticks.now += 2 * TURN_BUDGET
+        schedule(pending, credentials)
+
+    harness.closer.schedule = slow_schedule  # type: ignore[method-assign]
+    await harness.manager.hibernate_many(sessions)
+
+    assert _runs(seen) == [1] * count
+    assert len(harness.manager.dormant) == count
+    assert harness.manager.live == {}
+    assert harness.column("SELECT DISTINCT state FROM sessions") == ["dormant"]
+    assert len(harness.column("SELECT session_id FROM pending_closes")) == count
