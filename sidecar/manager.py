@@ -1195,7 +1195,7 @@ class SessionManager:
             # The rows outlive many young collections: frozen here, they never add up to a
             # full one (~50 ms at 100,000 rows) in the middle of the flush.
             self.between_slices()
-            await asyncio.sleep(0)
+            await yield_turn()
         return rows
 
     async def begin_restore(self) -> None:
@@ -1235,14 +1235,14 @@ class SessionManager:
         async for page in self.store.load_slices(State.CLOSED, RESTORE_SLICE, horizon):
             self._restore_tombstones(self._not_held(page))
             self.between_slices()
-            await asyncio.sleep(0)
+            await yield_turn()
         async for page in self.store.load_slices(State.DORMANT, RESTORE_SLICE):
             for session in self._not_held(page):
                 record = Dormant.of(session, _label(session))  # the rest is read back on use
                 self.dormant.add(record)
                 self._schedule(record)
             self.between_slices()
-            await asyncio.sleep(0)
+            await yield_turn()
         # A failure above leaves `restoring` on: ids not read back yet still come from the
         # store, and the next start reads them all again.
         self.restoring = False
@@ -1271,7 +1271,7 @@ class SessionManager:
         if legacy:
             await self.close_many(legacy, CloseReason.RESTART)
         else:
-            await asyncio.sleep(0)
+            await yield_turn()
         return len(legacy)
 
     def _restore_tombstones(self, closed: list[Session]) -> None:
@@ -1340,7 +1340,7 @@ async def _release(rows: list[ActivityRow]) -> None:
     """Free a large list a run at a time: 100,000 rows freed at once held the loop ~20 ms."""
     while rows:
         del rows[-FLUSH_RUN:]
-        await asyncio.sleep(0)
+        await yield_turn()
 
 
 def _nothing() -> None:

@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 from ..aio import Outcome, run_then
 from ..config_render import mask_url_password
 from ..errors import StoreError, StoreTooNewError
+from ..pacing import yield_turn
 from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
 from .records import ActivityRow, PendingClose
 
@@ -402,12 +403,12 @@ class RedisStore:
                 for row in rows[first : first + FLUSH_SLICE]
             ]
             parts.append(json.dumps(ops)[1:-1])
-            await asyncio.sleep(0)
+            await yield_turn()
         await self._write_json(f"[{','.join(parts)}]")
         for first in range(0, len(rows), FLUSH_SLICE):
             for row in rows[first : first + FLUSH_SLICE]:
                 self._requests_seen[row.session_id] = row.requests
-            await asyncio.sleep(0)
+            await yield_turn()
 
     async def claim(self, claims: Sequence[tuple[str, str | None]]) -> set[str]:
         """Claim sessions for closing or hibernating (SPEC 2.8): the ids this sidecar won.

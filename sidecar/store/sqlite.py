@@ -28,6 +28,7 @@ import aiosqlite
 
 from ..aio import Outcome, uncancellable
 from ..errors import StoreCorruptError, StoreError, StoreTooNewError
+from ..pacing import yield_turn
 from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
 from .records import ActivityRow, PendingClose
 from .unshared import UnsharedStore
@@ -479,7 +480,7 @@ class SqliteStore(UnsharedStore):
         for first in range(0, len(rows), FLUSH_SLICE):
             chunk = json.dumps([_activity_params(r) for r in rows[first : first + FLUSH_SLICE]])
             statements.append((_FLUSH_SQL, (chunk,)))
-            await asyncio.sleep(0)
+            await yield_turn()
         await self._write(statements)
 
     async def save_pending(self, pending: PendingClose, error: str | None = None) -> None:
