@@ -431,7 +431,11 @@ class FastPath:
         self.settle(request, "forwarded")
 
     def settle(self, request: FastRequest, outcome: str) -> None:
-        """`Forwarder.handle`'s last step: the request counted, its own time observed."""
+        """`Forwarder.handle`'s last step: the request counted, its own time observed (the
+        usual outcome in plain numbers read at scrape time, `metrics.Tally`)."""
+        if outcome == "forwarded":
+            self.fw.metrics.fast.observe(request.timer.own_time())
+            return
         self.fw.count_request("POST", outcome)
         self.fw.metrics.request_duration.observe(request.timer.own_time())
 
