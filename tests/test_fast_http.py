@@ -6,10 +6,13 @@ the bytes the general rules give, and both give what the multidict rules (`end_t
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.transports import fast_http as wire
+from sidecar.transports import lane
 
 PREFIX = b"POST /mcp HTTP/1.1\r\nHost: up.test:9\r\n"
 NAMES = st.sampled_from(
@@ -97,3 +100,33 @@ def _undated(answer: bytes) -> bytes:
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = [line for line in head.split(b"\r\n") if not line.startswith(b"Date: ")]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def odd_by_the_rules(head: bytes) -> bool:
+    """What aiohttp's strict parser refuses and llhttp's lenient one might take: control
+    characters, obs-fold, a bare LF."""
+    return (
+        CONTROL.search(head) is not None
+        or b"\n " in head
+        or b"\n\t" in head
+        or head.count(b"\n") != head.count(b"\r\n")
+    )
+
+
+HEAD_BYTES = st.lists(
+    st.sampled_from([b"\r\n", b"\r", b"\n", b" ", b"\t", b"a", b":", b"\x00", b"\x7f", b"\xff"])
+    | st.binary(max_size=2),
+    max_size=30,
+).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(HEAD_BYTES)
+def test_the_lane_refuses_every_head_the_rules_call_odd(head: bytes) -> None:
+    if odd_by_the_rules(head):
+        assert lane._odd(head)
+    elif b"\r" not in head.replace(b"\r\n", b""):  # a bare CR: refused, though not by the rules
+        assert not lane._odd(head)
