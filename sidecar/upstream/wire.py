@@ -90,10 +90,10 @@ class Answer:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (`name` in lower case)."""
-        try:
-            return self.headers[self.names.index(name)][1]
-        except ValueError:
-            return None
+        names = self.names
+        # A scan before `index`: a missing header (`Transfer-Encoding`, mostly) raising and
+        # catching ValueError cost more than the scan.
+        return self.headers[names.index(name)][1] if name in names else None
 
     async def wait_head(self) -> None:
         """Until the head came; the exchange's error if it failed before."""
