@@ -212,6 +212,8 @@ class FastPath:
         self._pools: dict[int, WirePool] = {}
         self._prefixes: dict[int, bytes] = {}
         self.deadlines = Deadlines()
+        self._options = forwarder.options
+        self._target = forwarder.options.mcp_path.encode()
 
     @property
     def enabled(self) -> bool:
@@ -219,7 +221,12 @@ class FastPath:
 
     @property
     def target(self) -> bytes:
-        return self.fw.options.mcp_path.encode()
+        """The MCP path as bytes, made again only when a reload brought other options."""
+        options = self.fw.options
+        if options is not self._options:
+            self._options = options
+            self._target = options.mcp_path.encode()
+        return self._target
 
     def close(self) -> None:
         self.deadlines.close()
@@ -239,7 +246,8 @@ class FastPath:
         length = lengths[0]
         if not length.isdigit() or int(length) > self.fw.options.max_body_bytes:
             return False
-        return all(v.strip().lower() == b"keep-alive" for v in index.get(b"connection", ()))
+        connection = index.get(b"connection")
+        return connection is None or all(v.strip().lower() == b"keep-alive" for v in connection)
 
     def plan(self, lane: Lane) -> FastRequest | None:
         """The request, if the fast path can serve it exactly as the full path would."""
