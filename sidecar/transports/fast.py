@@ -32,7 +32,7 @@ from ..upstream.wire import Answer, WirePool, too_late
 from . import fast_http as wire
 from .forwarder import Forwarder, body_too_late, ping_watcher
 from .lane import Lane
-from .resume import updated_setup
+from .resume import SETUP_METHODS, updated_setup
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -412,7 +412,7 @@ class FastPath:
             manager.note_use(session, use)
             manager.count_request(session)
             if 200 <= status < 300:
-                if session.resume is not None:
+                if session.resume is not None and _sets_up(sent.batch):
                     changed = updated_setup(session.resume, sent.batch)
                     if changed is not None:
                         manager.note_setup(session, changed)
@@ -650,6 +650,15 @@ class FastPath:
         if splitter is not None and (tail := splitter.flush()):
             lane.write(wire.chunk(tail))
         lane.write(wire.LAST_CHUNK)
+
+
+def _sets_up(batch: jsonrpc.Batch) -> bool:
+    """Whether `updated_setup` has anything to look at: most requests name no setup method,
+    and this asks without building the batch's tuple of requests."""
+    messages = batch.messages
+    if len(messages) == 1:
+        return messages[0].method in SETUP_METHODS
+    return any(message.method in SETUP_METHODS for message in messages)
 
 
 def _credentials(authorization: bytes | None, cookie: bytes | None) -> dict[str, str]:
