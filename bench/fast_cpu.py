@@ -13,7 +13,10 @@ least disturbed round (min) and the median are printed. No socket syscalls and n
 polling are in the figure: it is the Python cost of the fast path, the part a change to it
 can move.
 
-    python bench/fast_cpu.py [--requests 3000] [--rounds 15]
+    python bench/fast_cpu.py [--requests 3000] [--rounds 15] [--sessions 1]
+
+`--sessions 200` round-robins the requests over that many live sessions, as
+`overhead.py`'s canned-many does.
 """
 
 from __future__ import annotations
@@ -46,12 +49,17 @@ ANSWER = (
 )
 
 
-def request(number: int) -> bytes:
+def session_ids(count: int) -> list[str]:
+    return [SESSION] + [f"{n:032x}" for n in range(1, count)]
+
+
+def request(number: int, sessions: list[str]) -> bytes:
     body = b'{"jsonrpc":"2.0","id":%d,"method":"ping"}' % number
+    session = sessions[number % len(sessions)].encode()
     return (
         b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n"
         b"Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n"
-        b"Mcp-Session-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (SESSION.encode(), len(body), body)
+        b"Mcp-Session-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (session, len(body), body)
     )
 
 
@@ -84,8 +92,9 @@ class Transport_:
 class Client:
     """The lane's client connection; `answers` counts the answers written to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, sessions: list[str]) -> None:
         self.transport = Transport_(self._written)
+        self.sessions = sessions
         self.answers = 0
         self.done: asyncio.Future[None] | None = None
         self.left = 0
@@ -98,7 +107,7 @@ class Client:
         self.left -= 1
         if self.left > 0:
             assert self.lane is not None
-            self.lane.feed(request(self.left))
+            self.lane.feed(request(self.left, self.sessions))
         elif self.done is not None:
             self.done.set_result(None)
 
@@ -115,7 +124,7 @@ class Client:
         pass
 
 
-async def run(requests: int, rounds: int) -> list[float]:
+async def run(requests: int, rounds: int, sessions: int = 1) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="fast-cpu-") as tmp:
         settings = load_settings(
             None,
@@ -130,20 +139,23 @@ async def run(requests: int, rounds: int) -> list[float]:
         service = Service(settings)
         await service.store.open()
         try:
-            return await _measure(service, requests, rounds)
+            return await _measure(service, requests, rounds, session_ids(sessions))
         finally:
             service.fast.close()
             await service.store.close()
 
 
-async def _measure(service: Service, requests: int, rounds: int) -> list[float]:
+async def _measure(
+    service: Service, requests: int, rounds: int, sessions: list[str]
+) -> list[float]:
     loop = asyncio.get_running_loop()
-    await service.manager.create(
-        SESSION,
-        Transport.STREAMABLE_HTTP,
-        client_identity(None, "127.0.0.1"),
-        protocol_version="2025-06-18",
-    )
+    for session in sessions:
+        await service.manager.create(
+            session,
+            Transport.STREAMABLE_HTTP,
+            client_identity(None, "127.0.0.1"),
+            protocol_version="2025-06-18",
+        )
     member = service.forwarder.upstreams.primary
     pool = service.fast.pool(member)  # the pool the fake upstream connection joins
     conn = WireConnection(pool)
@@ -153,7 +165,7 @@ async def _measure(service: Service, requests: int, rounds: int) -> list[float]:
 
     conn.connection_made(Transport_(upstream_written))  # type: ignore[arg-type]
     pool.release(conn)
-    client = Client()
+    client = Client(sessions)
     lane = Lane(client, service.fast, "127.0.0.1", "http")  # type: ignore[arg-type]
     client.lane = lane
     per_request = []
@@ -161,7 +173,7 @@ async def _measure(service: Service, requests: int, rounds: int) -> list[float]:
         client.left = requests
         client.done = loop.create_future()
         start = time.process_time()
-        lane.feed(request(client.left))
+        lane.feed(request(client.left, sessions))
         await client.done
         per_request.append((time.process_time() - start) / requests * 1e6)
     return per_request[1:]
@@ -171,15 +183,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--sessions", type=int, default=1)
     args = parser.parse_args()
     import uvloop  # noqa: PLC0415 - the loop the sidecar runs on
 
-    rounds = uvloop.run(run(args.requests, args.rounds))
+    rounds = uvloop.run(run(args.requests, args.rounds, args.sessions))
     # The least disturbed round is the best estimate on a shared machine: other processes
     # only ever add to a round's CPU time (cache, hyper-thread siblings), never take from it.
     print(
         f"fast path, in process: min {min(rounds):.1f} µs, median {statistics.median(rounds):.1f}"
-        f" µs CPU per request ({args.rounds} rounds of {args.requests})"
+        f" µs CPU per request ({args.rounds} rounds of {args.requests}, {args.sessions}"
+        " session(s))"
     )
     return 0
 

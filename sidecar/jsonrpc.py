@@ -9,6 +9,7 @@ forwarded untouched (the upstream owns JSON-RPC errors) and simply never counts 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,16 +74,47 @@ class Batch:
 INVALID = Batch(valid=False)
 
 
+# `json.loads`'s own decoder settings (all defaults), so `_loads` decides as it does.
+_DECODER = json.JSONDecoder()
+# Set in `JSONDecoder.__init__` (the C scanner when `_json` is built), not in the stubs.
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_BLANK = " \t\n\r"  # JSON's whitespace: all `json.loads` allows after the document
+_OPEN = ord("{")
+
+
 def parse(body: bytes) -> Batch:
     """Read a POST body into a Batch; never raises."""
     if not body:
         return INVALID
     try:
-        data = json.loads(body)
+        data = _loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         # RecursionError: a few MiB of "[[[[..." nests deeper than the parser's stack.
         return INVALID
+    if type(data) is dict:  # one message, the usual body: no list to build
+        message = _message(data)
+        return INVALID if message is None else Batch((message,))
     return from_json(data)
+
+
+def _loads(body: bytes) -> Any:
+    """`json.loads(body)`, with the same result or error for every input, at a quarter of its
+    cost for the usual body (a JSON object): `json.loads` spends most of a small document's
+    time in Python around its C scanner (`detect_encoding`, `decode`'s whitespace regexes).
+    A body that starts with `{` and whose second byte is not NUL is UTF-8 to `json.loads`
+    (no BOM, not UTF-16/32) and has no leading whitespace; its C scanner then reads the
+    document at 0 and only JSON whitespace may follow. Any other body goes to `json.loads`
+    itself (tests/test_jsonrpc_scan.py holds the two equal on random and mutated bodies)."""
+    if body[0] != _OPEN or body[1:2] == b"\x00":
+        return json.loads(body)
+    text = body.decode("utf-8", "surrogatepass")
+    try:
+        data, end = _SCAN(text, 0)
+    except StopIteration as exc:  # what `raw_decode` turns into "Expecting value"
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+    if end != len(text) and text[end:].strip(_BLANK):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return data
 
 
 def from_json(data: Any) -> Batch:

@@ -32,7 +32,7 @@ from ..upstream.wire import Answer, WirePool, too_late
 from . import fast_http as wire
 from .forwarder import Forwarder, body_too_late, ping_watcher
 from .lane import Lane
-from .resume import updated_setup
+from .resume import SETUP_METHODS, updated_setup
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -53,37 +53,40 @@ class FastRequest:
     timer: RequestTimer
 
 
-@dataclass(slots=True)
-class Sent:
-    """A request `start` wrote before any task: how far its exchange got."""
-
-    batch: jsonrpc.Batch
-    use: Use
-    answer: Answer
-    failure: UpstreamError | None = None  # no answer head in time
-
-
 class Exchange:
-    """A request written on a kept-alive connection, served from that connection's callbacks
-    (`wire.Listener`): a plain answer (whole, with a Content-Length, not an event stream, not
-    a sign the session is gone) is relayed the moment it is complete, without a task; any
-    other outcome goes on in a task (`FastPath.serve` with `sent`) from where it stands, so
-    the rules stay those of the task path. `Deadlines` bounds the wait for the answer."""
+    """A request written on a kept-alive connection (by `FastPath.start`, before any task),
+    served from that connection's callbacks (`wire.Listener`): a plain answer (whole, with a
+    Content-Length, not an event stream, not a sign the session is gone) is relayed the moment
+    it is complete, without a task; any other outcome goes on in a task (`FastPath.serve`
+    with this as `sent`) from where it stands, so the rules stay those of the task path.
+    `Deadlines` bounds the wait for the answer. One object holds what was sent and how far
+    its exchange got: a request on this path allocates as few as it can."""
 
-    __slots__ = ("fast", "lane", "request", "sent")
+    __slots__ = ("answer", "batch", "failure", "fast", "lane", "request", "use")
 
-    def __init__(self, fast: FastPath, request: FastRequest, lane: Lane, sent: Sent) -> None:
+    def __init__(  # noqa: PLR0917 - the one object a request's exchange is
+        self,
+        fast: FastPath,
+        request: FastRequest,
+        lane: Lane,
+        batch: jsonrpc.Batch,
+        use: Use,
+        answer: Answer,
+    ) -> None:
         self.fast = fast
         self.request = request
         self.lane = lane
-        self.sent = sent
-        sent.answer.listener = self
+        self.batch = batch
+        self.use = use
+        self.answer = answer
+        self.failure: UpstreamError | None = None  # no answer head in time
+        answer.listener = self
         fast.deadlines.add(self, request.pool.upstream.read_timeout)
 
     # ---- wire.Listener ----------------------------------------------------------------------
     def answered(self, answer: Answer) -> None:
         self._stop()
-        if self.fast.relay_now(self.request, self.sent, self.lane):
+        if self.fast.relay_now(self.request, self, self.lane):
             self.lane.finished()
         else:
             self._go_on()
@@ -100,25 +103,25 @@ class Exchange:
     def cancel(self) -> None:
         """The client left before the answer: the exchange is dropped, as a cancelled task's."""
         self._stop()
-        self.sent.answer.close()
-        self.fast.dropped(self.request, self.sent)
+        self.answer.close()
+        self.fast.dropped(self.request, self)
         # After the connection's own `connection_lost`, as a cancelled task would end.
         asyncio.get_running_loop().call_soon(self.lane.finished)
 
     def too_late(self) -> None:
         """No answer head within `read_timeout` (`Deadlines`): 504, as on the task path."""
-        answer = self.sent.answer
+        answer = self.answer
         answer.listener = None
         answer.close()  # a late answer must never reach the next request
-        self.sent.failure = too_late(self.request.pool.upstream)
+        self.failure = too_late(self.request.pool.upstream)
         self._go_on()
 
     def _stop(self) -> None:
         self.fast.deadlines.discard(self)
-        self.sent.answer.listener = None
+        self.answer.listener = None
 
     def _go_on(self) -> None:
-        self.lane.run(self.fast.serve(self.request, self.lane, self.sent))
+        self.lane.run(self.fast.serve(self.request, self.lane, self))
 
 
 class Due(Protocol):
@@ -209,6 +212,8 @@ class FastPath:
         self._pools: dict[int, WirePool] = {}
         self._prefixes: dict[int, bytes] = {}
         self.deadlines = Deadlines()
+        self._options = forwarder.options
+        self._target = forwarder.options.mcp_path.encode()
 
     @property
     def enabled(self) -> bool:
@@ -216,7 +221,12 @@ class FastPath:
 
     @property
     def target(self) -> bytes:
-        return self.fw.options.mcp_path.encode()
+        """The MCP path as bytes, made again only when a reload brought other options."""
+        options = self.fw.options
+        if options is not self._options:
+            self._options = options
+            self._target = options.mcp_path.encode()
+        return self._target
 
     def close(self) -> None:
         self.deadlines.close()
@@ -236,7 +246,8 @@ class FastPath:
         length = lengths[0]
         if not length.isdigit() or int(length) > self.fw.options.max_body_bytes:
             return False
-        return all(v.strip().lower() == b"keep-alive" for v in index.get(b"connection", ()))
+        connection = index.get(b"connection")
+        return connection is None or all(v.strip().lower() == b"keep-alive" for v in connection)
 
     def plan(self, lane: Lane) -> FastRequest | None:
         """The request, if the fast path can serve it exactly as the full path would."""
@@ -272,7 +283,7 @@ class FastPath:
         member = self._member(session)
         if member is None:
             return None
-        return self._request(lane, session, member, hosts[0])
+        return self._request(lane, session, member, hosts[0], authorization)
 
     def _member(self, session: Session) -> Upstream | None:
         binding = session.binding
@@ -282,7 +293,14 @@ class FastPath:
         member = self.fw.upstream_of(session)
         return member if member.url.scheme == "http" else None
 
-    def _request(self, lane: Lane, session: Session, member: Upstream, host: bytes) -> FastRequest:
+    def _request(
+        self,
+        lane: Lane,
+        session: Session,
+        member: Upstream,
+        host: bytes,
+        authorization: bytes | None,
+    ) -> FastRequest:
         index = lane.index
         chunks = lane.body
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -299,11 +317,7 @@ class FastPath:
             session=None if binding is None else binding.session_id.encode(),
         )
         version = wire.first_of(index, b"mcp-protocol-version")
-        credentials = {
-            name: _text(value)
-            for name, key in (("Authorization", b"authorization"), ("Cookie", b"cookie"))
-            if (value := wire.first_of(index, key)) is not None
-        }
+        credentials = _credentials(authorization, wire.first_of(index, b"cookie"))
         return FastRequest(
             session,
             body,
@@ -374,9 +388,9 @@ class FastPath:
             lane.finished()
             return
         request.timer.upstream_begins()
-        lane.serving = Exchange(self, request, lane, Sent(batch, use, conn.send(request.upstream)))
+        lane.serving = Exchange(self, request, lane, batch, use, conn.send(request.upstream))
 
-    def relay_now(self, request: FastRequest, sent: Sent, lane: Lane) -> bool:
+    def relay_now(self, request: FastRequest, sent: Exchange, lane: Lane) -> bool:
         """`_post`'s rest for a complete plain answer, without a task; False (and nothing
         done) when the answer needs more than this (`relay`'s other branches)."""
         answer = sent.answer
@@ -398,7 +412,7 @@ class FastPath:
             manager.note_use(session, use)
             manager.count_request(session)
             if 200 <= status < 300:
-                if session.resume is not None:
+                if session.resume is not None and _sets_up(sent.batch):
                     changed = updated_setup(session.resume, sent.batch)
                     if changed is not None:
                         manager.note_setup(session, changed)
@@ -423,7 +437,7 @@ class FastPath:
             self.settle(request, "forwarded")
         return True
 
-    def dropped(self, request: FastRequest, sent: Sent) -> None:
+    def dropped(self, request: FastRequest, sent: Exchange) -> None:
         """The client left while the answer was awaited: `_post` and `serve` when cancelled."""
         request.timer.upstream_answered()
         if sent.use.is_call:
@@ -431,11 +445,15 @@ class FastPath:
         self.settle(request, "forwarded")
 
     def settle(self, request: FastRequest, outcome: str) -> None:
-        """`Forwarder.handle`'s last step: the request counted, its own time observed."""
+        """`Forwarder.handle`'s last step: the request counted, its own time observed (the
+        usual outcome in plain numbers read at scrape time, `metrics.Tally`)."""
+        if outcome == "forwarded":
+            self.fw.metrics.fast.observe(request.timer.own_time())
+            return
         self.fw.count_request("POST", outcome)
         self.fw.metrics.request_duration.observe(request.timer.own_time())
 
-    async def serve(self, request: FastRequest, lane: Lane, sent: Sent | None = None) -> None:
+    async def serve(self, request: FastRequest, lane: Lane, sent: Exchange | None = None) -> None:
         """`Forwarder.handle` for a planned request: its outcome counted the same way."""
         outcome = "forwarded"
         try:
@@ -474,7 +492,7 @@ class FastPath:
             manager.begin_call(session)
         return batch, use
 
-    async def _post(self, request: FastRequest, lane: Lane, sent: Sent | None) -> None:
+    async def _post(self, request: FastRequest, lane: Lane, sent: Exchange | None) -> None:
         """`StreamableHttp.dispatch` + `_post` for a live session; `sent`: the request was
         written already (by `start`), its exchange goes on here."""
         manager = self.manager
@@ -520,7 +538,7 @@ class FastPath:
         finally:
             timer.upstream_answered()
 
-    async def _forwarded(self, request: FastRequest, sent: Sent) -> Answer:
+    async def _forwarded(self, request: FastRequest, sent: Exchange) -> Answer:
         """`_forward` for a request `start` wrote: its head came, or it failed."""
         try:
             if sent.failure is not None:
@@ -632,6 +650,27 @@ class FastPath:
         if splitter is not None and (tail := splitter.flush()):
             lane.write(wire.chunk(tail))
         lane.write(wire.LAST_CHUNK)
+
+
+def _sets_up(batch: jsonrpc.Batch) -> bool:
+    """Whether `updated_setup` has anything to look at: most requests name no setup method,
+    and this asks without building the batch's tuple of requests."""
+    messages = batch.messages
+    if len(messages) == 1:
+        return messages[0].method in SETUP_METHODS
+    return any(message.method in SETUP_METHODS for message in messages)
+
+
+def _credentials(authorization: bytes | None, cookie: bytes | None) -> dict[str, str]:
+    """What a later upstream DELETE (or resume) must carry, as `_post` takes them."""
+    if authorization is None and cookie is None:
+        return {}  # the usual request: nothing to look at
+    credentials = {}
+    if authorization is not None:
+        credentials["Authorization"] = _text(authorization)
+    if cookie is not None:
+        credentials["Cookie"] = _text(cookie)
+    return credentials
 
 
 def _text(value: bytes) -> str:

@@ -103,6 +103,28 @@ def upstream_request(
     replaced, X-Forwarded-Host set and X-Forwarded-For/-Proto appended to (the multidict
     rules of `_replace` and `_append`), in one pass over the headers (`names` are theirs in
     lower case, `index` maps them to their values)."""
+    if b"connection" not in index and _FORWARDED.isdisjoint(index):
+        return _plain_request(
+            prefix, headers, names, body, host=host, peer=peer, scheme=scheme, session=session
+        )
+    return _any_request(
+        prefix, headers, names, index, body, host=host, peer=peer, scheme=scheme, session=session
+    )
+
+
+def _any_request(
+    prefix: bytes,
+    headers: Headers,
+    names: list[bytes],
+    index: Index,
+    body: bytes,
+    *,
+    host: bytes,
+    peer: bytes,
+    scheme: bytes,
+    session: bytes | None,
+) -> bytes:
+    """`upstream_request` by the general rules."""
     tokens = index.get(b"connection")
     drop = DROPPED if tokens is None else _named(tokens)
     forwarded = {
@@ -133,10 +155,64 @@ def upstream_request(
     return b"".join(lines)
 
 
+_FORWARDED = frozenset((b"x-forwarded-host", b"x-forwarded-for", b"x-forwarded-proto"))
+
+
+def _plain_request(
+    prefix: bytes,
+    headers: Headers,
+    names: list[bytes],
+    body: bytes,
+    *,
+    host: bytes,
+    peer: bytes,
+    scheme: bytes,
+    session: bytes | None,
+) -> bytes:
+    """`upstream_request` for the usual request: no `Connection` header and no
+    `X-Forwarded-*` of its own, so nothing is named for dropping and nothing appended to: the
+    three X-Forwarded lines go last, as the general rules put them (held equal to those by
+    tests/test_fast_http.py), without the table of replacements."""
+    lines = [prefix]
+    replace = session is not None
+    for (name, value), low in zip(headers, names, strict=True):
+        if low in DROPPED:
+            continue
+        if low != SESSION or session is None:
+            lines += (name, b": ", value, b"\r\n")
+        elif replace:  # the first one's place; later ones are gone
+            replace = False
+            lines += (b"Mcp-Session-Id: ", session, b"\r\n")
+    lines += (
+        b"X-Forwarded-Host: ",
+        host,
+        b"\r\nX-Forwarded-For: ",
+        peer,
+        b"\r\nX-Forwarded-Proto: ",
+        scheme,
+        b"\r\nContent-Length: ",
+        str(len(body)).encode(),
+        b"\r\n\r\n",
+        body,
+    )
+    return b"".join(lines)
+
+
 def _named(tokens: list[bytes]) -> frozenset[bytes]:
-    """The headers dropped when `Connection` names some (see `_dropped`)."""
-    named = {t.strip().lower() for value in tokens for t in value.split(b",") if t.strip()}
-    return DROPPED | named
+    """The headers dropped when `Connection` names some (see `_dropped`); remembered for the
+    few values seen (an upstream says `keep-alive` on every answer)."""
+    key = tokens[0] if len(tokens) == 1 else b",".join(tokens)
+    drop = _NAMED.get(key)
+    if drop is None:
+        named = {t.strip().lower() for t in key.split(b",") if t.strip()}
+        drop = DROPPED | named
+        if len(_NAMED) < MAX_NAMED:  # bounded: a client chooses its own `Connection` values
+            _NAMED[key] = drop
+    return drop
+
+
+MAX_NAMED = 64
+_NAMED: dict[bytes, frozenset[bytes]] = {}
 
 
 def _appended(index: Index, drop: frozenset[bytes], name: bytes, value: bytes) -> bytes:
@@ -193,15 +269,15 @@ def buffered_from(
     """`buffered_answer(status, reason, end_to_end(headers, session), body)` in one pass over
     the upstream's headers (`names`: theirs in lower case)."""
     lines = [status_line(status, reason)]
-    kept = _relayed(headers, names, session, lines)
+    drop = _relayed(headers, names, session, lines)
     empty = status in EMPTY_STATUSES
     if not empty:
         lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")
-        if body and b"content-type" not in kept:
+        if body and not _kept(b"content-type", names, drop):
             lines.append(b"Content-Type: application/octet-stream\r\n")
-    if b"date" not in kept:
+    if not _kept(b"date", names, drop):
         lines += (b"Date: ", rfc822_formatted_time().encode(), b"\r\n")
-    if b"server" not in kept:
+    if not _kept(b"server", names, drop):
         lines += (b"Server: ", _SERVER, b"\r\n")
     lines.append(b"\r\n")
     if not empty:
@@ -211,23 +287,31 @@ def buffered_from(
 
 def _relayed(
     headers: Headers, names: list[bytes], session: bytes, lines: list[bytes]
-) -> set[bytes]:
-    """`end_to_end`'s header lines added to `lines`; the (lower-case) names kept."""
+) -> frozenset[bytes]:
+    """`end_to_end`'s header lines added to `lines`; the (lower-case) names dropped."""
     drop = DROPPED
-    if b"connection" in names:
+    count = names.count(b"connection")
+    if count == 1:  # an upstream's usual `keep-alive`: its value is at hand
+        drop = _named([headers[names.index(b"connection")][1]])
+    elif count:
         drop = _named(
             [v for (_, v), low in zip(headers, names, strict=True) if low == b"connection"]
         )
-    kept: set[bytes] = set()
+    replace = True
     for (name, value), low in zip(headers, names, strict=True):
         if low in drop:
             continue
         if low != SESSION:
             lines += (name, b": ", value, b"\r\n")
-        elif low not in kept:  # only the first one's place, with the client's own id
+        elif replace:  # only the first one's place, with the client's own id
+            replace = False
             lines += (b"Mcp-Session-Id: ", session, b"\r\n")
-        kept.add(low)
-    return kept
+    return drop
+
+
+def _kept(name: bytes, names: list[bytes], drop: frozenset[bytes]) -> bool:
+    """Whether a header `_relayed` passed on is called `name` (lower case)."""
+    return name in names and name not in drop
 
 
 def json_answer(status: int, body: bytes) -> bytes:

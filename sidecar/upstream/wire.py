@@ -90,10 +90,10 @@ class Answer:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (`name` in lower case)."""
-        try:
-            return self.headers[self.names.index(name)][1]
-        except ValueError:
-            return None
+        names = self.names
+        # A scan before `index`: a missing header (`Transfer-Encoding`, mostly) raising and
+        # catching ValueError cost more than the scan.
+        return self.headers[names.index(name)][1] if name in names else None
 
     async def wait_head(self) -> None:
         """Until the head came; the exchange's error if it failed before."""
@@ -269,7 +269,7 @@ class WirePool:
     async def exchange(self, request: bytes) -> Answer:
         """Write a request on a usable connection; returns once the answer's head came."""
         upstream = self.upstream
-        conn = self._take()
+        conn = self.take()
         if conn is None:
             conn = await self._connect()
         answer = conn.send(request)
@@ -286,9 +286,6 @@ class WirePool:
 
     def take(self) -> WireConnection | None:
         """An idle connection that can take a request now, if there is one."""
-        return self._take()
-
-    def _take(self) -> WireConnection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -320,11 +317,13 @@ class WirePool:
         )
 
     def release(self, conn: WireConnection) -> None:
-        conn.resume()
-        conn.idle_since = asyncio.get_running_loop().time()
+        if conn._paused:
+            conn.resume()
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         self._idle.append(conn)
         if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().call_later(POOL_IDLE_SECONDS, self._reap)
+            self._reaper = loop.call_later(POOL_IDLE_SECONDS, self._reap)
 
     def _reap(self) -> None:
         """Close connections idle for `POOL_IDLE_SECONDS`; one timer per pool, not per use."""
