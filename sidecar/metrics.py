@@ -8,11 +8,14 @@ fixed vocabularies, and client strings never become labels (see `clients.py`).
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
+
+log = logging.getLogger(__name__)
 
 PREFIX = "mcp_sidecar_"
 
@@ -88,6 +91,45 @@ class Tally:
         self.forwarded = 0
         self.buckets = [0] * len(self.bounds)
         self.seconds = 0.0
+
+
+class DirectTally(Tally):
+    """What `Tally` stands for, when prometheus-client's insides are not the ones `fold`
+    adds to (`_upper_bounds`, `_buckets`, `_sum`): every request observed at once, as
+    before the tally. Slower, never wrong, whatever version an operator's pip resolves."""
+
+    __slots__ = ("_duration", "_forwarded")
+
+    def __init__(self, requests: Counter, duration: Histogram) -> None:
+        super().__init__(())
+        self._forwarded = requests.labels("POST", "forwarded")
+        self._duration = duration
+
+    def observe(self, seconds: float) -> None:
+        self._forwarded.inc()
+        self._duration.observe(seconds)
+
+    def fold(self, requests: Counter, duration: Histogram) -> None:
+        return
+
+
+def tally_for(requests: Counter, duration: Histogram) -> Tally:
+    """A `Tally` folding into `duration`'s buckets if they are laid out as it expects."""
+    bounds = getattr(duration, "_upper_bounds", None)
+    buckets = getattr(duration, "_buckets", None)
+    if (
+        isinstance(bounds, list | tuple)
+        and isinstance(buckets, list)
+        and len(bounds) == len(buckets)
+        and all(hasattr(b, "inc") for b in buckets)
+        and hasattr(getattr(duration, "_sum", None), "inc")
+    ):
+        return Tally(tuple(bounds))
+    log.warning(
+        "prometheus-client's histogram is not laid out as this sidecar knows it: "
+        "fast-path requests are observed one by one (slower, same figures)"
+    )
+    return DirectTally(requests, duration)
 
 
 class FoldingRegistry(CollectorRegistry):
@@ -224,7 +266,7 @@ class Metrics:
             "Clients (by label, bounded) that sent requests on closed session ids.",
             registry=r,
         )
-        self.fast = Tally(tuple(self.request_duration._upper_bounds))
+        self.fast = tally_for(self.requests, self.request_duration)
         for cause in RESUME_CAUSES:
             self.sessions_resumed.labels(cause)
         for operation in STORE_OPERATIONS:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from sidecar.metrics import OVERHEAD_BUCKETS, PREFIX, Metrics
+from sidecar.metrics import OVERHEAD_BUCKETS, PREFIX, DirectTally, Metrics, tally_for
 from tests.peers.ops import Admin
 from tests.peers.processes import SidecarHandle, start_sidecar
 from tests.test_fast_path import Recorder, call, exchange, initialize
@@ -46,6 +46,29 @@ def test_a_folded_tally_shows_what_observe_would_have_shown() -> None:
     assert ours[(PREFIX + "request_duration_seconds_sum", "")] == pytest.approx(sum(DURATIONS))
     forwarded = {"method": "POST", "outcome": "forwarded"}
     assert metrics.registry.get_sample_value(PREFIX + "requests_total", forwarded) == len(DURATIONS)
+
+
+def test_a_histogram_laid_out_otherwise_is_observed_one_by_one_with_the_same_figures() -> None:
+    """A prometheus-client whose histogram has no `_buckets` (its insides are not an API):
+    the tally is not used, and a scrape still shows every request, not an error."""
+    metrics = Metrics()
+
+    class Other(Histogram):
+        """A histogram keeping its buckets under another name."""
+
+    registry = CollectorRegistry()
+    other = Other("other", "insides moved", buckets=OVERHEAD_BUCKETS, registry=registry)
+    other._other_buckets = other.__dict__.pop("_buckets")  # type: ignore[attr-defined]
+    tally = tally_for(metrics.requests, other)
+    assert isinstance(tally, DirectTally)
+    other._buckets = other.__dict__.pop("_other_buckets")  # type: ignore[attr-defined]
+    for seconds in DURATIONS:
+        tally.observe(seconds)
+    tally.fold(metrics.requests, other)  # nothing held back to fold
+    assert registry.get_sample_value("other_count") == len(DURATIONS)
+    forwarded = {"method": "POST", "outcome": "forwarded"}
+    assert metrics.registry.get_sample_value(PREFIX + "requests_total", forwarded) == len(DURATIONS)
+    assert not isinstance(Metrics().fast, DirectTally)  # this version: the tally is used
 
 
 def test_folding_twice_counts_each_request_once() -> None:
