@@ -1,0 +1,164 @@
+"""WAL checkpoints of the SQLite store, off the request path.
+
+SQLite's automatic checkpoint (every 1,000 WAL pages) runs inside whichever commit crosses that
+mark, on the writer's connection and thread: its fsyncs (~9 ms on a quiet disk, seconds on a
+loaded one) then hold a whole group commit of `initialize`s, each waiting for its row to be
+durable before it answers, and the activity flush behind them. The store turns it off on its
+writer (`wal_autocheckpoint=0`) and this task does the work instead, on a connection (and so a
+thread) of its own: a PASSIVE checkpoint never takes the write lock, so commits keep appending
+to the WAL while it copies pages into the database file and syncs it.
+
+Durability is what it was: with `synchronous=NORMAL` a commit is in the WAL when it returns,
+which is what survives a kill -9; checkpoints only move committed pages into the database file.
+A checkpoint that fails (a full disk, an I/O error) is logged and counted and tried again at the
+next look; it never reaches a writer. Each checkpoint opens its own short-lived connection, so
+no file of a filesystem that failed stays open here (it could not be unmounted and mounted
+again, as the writer's reopening after an I/O error expects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import aiosqlite
+
+from ..aio import uncancellable
+
+log = logging.getLogger("sidecar.store")
+
+# A look every second, checkpointing if anything was committed since the last one: the WAL
+# holds about a second of writes. (Under a burst of `initialize`s SQLite's own 1,000 pages went
+# by about as often; when idle, nothing is done.)
+INTERVAL = 1.0
+
+# PASSIVE skips frames that a reader still needs (a long read, the CLI's `--db` on the file),
+# and the WAL grows meanwhile. Past this size a TRUNCATE is attempted, which waits for readers.
+WAL_LIMIT = 64 * 1024 * 1024
+
+# How long a TRUNCATE waits for readers: it blocks new write transactions meanwhile, so
+# briefly; the next look tries again.
+TRUNCATE_WAIT = 0.2
+
+
+class Checkpointer:
+    """The store's background checkpoint task (started at open, stopped at close)."""
+
+    def __init__(
+        self,
+        path: str,
+        commits: Callable[[], int],
+        interval: float = INTERVAL,
+        wal_limit: int = WAL_LIMIT,
+    ) -> None:
+        self.path = path
+        # `mode=rw`: never creates the file (a store directory that went away stays gone).
+        self._uri = Path(path).absolute().as_uri() + "?mode=rw"
+        self.interval = interval
+        self.wal_limit = wal_limit
+        self.checkpoints = 0  # completed checkpoints (PASSIVE or TRUNCATE)
+        self.failures = 0  # failed ones: logged, counted, tried again
+        self.on_failure: Callable[[], None] = _nothing  # metrics hook
+        self._commits = commits
+        self._seen = -1  # commits already checkpointed; -1: the first look always checkpoints
+        self._failing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._seen = -1
+        self._task = asyncio.create_task(self._run(), name="sqlite-checkpoint")
+
+    async def stop(self) -> None:
+        """Cancel the loop (a checkpoint under way finishes), then, if it was running, a
+        final TRUNCATE, so a stopped sidecar leaves a small WAL even when another process
+        keeps the file open (the writer's close, as the last connection, removes it)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await self.checkpoint("TRUNCATE")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            commits = self._commits()
+            if commits == self._seen:
+                continue
+            if await uncancellable(self.checkpoint()) is not None:
+                self._seen = commits  # a failed one stays due: tried again at the next look
+
+    async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int] | None:
+        """One checkpoint: SQLite's (busy, WAL frames, frames checkpointed), or None when it
+        failed (logged and counted, never raised). A PASSIVE one that leaves the WAL past
+        `wal_limit` is followed by a TRUNCATE attempt."""
+        try:
+            result = await self._checkpoint(mode)
+        except (sqlite3.Error, OSError) as exc:
+            self._failed(exc)
+            return None
+        self.checkpoints += 1
+        if self._failing:
+            self._failing = False
+            log.info("WAL checkpoints of %s work again", self.path)
+        return result
+
+    async def _checkpoint(self, mode: str) -> tuple[int, int, int]:
+        db = await aiosqlite.connect(self._uri, uri=True, isolation_level=None)
+        try:
+            await db.execute(f"PRAGMA busy_timeout={int(TRUNCATE_WAIT * 1000)}")
+            result = await _wal_checkpoint(db, mode)
+            if mode == "PASSIVE" and self._behind(result):
+                log.warning(
+                    "the WAL of %s passed %d MiB and readers keep PASSIVE checkpoints from "
+                    "catching up (%d of %d frames); trying a TRUNCATE checkpoint",
+                    self.path,
+                    self.wal_limit >> 20,
+                    result[2],
+                    result[1],
+                )
+                result = await _wal_checkpoint(db, "TRUNCATE")
+            return result
+        finally:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await db.close()
+
+    def _behind(self, result: tuple[int, int, int]) -> bool:
+        busy, frames, done = result
+        return bool(busy or done < frames) and self._wal_size() > self.wal_limit
+
+    def _wal_size(self) -> int:
+        try:
+            return os.stat(self.path + "-wal").st_size
+        except OSError:
+            return 0
+
+    def _failed(self, exc: sqlite3.Error | OSError) -> None:
+        self.failures += 1
+        self.on_failure()
+        # One warning per run of failures (a full disk fails every second until freed).
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "WAL checkpoint of %s failed (%s); writes go on into the WAL, tried again "
+                "every %gs; check disk space",
+                self.path,
+                exc,
+                self.interval,
+            )
+
+
+async def _wal_checkpoint(db: aiosqlite.Connection, mode: str) -> tuple[int, int, int]:
+    async with db.execute(f"PRAGMA wal_checkpoint({mode})") as cursor:
+        row = await cursor.fetchone()
+    assert row is not None  # the pragma always answers one row
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def _nothing() -> None:
+    pass
