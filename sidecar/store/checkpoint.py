@@ -37,8 +37,13 @@ log = logging.getLogger("sidecar.store")
 # by about as often; when idle, nothing is done.)
 INTERVAL = 1.0
 
-# PASSIVE skips frames that a reader still needs (a long read, the CLI's `--db` on the file),
-# and the WAL grows meanwhile. Past this size a TRUNCATE is attempted, which waits for readers.
+# The writer starts the WAL over only when a transaction begins with every frame checkpointed.
+# A PASSIVE checkpoint runs beside the writes, so under writes without a pause (a long burst of
+# `initialize`s), or while a reader needs old frames (a long read, the CLI's `--db`), it never
+# quite catches up and the WAL file grows. Past this size a TRUNCATE is attempted: it blocks
+# new write transactions while it copies the rest (the tail since the last PASSIVE) and waits
+# for readers, then empties the file. One such pause per 64 MiB of WAL, where SQLite's own
+# checkpoint paused a commit every 4 MiB.
 WAL_LIMIT = 64 * 1024 * 1024
 
 # How long a TRUNCATE waits for readers: it blocks new write transactions meanwhile, so
@@ -63,14 +68,17 @@ class Checkpointer:
         self.wal_limit = wal_limit
         self.checkpoints = 0  # completed checkpoints (PASSIVE or TRUNCATE)
         self.failures = 0  # failed ones: logged, counted, tried again
+        # The last one's (busy, WAL frames, frames checkpointed), and how many commits the
+        # loop's last one covered (-1: the first look always checkpoints).
+        self.last: tuple[int, int, int] | None = None
+        self.checkpointed = -1
         self.on_failure: Callable[[], None] = _nothing  # metrics hook
         self._commits = commits
-        self._seen = -1  # commits already checkpointed; -1: the first look always checkpoints
         self._failing = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._seen = -1
+        self.checkpointed = -1
         self._task = asyncio.create_task(self._run(), name="sqlite-checkpoint")
 
     async def stop(self) -> None:
@@ -88,10 +96,10 @@ class Checkpointer:
         while True:
             await asyncio.sleep(self.interval)
             commits = self._commits()
-            if commits == self._seen:
+            if commits == self.checkpointed:
                 continue
             if await uncancellable(self.checkpoint()) is not None:
-                self._seen = commits  # a failed one stays due: tried again at the next look
+                self.checkpointed = commits  # a failed one stays due: tried at the next look
 
     async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int] | None:
         """One checkpoint: SQLite's (busy, WAL frames, frames checkpointed), or None when it
@@ -103,6 +111,7 @@ class Checkpointer:
             self._failed(exc)
             return None
         self.checkpoints += 1
+        self.last = result
         if self._failing:
             self._failing = False
             log.info("WAL checkpoints of %s work again", self.path)
@@ -113,24 +122,20 @@ class Checkpointer:
         try:
             await db.execute(f"PRAGMA busy_timeout={int(TRUNCATE_WAIT * 1000)}")
             result = await _wal_checkpoint(db, mode)
-            if mode == "PASSIVE" and self._behind(result):
-                log.warning(
-                    "the WAL of %s passed %d MiB and readers keep PASSIVE checkpoints from "
-                    "catching up (%d of %d frames); trying a TRUNCATE checkpoint",
+            if mode == "PASSIVE" and self._wal_size() > self.wal_limit:
+                log.info(
+                    "the WAL of %s passed %d MiB (%d frames, %d checkpointed); a TRUNCATE "
+                    "checkpoint starts it over",
                     self.path,
                     self.wal_limit >> 20,
-                    result[2],
                     result[1],
+                    result[2],
                 )
                 result = await _wal_checkpoint(db, "TRUNCATE")
             return result
         finally:
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await db.close()
-
-    def _behind(self, result: tuple[int, int, int]) -> bool:
-        busy, frames, done = result
-        return bool(busy or done < frames) and self._wal_size() > self.wal_limit
 
     def _wal_size(self) -> int:
         try:
