@@ -12,10 +12,11 @@ a group commit. Two modes, alternating rounds on the same machine:
   the store's own checkpoint task, on its own connection and thread.
 
 Printed per mode: creations/s, and the wait of an insert (from the call to its return)
-p50 / p99 / max, the median over rounds.
+p50 / p99 / max, the median over rounds, and (outside) how many background checkpoints ran
+during a round: a round must last a few seconds for them to run at all (the default does).
 
     python bench/checkpoint_commits.py                       # ~1 min
-    python bench/checkpoint_commits.py --creations 50000 --rounds 5
+    python bench/checkpoint_commits.py --rate 3000 --creations 30000   # ~1.5 min, paced
 """
 
 from __future__ import annotations
@@ -58,21 +59,26 @@ def _session(n: int) -> Session:
     )
 
 
-async def _round(directory: Path, mode: str, creations: int, concurrency: int) -> dict[str, float]:
+async def _round(directory: Path, mode: str, args: argparse.Namespace) -> dict[str, float]:
     store = await _open(directory / f"{mode}.db", mode)
+    before = store.checkpointer.checkpoints
     waits: list[float] = []
+    creations = args.creations
     numbers = iter(range(creations))
+    begin = time.perf_counter()
 
     async def creator() -> None:
         for n in numbers:
+            if args.rate:  # paced: creation n starts at its slot, not before
+                await asyncio.sleep(begin + n / args.rate - time.perf_counter())
             started = time.perf_counter()
             await store.insert(_session(n))
             waits.append(time.perf_counter() - started)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(creator() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    await asyncio.gather(*(creator() for _ in range(args.concurrency)))
+    elapsed = time.perf_counter() - begin
     transactions = store.transactions
+    checkpoints = store.checkpointer.checkpoints - before  # background ones, in the round
     await store.close()
     waits.sort()
     return {
@@ -81,6 +87,7 @@ async def _round(directory: Path, mode: str, creations: int, concurrency: int) -
         "p99": waits[int(len(waits) * 0.99)] * 1000,
         "max": waits[-1] * 1000,
         "per_tx": creations / transactions,
+        "checkpoints": float(checkpoints),
     }
 
 
@@ -92,7 +99,7 @@ async def main(args: argparse.Namespace) -> None:
             for mode in MODES if number % 2 == 0 else MODES[::-1]:
                 directory = Path(tmp) / f"{mode}-{number}"
                 directory.mkdir()
-                result = await _round(directory, mode, args.creations, args.concurrency)
+                result = await _round(directory, mode, args)
                 results[mode].append(result)
                 print(
                     f"round {number + 1} {mode}: "
@@ -111,6 +118,7 @@ async def main(args: argparse.Namespace) -> None:
                 fmt(med["max"]),
                 fmt(worst),
                 fmt(med["per_tx"]),
+                fmt(med["checkpoints"], 0) if mode == "outside" else "every 1,000 pages",
             ]
         )
     print_table(
@@ -122,6 +130,7 @@ async def main(args: argparse.Namespace) -> None:
             "wait max ms (median)",
             "wait max ms (worst)",
             "creations/commit",
+            "checkpoints",
         ],
         rows,
     )
@@ -130,9 +139,15 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--creations", type=int, default=20_000)
+    parser.add_argument("--creations", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="creations per second to start (0: as fast as they go); e.g. 3000, the target",
+    )
     parser.add_argument(
         "--dir", default=".", help="where the temp databases go (a real disk, not a tmpfs)"
     )

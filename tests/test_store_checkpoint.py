@@ -35,8 +35,8 @@ async def _insert(store: SqliteStore, numbers: range) -> None:
     await asyncio.gather(*(store.insert(_session(n)) for n in numbers))
 
 
-def _checkpointed_all(store: SqliteStore) -> Callable[[], bool]:
-    return lambda: store.checkpointer.checkpointed == store.transactions
+def _caught_up(store: SqliteStore) -> Callable[[], bool]:
+    return store.checkpointer.caught_up
 
 
 def _wal_size(db_path: Path) -> int:
@@ -54,9 +54,10 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
-    """A store whose checkpoint loop looks often, so the tests wait little."""
+    """A store whose checkpoint loop looks often and checkpoints any frame it finds."""
     store = SqliteStore(str(db_path))
     store.checkpointer.interval = 0.01
+    store.checkpointer.wal_pages = 1
     await store.open()
     yield store
     await store.close()
@@ -85,14 +86,14 @@ async def test_background_checkpoint_copies_the_wal_and_the_writer_starts_it_ove
     store: SqliteStore, db_path: Path
 ) -> None:
     await _insert(store, range(2000))
-    await eventually(_checkpointed_all(store), interval=0.005, what="checkpointed")
+    await eventually(_caught_up(store), interval=0.005, what="caught up")
     busy, frames, done = store.checkpointer.last or (-1, -1, -1)
     assert busy == 0
     assert frames == done > 0  # every frame copied into the database file
     size = _wal_size(db_path)
     # The next commit finds the WAL checkpointed and writes it from the start again.
     await store.insert(_session(9999))
-    await eventually(_checkpointed_all(store), interval=0.005, what="checkpointed")
+    await eventually(_caught_up(store), interval=0.005, what="caught up")
     busy, frames, done = store.checkpointer.last or (-1, -1, -1)
     assert busy == 0
     assert 0 < frames == done < 20
@@ -102,13 +103,33 @@ async def test_background_checkpoint_copies_the_wal_and_the_writer_starts_it_ove
     db.close()
 
 
+async def test_the_loop_checkpoints_once_the_wal_holds_sqlites_1000_pages(
+    db_path: Path,
+) -> None:
+    store = SqliteStore(str(db_path))
+    store.checkpointer.interval = 0.01
+    await store.open()
+    try:
+        await _insert(store, range(50))  # a few dozen pages
+        await eventually(_caught_up(store), interval=0.005, what="caught up")
+        assert store.checkpointer.checkpoints == 0  # looked, found nothing due
+        for n in range(100, 500):
+            await store.insert(_session(n))  # one commit each: past 1,000 pages
+        await eventually(_caught_up(store), interval=0.005, what="caught up")
+        busy, frames, done = store.checkpointer.last or (-1, -1, -1)
+        assert busy == 0
+        assert frames == done >= 1000
+    finally:
+        await store.close()
+
+
 async def test_a_wal_past_its_limit_is_truncated(
     store: SqliteStore, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store.checkpointer.wal_limit = 0  # every WAL is past it
     caplog.set_level(logging.INFO, logger="sidecar.store")
     await _insert(store, range(500))
-    await eventually(_checkpointed_all(store), interval=0.005, what="checkpointed")
+    await eventually(_caught_up(store), interval=0.005, what="caught up")
     assert _wal_size(db_path) == 0
     assert "a TRUNCATE checkpoint starts it over" in caplog.text
 
@@ -173,6 +194,7 @@ async def test_a_failing_checkpoint_is_logged_counted_retried_and_writes_go_on(
 ) -> None:
     store = SqliteStore(str(small_disk / "sessions.db"))
     store.checkpointer.interval = 0.01
+    store.checkpointer.wal_pages = 1
     counted: list[int] = []
     store.checkpointer.on_failure = lambda: counted.append(1)
     caplog.set_level(logging.INFO, logger="sidecar.store")
@@ -180,7 +202,7 @@ async def test_a_failing_checkpoint_is_logged_counted_retried_and_writes_go_on(
     try:
         # A WAL that has held 400 rows, checkpointed: later commits reuse its space.
         await _insert(store, range(400))
-        await eventually(_checkpointed_all(store), interval=0.005, what="checkpointed")
+        await eventually(_caught_up(store), interval=0.005, what="caught up")
         filler = _fill(small_disk)
         try:
             # Fit in the WAL's space; checkpointing them needs the database file to grow.
@@ -190,7 +212,7 @@ async def test_a_failing_checkpoint_is_logged_counted_retried_and_writes_go_on(
             await store.insert(_session(5000))  # the writer goes on meanwhile
         finally:
             filler.unlink()
-        await eventually(_checkpointed_all(store), interval=0.005, what="checkpointed")
+        await eventually(_caught_up(store), interval=0.005, what="caught up")
     finally:
         await store.close()
     assert len(counted) == store.checkpointer.failures >= 2

@@ -10,7 +10,9 @@ to the WAL while it copies pages into the database file and syncs it.
 
 Durability is what it was: with `synchronous=NORMAL` a commit is in the WAL when it returns,
 which is what survives a kill -9; checkpoints only move committed pages into the database file.
-A checkpoint that fails (a full disk, an I/O error) is logged and counted and tried again at the
+How full the WAL is comes from the WAL-index header in the `-shm` file (SQLite's documented
+format), read without a lock: asking SQLite would take a checkpoint. A checkpoint that fails
+(a full disk, an I/O error) is logged and counted and tried again at the
 next look; it never reaches a writer. Each checkpoint opens its own short-lived connection, so
 no file of a filesystem that failed stays open here (it could not be unmounted and mounted
 again, as the writer's reopening after an I/O error expects).
@@ -23,6 +25,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,10 +35,12 @@ from ..aio import uncancellable
 
 log = logging.getLogger("sidecar.store")
 
-# A look every second, checkpointing if anything was committed since the last one: the WAL
-# holds about a second of writes. (Under a burst of `initialize`s SQLite's own 1,000 pages went
-# by about as often; when idle, nothing is done.)
-INTERVAL = 1.0
+# Checkpoint when the WAL holds this many frames (pages) with some not yet copied: SQLite's
+# own automatic threshold, so the writer starts the WAL over (and syncs its header, the one
+# fsync left on the writer) as often as before, and the checkpoints' copying and fsyncs move
+# off it. Looked at four times a second, and only after a commit: idle, nothing is done.
+WAL_PAGES = 1000
+INTERVAL = 0.25
 
 # The writer starts the WAL over only when a transaction begins with every frame checkpointed.
 # A PASSIVE checkpoint runs beside the writes, so under writes without a pause (a long burst of
@@ -59,26 +64,30 @@ class Checkpointer:
         path: str,
         commits: Callable[[], int],
         interval: float = INTERVAL,
+        wal_pages: int = WAL_PAGES,
         wal_limit: int = WAL_LIMIT,
     ) -> None:
         self.path = path
         # `mode=rw`: never creates the file (a store directory that went away stays gone).
         self._uri = Path(path).absolute().as_uri() + "?mode=rw"
+        self._shm = path + "-shm"
         self.interval = interval
+        self.wal_pages = wal_pages
         self.wal_limit = wal_limit
         self.checkpoints = 0  # completed checkpoints (PASSIVE or TRUNCATE)
         self.failures = 0  # failed ones: logged, counted, tried again
-        # The last one's (busy, WAL frames, frames checkpointed), and how many commits the
-        # loop's last one covered (-1: the first look always checkpoints).
+        # The last one's (busy, WAL frames, frames checkpointed), and the commits the loop had
+        # seen when its last checkpoint began (-1: none yet).
         self.last: tuple[int, int, int] | None = None
         self.checkpointed = -1
+        self.looked = -1  # the commits at the last look that found nothing due
         self.on_failure: Callable[[], None] = _nothing  # metrics hook
         self._commits = commits
         self._failing = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.checkpointed = -1
+        self.checkpointed = self.looked = -1
         self._task = asyncio.create_task(self._run(), name="sqlite-checkpoint")
 
     async def stop(self) -> None:
@@ -92,14 +101,28 @@ class Checkpointer:
         await asyncio.gather(task, return_exceptions=True)
         await self.checkpoint("TRUNCATE")
 
+    def caught_up(self) -> bool:
+        """Has the loop dealt with every commit (checkpointed it, or found nothing due)?"""
+        return self._commits() in (self.checkpointed, self.looked)
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             commits = self._commits()
-            if commits == self.checkpointed:
+            if commits in (self.checkpointed, self.looked):
                 continue
+            frames = _wal_frames(self._shm)
+            if frames is _TORN:
+                continue  # a commit was writing the header: the next look reads it again
+            if frames is not None and not self._due(*frames):
+                self.looked = commits
+                continue
+            # Due, or the WAL index is not what this code knows: checkpoint, never let it grow.
             if await uncancellable(self.checkpoint()) is not None:
                 self.checkpointed = commits  # a failed one stays due: tried at the next look
+
+    def _due(self, written: int, copied: int) -> bool:
+        return written >= self.wal_pages and written > copied
 
     async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int] | None:
         """One checkpoint: SQLite's (busy, WAL frames, frames checkpointed), or None when it
@@ -163,6 +186,37 @@ async def _wal_checkpoint(db: aiosqlite.Connection, mode: str) -> tuple[int, int
         row = await cursor.fetchone()
     assert row is not None  # the pragma always answers one row
     return int(row[0]), int(row[1]), int(row[2])
+
+
+# The WAL-index header at the start of the `-shm` file (https://sqlite.org/walformat.html,
+# 2.5.1; native byte order): two copies of 48 bytes, then the checkpoint info. Read without a
+# lock, as SQLite's own readers first do: a copy torn by a concurrent commit differs from the
+# other and is ignored.
+_HEADER = struct.Struct("=I4xI4xI")  # iVersion, iChange, mxFrame (isInit is byte 12)
+_WAL_INDEX_VERSION = 3007000
+
+
+_TORN = (-1, -1)
+
+
+def _wal_frames(shm: str) -> tuple[int, int] | None:
+    """Frames in the WAL and frames already checkpointed; `_TORN` when the two copies of the
+    header differ (a commit is writing them); None when the file cannot be read as a WAL
+    index of the known version."""
+    try:
+        with open(shm, "rb") as f:
+            data = f.read(100)
+    except OSError:
+        return None
+    if len(data) < 100 or data[12] != 1:
+        return None
+    if data[:48] != data[48:96]:
+        return _TORN
+    version, _, mx_frame = _HEADER.unpack_from(data)
+    if version != _WAL_INDEX_VERSION:
+        return None
+    (backfilled,) = struct.unpack_from("=I", data, 96)
+    return mx_frame, backfilled
 
 
 def _nothing() -> None:
