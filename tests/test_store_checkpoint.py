@@ -123,15 +123,19 @@ async def test_the_loop_checkpoints_once_the_wal_holds_sqlites_1000_pages(
         await store.close()
 
 
-async def test_a_wal_past_its_limit_is_truncated(
-    store: SqliteStore, db_path: Path, caplog: pytest.LogCaptureFixture
+async def test_a_wal_past_its_limit_is_started_over_by_a_restart_checkpoint(
+    store: SqliteStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store.checkpointer.wal_limit = 0  # every WAL is past it
+    store.checkpointer.wal_limit_frames = 0  # every WAL is past it
     caplog.set_level(logging.INFO, logger="sidecar.store")
     await _insert(store, range(500))
     await eventually(_caught_up(store), interval=0.005, what="caught up")
-    assert _wal_size(db_path) == 0
-    assert "a TRUNCATE checkpoint starts it over" in caplog.text
+    assert "a RESTART checkpoint starts it over" in caplog.text
+    await store.insert(_session(9999))  # written from the WAL's start
+    await eventually(_caught_up(store), interval=0.005, what="caught up")
+    busy, frames, done = store.checkpointer.last or (-1, -1, -1)
+    assert busy == 0
+    assert 0 < frames == done < 20
 
 
 async def test_closing_stops_the_task_and_leaves_an_empty_wal_beside_a_reader(
