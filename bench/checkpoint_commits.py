@@ -8,11 +8,12 @@ a group commit. Two modes, alternating rounds on the same machine:
 
 * **inside**: as before the change: the writer's automatic checkpoint (`wal_autocheckpoint`
   1000 pages), which runs in whichever commit crosses the mark, its fsyncs included;
-* **outside**: the store as it is: no automatic checkpoint, a PASSIVE one each second from
-  the store's own checkpoint task, on its own connection and thread.
+* **outside**: the store as it is: no automatic checkpoint on the writer; the store's own
+  checkpoint task runs a PASSIVE one at the same 1,000 pages, on its own connection and thread.
 
 Printed per mode: creations/s, and the wait of an insert (from the call to its return)
-p50 / p99 / max, the median over rounds, and (outside) how many background checkpoints ran
+p50 / p99 / max, the median over rounds, the slowest write transaction (BEGIN to COMMIT on the
+writer) and how many took over 20 ms, and (outside) how many background checkpoints ran
 during a round: a round must last a few seconds for them to run at all (the default does).
 
     python bench/checkpoint_commits.py                       # ~1 min
@@ -26,7 +27,9 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import uvloop
 from benchlib import fmt, machine_busy, print_table, sidecar_revision
@@ -35,10 +38,26 @@ from sidecar.sessions import Session, Transport
 from sidecar.store.sqlite import SqliteStore
 
 MODES = ("inside", "outside")
+SLOW = 0.02  # a commit slower than this is counted
 
 
-async def _open(path: Path, mode: str) -> SqliteStore:
-    store = SqliteStore(str(path))
+class TimedStore(SqliteStore):
+    """The store, each write transaction timed (BEGIN to COMMIT on the writer's thread)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.commit_times: list[float] = []
+
+    async def _transaction(self, statements: list[tuple[str, Sequence[Any]]]) -> None:
+        started = time.perf_counter()
+        try:
+            await super()._transaction(statements)
+        finally:
+            self.commit_times.append(time.perf_counter() - started)
+
+
+async def _open(path: Path, mode: str) -> TimedStore:
+    store = TimedStore(str(path))
     await store.open()
     if mode == "inside":
         await store.checkpointer.stop()  # no background task: SQLite's own, on the writer
@@ -81,11 +100,14 @@ async def _round(directory: Path, mode: str, args: argparse.Namespace) -> dict[s
     checkpoints = store.checkpointer.checkpoints - before  # background ones, in the round
     await store.close()
     waits.sort()
+    commits = sorted(store.commit_times)
     return {
         "rate": creations / elapsed,
         "p50": waits[len(waits) // 2] * 1000,
         "p99": waits[int(len(waits) * 0.99)] * 1000,
         "max": waits[-1] * 1000,
+        "commit_max": commits[-1] * 1000,
+        "slow_commits": float(sum(t > SLOW for t in commits)),
         "per_tx": creations / transactions,
         "checkpoints": float(checkpoints),
     }
@@ -117,6 +139,8 @@ async def main(args: argparse.Namespace) -> None:
                 fmt(med["p99"]),
                 fmt(med["max"]),
                 fmt(worst),
+                fmt(med["commit_max"]),
+                fmt(statistics.median(r["slow_commits"] for r in results[mode]), 0),
                 fmt(med["per_tx"]),
                 fmt(med["checkpoints"], 0) if mode == "outside" else "every 1,000 pages",
             ]
@@ -129,6 +153,8 @@ async def main(args: argparse.Namespace) -> None:
             "wait p99 ms",
             "wait max ms (median)",
             "wait max ms (worst)",
+            "commit max ms",
+            f"commits > {SLOW * 1000:.0f} ms",
             "creations/commit",
             "checkpoints",
         ],
