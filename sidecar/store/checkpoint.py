@@ -164,7 +164,7 @@ class Checkpointer:
     def _failed(self, exc: sqlite3.Error | OSError) -> None:
         self.failures += 1
         self.on_failure()
-        # One warning per run of failures (a full disk fails every second until freed).
+        # One warning per run of failures (a full disk fails at every look until freed).
         if not self._failing:
             self._failing = True
             log.warning(
