@@ -34,7 +34,7 @@ from ..aio import uncancellable
 
 log = logging.getLogger("sidecar.store")
 
-# Checkpoint when the WAL holds this many frames (pages) with some not yet copied: SQLite's
+# Checkpoint when the WAL holds this many frames (pages) not yet copied: SQLite's
 # own automatic threshold, so the writer starts the WAL over (and syncs its header, the one
 # fsync left on the writer) as often as before, and the checkpoints' copying and fsyncs move
 # off it. Looked at four times a second, and only after a commit: idle, nothing is done.
@@ -123,7 +123,9 @@ class Checkpointer:
                 self.checkpointed = commits  # a failed one stays due: tried at the next look
 
     def _due(self, written: int, copied: int) -> bool:
-        return written >= self.wal_pages and written > copied
+        # Frames not yet copied: the whole WAL after a restart, as SQLite counts; only the new
+        # ones while writes never pause (the WAL is not started over, PASSIVE copies as it goes).
+        return written - copied >= self.wal_pages
 
     async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int] | None:
         """One checkpoint: SQLite's (busy, WAL frames, frames checkpointed), or None when it
