@@ -150,6 +150,11 @@ class Service:
             lambda: len(self.manager.stuck),
         )
         self.metrics.bind_store_transactions(lambda: self.store.transactions)
+        # Only the SQLite store has one (its WAL checkpoints, in the background); looked up
+        # by name so the Redis backend does not load SQLite's libraries.
+        checkpointer = getattr(self.store, "checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.on_failure = self.metrics.store_errors.labels("checkpoint").inc
         self._tasks: list[asyncio.Task[None]] = []
         # Sidecars sharing one Redis tell each other of closes, pins and limits (SPEC 2.8).
         self.peers: Peers | None = None

@@ -36,7 +36,16 @@ OVERHEAD_BUCKETS = (
 )
 WORK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
-STORE_OPERATIONS = ("insert", "close", "activity", "pending", "hibernate", "resume")
+# `checkpoint`: the SQLite store's background WAL checkpoints (store/checkpoint.py).
+STORE_OPERATIONS = (
+    "insert",
+    "close",
+    "activity",
+    "pending",
+    "hibernate",
+    "resume",
+    "checkpoint",
+)
 RESUME_CAUSES = ("hibernated", "upstream_lost")
 REJECT_REASONS = (
     "expired",

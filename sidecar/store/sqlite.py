@@ -5,6 +5,7 @@ sees the answer; activity times are written behind, all dirty sessions in one tr
 `store.flush_interval`, so the request rate never becomes the transaction rate. The database
 runs in WAL mode with `synchronous=NORMAL`: a crash can lose at most the last transactions'
 fsync, never corrupt the file, and readers (the CLI's `--db`) never block the service.
+Checkpoints run off the writer's connection, in a task of their own (`checkpoint.py`).
 
 The schema is versioned with `PRAGMA user_version` and migrated forward; a database from a
 newer sidecar, or a damaged file, stops the start with a message that says what to do.
@@ -30,6 +31,7 @@ from ..aio import Outcome, uncancellable
 from ..errors import StoreCorruptError, StoreError, StoreTooNewError
 from ..pacing import yield_turn
 from ..sessions import Binding, CloseReason, ResumeState, Session, State, Transport
+from .checkpoint import Checkpointer
 from .records import ActivityRow, PendingClose
 from .unshared import UnsharedStore
 
@@ -183,6 +185,11 @@ FLUSH_SLICE = 500
 # on this write, so it must end in a 503 within a bounded time, not hang (SPEC 2.5).
 BUSY_TIMEOUT = 2.0
 
+# The writer's per-connection settings (a reopened connection needs them again; journal_mode
+# is kept in the file). No automatic checkpoint: its fsyncs would run inside whichever commit
+# crossed SQLite's 1,000 pages, holding every `initialize` of that group; `Checkpointer` does it.
+_WRITER_PRAGMAS = ("PRAGMA synchronous=NORMAL", "PRAGMA wal_autocheckpoint=0")
+
 
 class SqliteStore(UnsharedStore):
     """Async access to the session database through one aiosqlite connection."""
@@ -204,6 +211,7 @@ class SqliteStore(UnsharedStore):
         # reopened behind the owner's back.
         self._reconnect = False
         self._closed = False
+        self.checkpointer = Checkpointer(path, lambda: self.transactions)
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
@@ -216,7 +224,8 @@ class SqliteStore(UnsharedStore):
             # WAL only once the file is known to be ours: switching rewrites its header, and
             # a refused file (corrupt, newer schema) must be left exactly as it was.
             await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=NORMAL")
+            for pragma in _WRITER_PRAGMAS:
+                await self._db.execute(pragma)
         except sqlite3.OperationalError as exc:
             await self.close()
             if "locked" not in str(exc) and "busy" not in str(exc):
@@ -232,13 +241,15 @@ class SqliteStore(UnsharedStore):
         except StoreError:
             await self.close()
             raise
+        self.checkpointer.start()
 
     async def close(self) -> None:
         if self._committer is not None:
             await asyncio.gather(self._committer, return_exceptions=True)
         self._closed = True
-        if self._db is not None:
-            async with self._write_lock:  # a write already under way (shielded) finishes first
+        async with self._write_lock:  # a write already under way (shielded) finishes first
+            await self.checkpointer.stop()  # after the last write: its final TRUNCATE
+            if self._db is not None:
                 db, self._db = self._db, None
                 await db.close()
 
@@ -265,8 +276,7 @@ class SqliteStore(UnsharedStore):
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await old.close()
         try:
-            # synchronous is per connection; journal_mode=WAL is kept in the file.
-            db = await self._connect("PRAGMA synchronous=NORMAL")
+            db = await self._connect(*_WRITER_PRAGMAS)
         except sqlite3.Error as exc:
             raise StoreError(
                 f"reopening {self.path} after an I/O error failed ({exc}); check the disk"
