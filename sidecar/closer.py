@@ -67,6 +67,10 @@ class UpstreamCloser:
         # Owed DELETEs this closer holds (queued or being attempted): how many times each key
         # is, so a rescan of a shared store schedules only the others.
         self._held: dict[tuple[str, str], int] = {}
+        # Keys let go while a rescan was reading the store: its rows were read before that
+        # attempt dropped (or rescheduled) them, so the rescan must not take them up again.
+        self._rescans = 0
+        self._let_go_meanwhile: set[tuple[str, str]] = set()
 
     def schedule(self, pending: PendingClose, credentials: Mapping[str, str]) -> None:
         if credentials:
@@ -82,11 +86,21 @@ class UpstreamCloser:
         if not self.store.shared:
             return 0
         now = self.clock()
-        taken = [
-            pending
-            for pending in await self.store.pending_closes()
-            if pending.key not in self._held and pending.next_attempt_at <= now
-        ]
+        self._rescans += 1
+        try:
+            owed = await self.store.pending_closes()
+            stale = self._let_go_meanwhile
+            taken = [
+                pending
+                for pending in owed
+                if pending.key not in self._held
+                and pending.key not in stale
+                and pending.next_attempt_at <= now
+            ]
+        finally:
+            self._rescans -= 1
+            if not self._rescans:
+                self._let_go_meanwhile = set()
         for pending in taken:
             self.schedule(pending, {})
         if taken:
@@ -167,6 +181,8 @@ class UpstreamCloser:
             self._held[pending.key] = left
         else:
             self._held.pop(pending.key, None)
+            if self._rescans:
+                self._let_go_meanwhile.add(pending.key)
 
     async def _attempt_held(self, pending: PendingClose) -> None:
         try:

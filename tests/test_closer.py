@@ -429,6 +429,58 @@ async def test_a_rescan_takes_up_the_due_deletes_another_sidecar_left_behind(
         await store.close()
 
 
+class PausedReadStore(SharedStore):
+    """Its first `pending_closes` returns what it read only once the test says so: the
+    rows of a rescan are then older than what happened meanwhile."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.read = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def pending_closes(self) -> list[PendingClose]:
+        rows = await super().pending_closes()
+        if not self.read.is_set():
+            self.read.set()
+            await self.go.wait()
+        return rows
+
+
+async def test_a_rescan_does_not_take_up_a_delete_that_ended_while_it_read_the_store(
+    aiohttp_server: ServerFactory, fake: FakeUpstream, db_path: Path
+) -> None:
+    """The rows a rescan reads can predate an attempt of this closer that ends meanwhile
+    (DELETE sent, row dropped, key let go): taking it up again would send it twice."""
+    server = await aiohttp_server(fake.app())
+    store = PausedReadStore(str(db_path))
+    await store.open()
+    upstream = UpstreamPool(str(server.make_url("/mcp")), connect_timeout=1.0, read_timeout=2.0)
+    await upstream.start()
+    closer = UpstreamCloser(upstream, store, Metrics(), clock=lambda: 1000.0)
+    owed = PendingClose("ends-meanwhile", "2025-06-18", 0, 990.0)
+    await store.save_pending(owed)
+    closer.schedule(owed, {})  # held here, not yet attempted: the closer is not running
+    rescan = asyncio.create_task(closer.rescan())
+    task: asyncio.Task[None] | None = None
+    try:
+        await store.read.wait()  # the rescan holds the row as it was
+        task = asyncio.create_task(closer.run(), name="test-closer")
+        await eventually(lambda: closer.backlog == 0 and len(fake.seen) == 1)
+        assert await SharedStore.pending_closes(store) == []  # dropped for good
+        store.go.set()
+        assert await rescan == 0
+        assert closer.backlog == 0
+    finally:
+        store.go.set()
+        await asyncio.gather(rescan, return_exceptions=True)
+        if task is not None:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await upstream.close()
+        await store.close()
+
+
 async def test_a_store_of_its_own_is_never_rescanned(
     start: Callable[[str], Awaitable[Harness]], aiohttp_server: ServerFactory, fake: FakeUpstream
 ) -> None:
