@@ -64,3 +64,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
     with RedisServer(tmp_path) as server:
         yield server
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of the test's own, to fill for real (`tests.peers.disk.fill`)."""
+    from tests.peers.disk import small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk") as mount:
+        yield mount

@@ -7,14 +7,14 @@ import asyncio
 import logging
 import os
 import sqlite3
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from sidecar.sessions import Session, Transport
 from sidecar.store.sqlite import SqliteStore
+from tests.peers.disk import fill
 from tests.peers.mcp_clients import eventually
 
 T0 = 1_700_000_000.0
@@ -160,39 +160,6 @@ async def test_closing_stops_the_task_and_leaves_an_empty_wal_beside_a_reader(
 # ---- a failing checkpoint, on a real full filesystem ----------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs of our own (tests run as root); skipped where mounting is refused."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _fill(disk: Path) -> Path:
-    """Write until the filesystem says ENOSPC; returns the filler file to remove later."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
-
-
 async def test_a_failing_checkpoint_is_logged_counted_retried_and_writes_go_on(
     small_disk: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -207,7 +174,7 @@ async def test_a_failing_checkpoint_is_logged_counted_retried_and_writes_go_on(
         # A WAL that has held 400 rows, checkpointed: later commits reuse its space.
         await _insert(store, range(400))
         await eventually(_caught_up(store), interval=0.005, what="caught up")
-        filler = _fill(small_disk)
+        filler = fill(small_disk)
         try:
             # Fit in the WAL's space; checkpointing them needs the database file to grow.
             await _insert(store, range(1000, 1200))

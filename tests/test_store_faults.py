@@ -20,40 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.peers.disk import fill
 from tests.peers.mcp_clients import RawSession, eventually, raw_client
 from tests.peers.processes import SidecarFactory, SidecarHandle, UpstreamHandle
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs of our own (tests run as root); skipped where mounting is refused."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _fill(disk: Path) -> Path:
-    """Write until the filesystem says ENOSPC; returns the filler file to remove later."""
-    filler = disk / "filler"
-    with filler.open("wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        except OSError:
-            pass
-    return filler
 
 
 async def _assert_new_session_refused(
@@ -98,7 +67,7 @@ async def test_disk_full_refuses_new_sessions_serves_live_ones_and_recovers(
     async with raw_client() as http:
         live = RawSession(http, sidecar.url)
         assert (await live.initialize()).status_code == 200
-        filler = _fill(small_disk)
+        filler = fill(small_disk)
         try:
             await _assert_new_session_refused(http, sidecar, upstream, live)
         finally:
