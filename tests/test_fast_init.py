@@ -31,7 +31,7 @@ from sidecar.transports.lane import Lane
 from sidecar.upstream import UpstreamPool
 from tests.peers.mcp_clients import eventually, sdk_session, session_rows, text_of
 from tests.peers.processes import SidecarHandle, UpstreamHandle, start_sidecar
-from tests.test_fast_path import Recorder, exchange
+from tests.test_fast_path import Recorder, exchange, same_with_and_without
 
 PATH = "/mcp"
 # Store columns that hold the moment a row was written.
@@ -182,11 +182,7 @@ async def test_same_answers_requests_and_rows_with_and_without_fast_path(
     pair: tuple[SidecarHandle, SidecarHandle], recorder: InitUpstream
 ) -> None:
     fast, slow = pair
-    fast_answers = await exchange(fast.listen_port, SEQUENCE)
-    fast_log, recorder.log = recorder.log, []
-    slow_answers = await exchange(slow.listen_port, SEQUENCE)
-    assert fast_answers == slow_answers
-    assert fast_log == recorder.log
+    fast_answers = await same_with_and_without(pair, recorder, SEQUENCE)
     statuses = [status for status, _, _ in fast_answers]
     assert statuses == [200, 200, 200, 400, 200, 200, 200, 200, 200, 500, 200, 200]
     assert (b"mcp-session-id", b"a-sse") in fast_answers[1][1]

@@ -206,15 +206,24 @@ SEQUENCE = [
 ]
 
 
+async def same_with_and_without(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder, sequence: list[bytes]
+) -> list[tuple[int, list[Any], bytes]]:
+    """`sequence` through the sidecar with the fast path and the one without: the same
+    answers, and the same requests reached the upstream. Returns the answers."""
+    fast, slow = pair
+    fast_answers = await exchange(fast.listen_port, sequence)
+    fast_log, recorder.log = recorder.log, []
+    slow_answers = await exchange(slow.listen_port, sequence)
+    assert fast_answers == slow_answers
+    assert fast_log == recorder.log
+    return fast_answers
+
+
 async def test_same_answers_and_upstream_requests_with_and_without_fast_path(
     pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
 ) -> None:
-    fast, slow = pair
-    fast_answers = await exchange(fast.listen_port, SEQUENCE)
-    fast_log, recorder.log = recorder.log, []
-    slow_answers = await exchange(slow.listen_port, SEQUENCE)
-    assert fast_answers == slow_answers
-    assert fast_log == recorder.log
+    fast_answers = await same_with_and_without(pair, recorder, SEQUENCE)
     assert [status for status, _, _ in fast_answers][:3] == [200, 200, 200]
 
 

@@ -16,7 +16,9 @@ header) gets None and takes the full path, which stays the reference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -606,18 +608,12 @@ class FastPath:
         # The head waits for what of the body already came: one write, not several.
         lane.hold()
         lane.write(wire.answer_head(answer.status, answer.reason, headers, None))
-        timer.upstream_begins()
         relay = FastRelay(answer)
         session.relays.add(relay)
-        lane.on_pause, lane.on_resume = answer.pause, answer.resume
-        lane.streaming = True
         try:
-            await self._pump(answer, lane, session, inspect)
+            with streaming(lane, answer, timer):
+                await self._pump(answer, lane, session, inspect)
         finally:
-            lane.streaming = False
-            lane.flush()
-            lane.on_pause = lane.on_resume = None
-            timer.upstream_answered()
             session.relays.discard(relay)
 
     async def _pump(self, answer: Answer, lane: Lane, session: Session, inspect: bool) -> None:
@@ -638,18 +634,43 @@ class FastPath:
                     answer.close()
                     return
 
-        for data in answer.chunks:
-            sink(data)
-        answer.chunks = []
-        answer.sink = sink
-        if not lane.flush():
+        if not await pump(answer, lane, sink):
             return
-        await answer.wait_ended()
-        if answer.error is not None:
-            log.debug("upstream stream ended abnormally: %s", answer.error)
         if splitter is not None and (tail := splitter.flush()):
             lane.write(wire.chunk(tail))
         lane.write(wire.LAST_CHUNK)
+
+
+@contextlib.contextmanager
+def streaming(lane: Lane, answer: Answer, timer: RequestTimer) -> Iterator[None]:
+    """The lane relays a streamed answer meanwhile: the client's back-pressure pauses the
+    upstream's reads, and the upstream's time ends with the stream."""
+    timer.upstream_begins()
+    lane.on_pause, lane.on_resume = answer.pause, answer.resume
+    lane.streaming = True
+    try:
+        yield
+    finally:
+        lane.streaming = False
+        lane.flush()
+        lane.on_pause = lane.on_resume = None
+        timer.upstream_answered()
+
+
+async def pump(answer: Answer, lane: Lane, sink: Callable[[bytes], None]) -> bool:
+    """The answer's body through `sink`: what was read already, then each read as it comes,
+    until the upstream ends it. False when the client was gone before that (nothing more
+    is to be written to it)."""
+    for data in answer.chunks:
+        sink(data)
+    answer.chunks = []
+    answer.sink = sink
+    if not lane.flush():
+        return False
+    await answer.wait_ended()
+    if answer.error is not None:
+        log.debug("upstream stream ended abnormally: %s", answer.error)
+    return True
 
 
 def _sets_up(batch: jsonrpc.Batch) -> bool:

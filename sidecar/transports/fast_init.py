@@ -400,25 +400,9 @@ async def _pump_raw(request: InitRequest, answer: Answer, lane: Lane) -> None:
         if not lane.write(wire.chunk(data)):
             answer.close()  # the client left: the stream ends here, as on the full path
 
-    request.timer.upstream_begins()
-    lane.on_pause, lane.on_resume = answer.pause, answer.resume
-    lane.streaming = True
-    try:
-        for data in answer.chunks:
-            sink(data)
-        answer.chunks = []
-        answer.sink = sink
-        if not lane.flush():
-            return
-        await answer.wait_ended()
-        if answer.error is not None:
-            log.debug("upstream stream ended abnormally: %s", answer.error)
-        lane.write(wire.LAST_CHUNK)
-    finally:
-        lane.streaming = False
-        lane.flush()
-        lane.on_pause = lane.on_resume = None
-        request.timer.upstream_answered()
+    with fast.streaming(lane, answer, request.timer):
+        if await fast.pump(answer, lane, sink):
+            lane.write(wire.LAST_CHUNK)
 
 
 __all__ = ["InitRequest", "plan", "serve"]
