@@ -17,6 +17,8 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .request_head import field_text
+
 MAX_STUCK_CLIENTS = 1000
 # Distinct closed ids remembered per client, to count sessions; beyond it only requests are
 # counted. Keeps the worst case (1,000 clients) to a few tens of MB.
@@ -24,9 +26,12 @@ MAX_IDS_PER_CLIENT = 1000
 
 
 def client_identity(authorization: str | None, remote: str | None) -> str:
-    """The identity a session is bound to: a credential hash, or the client address."""
+    """The identity a session is bound to: a credential hash, or the client address. The
+    blanks around the header's value are not part of it (RFC 9110 §5.5), whichever parser
+    read it: `Bearer tok ` is the client `Bearer tok` is."""
     if authorization:
-        return "auth:" + hashlib.sha256(authorization.encode("utf-8", "replace")).hexdigest()[:32]
+        credential = field_text(authorization).encode("utf-8", "replace")
+        return "auth:" + hashlib.sha256(credential).hexdigest()[:32]
     return "ip:" + (remote or "unknown")
 
 

@@ -6,10 +6,16 @@ new request are kept, not handed on. When the request is complete and `FastPath.
 it (a POST of a session held live here, nothing unusual about it), it is served by
 `FastPath.serve` without aiohttp's Request/Response objects, router and middlewares.
 
-Everything else is handed to aiohttp exactly as it came, all kept bytes first, in order:
-another method or path, anything `plan` refuses, a second request in the same buffer
-(pipelining), a head or body that does not complete within `HANDOVER_WAIT` (aiohttp's own
-timeouts answer a slow client), bytes the parser refuses (aiohttp answers malformed HTTP).
+Everything else is handed to aiohttp exactly as it came, all kept bytes first, in order and
+in the reads they came in (aiohttp answers a request whose head came before garbage, but not
+one in the same read as the garbage): another method or path, anything `plan` refuses, a
+second request in the same buffer (pipelining), a head aiohttp's parser refuses
+(`request_head`), a head longer than `MAX_HEAD` or with more than `MAX_HEADERS` headers (as
+soon as it is: aiohttp's limits answer it, and the lane keeps no more than one head's worth),
+a head or body that does not complete within `HANDOVER_WAIT` (aiohttp's own timeouts answer a
+slow client), bytes the parser refuses (aiohttp answers malformed HTTP). A header's value is
+kept without the blanks around it, as aiohttp keeps it: what is forwarded, and the identity
+it makes, is the same on both paths.
 Once a request went to aiohttp, the rest of it does too: the lane takes requests again only
 at a message boundary with aiohttp's handler idle. A parser error makes the connection
 aiohttp's for the rest of its life: the boundaries are no longer known.
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
+from ..request_head import field_value, refused
 from . import fast_init
 
 if TYPE_CHECKING:
@@ -32,7 +39,8 @@ if TYPE_CHECKING:
 # How long a partly received request is kept before aiohttp gets it (and its timeouts).
 HANDOVER_WAIT = 1.0
 # aiohttp refuses a head line over 8190 bytes and more than 128 headers (400); the lane takes
-# only heads well inside both, so it never serves what aiohttp would have refused.
+# only heads well inside both, so it never serves what aiohttp would have refused, and hands
+# on a head as soon as it is past either (nothing more of it is kept).
 MAX_HEAD = 8000
 MAX_HEADERS = 100
 # Bytes llhttp's lenient defaults might take where aiohttp's strict parser answers 400:
@@ -51,6 +59,16 @@ def _odd(head: bytes) -> bool:
         or b"\n " in head
         or b"\n\t" in head
     )
+
+
+def _lead(kept: bytes) -> int:
+    """Where the request line starts: after the CRLFs before it (usually none)."""
+    if kept[:1] != b"\r":
+        return 0
+    at = 0
+    while kept.startswith(b"\r\n", at):
+        at += 2
+    return at
 
 
 class Serving(Protocol):
@@ -85,7 +103,9 @@ class Lane:
         self.scheme_bytes = scheme.encode()
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._slow = False  # the current request is aiohttp's
-        self._kept: list[bytes] = []
+        self._kept: list[bytes] = []  # the reads of a request not yet decided, as they came
+        self._size = 0  # their bytes
+        self._headed = False  # the kept request's head is complete
         self._begun = 0  # messages begun in the kept bytes
         self._complete = False
         self._refused = False  # the head was seen and the fast path will not take it
@@ -99,6 +119,11 @@ class Lane:
         self.on_pause: Callable[[], None] | None = None
         self._held: list[bytes] | None = None
         self._reset_message()
+
+    @property
+    def buffered(self) -> int:
+        """The bytes kept for a request not yet decided."""
+        return self._size
 
     # ---- bytes in ---------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -117,8 +142,14 @@ class Lane:
             self._track(data)
             return
         self._kept.append(data)
+        self._size += len(data)
         self._track(data)
-        if self._parser is None or self._refused or self._begun > 1:
+        if (
+            self._parser is None
+            or self._refused
+            or self._begun > 1
+            or (self._size > MAX_HEAD and not self._headed)
+        ):
             self._give_up()
         elif self._complete:
             self._take()
@@ -141,10 +172,11 @@ class Lane:
         """Hand everything kept to aiohttp; the rest of this request goes there too."""
         self._cancel_timer()
         kept, self._kept = self._kept, []
+        self._size = 0
         self._slow = True
         self._refused = False
-        if kept:
-            self._conn.hand_over(b"".join(kept))
+        for data in kept:  # read by read, as aiohttp would have had them
+            self._conn.hand_over(data)
 
     def _take(self) -> None:
         self._cancel_timer()
@@ -166,6 +198,7 @@ class Lane:
 
     def _begin(self) -> None:
         self._kept = []
+        self._size = 0
         self._begun = 0
         self._complete = False
         self._conn.fast_begins()
@@ -235,6 +268,7 @@ class Lane:
     def on_message_begin(self) -> None:
         self._begun += 1
         self._complete = False
+        self._headed = False
         if not self._slow:
             self._reset_message()
 
@@ -243,24 +277,33 @@ class Lane:
             self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._slow:
-            self.headers.append((name, value))
-            # One lower-casing per header: every later look-up is a dict hit.
-            low = name.lower()
-            self.names.append(low)
-            values = self.index.get(low)
-            if values is None:
-                self.index[low] = [value]
-            else:
-                values.append(value)
+        if self._slow or self._refused:
+            return
+        if len(self.headers) >= MAX_HEADERS:
+            # Refused: the rest of this head is aiohttp's, and not collected here.
+            self._refused = True
+            return
+        value = field_value(value)
+        self.headers.append((name, value))
+        # One lower-casing per header: every later look-up is a dict hit.
+        low = name.lower()
+        self.names.append(low)
+        values = self.index.get(low)
+        if values is None:
+            self.index[low] = [value]
+        else:
+            values.append(value)
 
     def on_headers_complete(self) -> None:
-        if self._slow:
+        self._headed = True
+        if self._slow or self._refused:
             return
         parser = self._parser
         assert parser is not None
         kept = self._kept[0] if len(self._kept) == 1 else b"".join(self._kept)
-        end = kept.find(b"\r\n\r\n")
+        # Empty lines before the request line are skipped (by llhttp and aiohttp alike); the
+        # head's end is the first empty line after them, its length counted from the start.
+        end = kept.find(b"\r\n\r\n", _lead(kept))
         head = kept[: end + 4]
         if (
             end < 0
@@ -268,8 +311,8 @@ class Lane:
             or parser.get_method() != b"POST"
             or parser.get_http_version() != "1.1"
             or self.url != self._fast.target
-            or len(self.headers) > MAX_HEADERS
             or _odd(head)
+            or refused(self.names, self.index)
             or not self._fast.head_ok(self.index)
         ):
             self._refused = True

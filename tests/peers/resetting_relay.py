@@ -1,10 +1,12 @@
 """A TCP relay in front of a real upstream that can reset every connection through it.
 
 ``ResettingRelay`` listens on 127.0.0.1 and a free port and copies bytes both ways to the
-target. ``reset()`` ends every open connection with a TCP RST (SO_LINGER 0, then close) on
-the side facing the sidecar, as a crashing upstream, a load balancer or a NAT dropping its
-state would: the sidecar reads ECONNRESET in the middle of whatever it was receiving. New
-connections are relayed as before, so the upstream stays reachable after a reset.
+target, keeping what it passed towards the target in ``sent`` (the upstream's bytes, as the
+sidecar wrote them). ``reset()`` ends every open connection with a TCP RST (SO_LINGER 0,
+then close) on the side facing the sidecar, as a crashing upstream, a load balancer or a NAT
+dropping its state would: the sidecar reads ECONNRESET in the middle of whatever it was
+receiving. New connections are relayed as before, so the upstream stays reachable after a
+reset.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class ResettingRelay:
         self._server: asyncio.Server | None = None
         self._open: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self.resets = 0
+        self.sent = bytearray()  # every byte relayed towards the target, in arrival order
 
     @property
     def base(self) -> str:
@@ -85,16 +88,20 @@ class ResettingRelay:
         pair = (writer, far_writer)
         self._open.add(pair)
         try:
-            await asyncio.gather(_copy(reader, far_writer), _copy(far_reader, writer))
+            await asyncio.gather(_copy(reader, far_writer, self.sent), _copy(far_reader, writer))
         finally:
             self._open.discard(pair)
             writer.transport.abort()
             far_writer.transport.abort()
 
 
-async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _copy(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, kept: bytearray | None = None
+) -> None:
     with contextlib.suppress(ConnectionError, OSError):
         while chunk := await source.read(_CHUNK):
+            if kept is not None:
+                kept += chunk
             sink.write(chunk)
             await sink.drain()
     # One side ended: pass the half-close on, so HTTP/1.1 sees the end it would see directly.
