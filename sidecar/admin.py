@@ -22,7 +22,7 @@ from .errors import StoreError
 from .sessions import CloseReason, Session, State
 from .status import gather
 from .status_html import HEADERS, render
-from .views import listing, session_view
+from .views import iso, listing, session_view
 
 log = logging.getLogger("sidecar.admin")
 
@@ -127,18 +127,35 @@ async def healthz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     if not request[AUTHORIZED]:
         return web.json_response({"status": "ok"})
-    return web.json_response({"status": "ok", "sessions": service.manager.health_counts()})
+    body: dict[str, Any] = {"status": "ok", "sessions": service.manager.health_counts()}
+    _add_peers(service, body)
+    return web.json_response(body)
 
 
 async def readyz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     ready = service.ready
-    body = {"ready": ready}
+    body: dict[str, Any] = {"ready": ready}
     if service.restoring is not None:
         # Ready all the same (every id is answered right meanwhile), but the session counts
         # elsewhere are not whole until the restore ends: it says so.
         body["restoring"] = True
+    _add_peers(service, body)
     return web.json_response(body, status=200 if ready else 503)
+
+
+def _add_peers(service: Service, body: dict[str, Any]) -> None:
+    """On a shared store, whether the other sidecars' events are heard. Not hearing them
+    leaves both probes 200: this sidecar still serves every session right (the store decides
+    closes and claims), only an admin close or pin made elsewhere reaches it late; and the
+    cause (Redis) is every sidecar's at once, so a 503 would take all of them out together."""
+    if service.peers is not None:
+        hearing = service.peers.hearing
+        body["peers"] = {
+            "listening": hearing.listening,
+            "since": iso(hearing.since),
+            "restarts": hearing.restarts,
+        }
 
 
 async def metrics(request: web.Request) -> web.Response:

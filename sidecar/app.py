@@ -24,7 +24,8 @@ from .gone import GonePatterns
 from .manager import Clock, Limits, SessionManager
 from .metrics import Metrics
 from .monitor import Monitor
-from .peers import Peers, limits_changed
+from .peer_events import limits_changed
+from .peers import Peers
 from .sessions import CloseReason, Policy
 from .store import Store, open_store
 from .sweeper import Sweeper
@@ -159,7 +160,7 @@ class Service:
         # Sidecars sharing one Redis tell each other of closes, pins and limits (SPEC 2.8).
         self.peers: Peers | None = None
         if self.store.shared:
-            self.peers = Peers(self.manager)
+            self.peers = Peers(self.manager, self.metrics)
             self.manager.announce = self.peers.announce
         # The start's one-off sweep of what expired while stopped: owned (cancelled and
         # awaited by stop) like the loops, but not one of them.

@@ -34,7 +34,7 @@ from .jsonrpc import RequestId
 from .log import Throttled
 from .metrics import Metrics
 from .pacing import TURN_LIMIT, Pacing, yield_turn
-from .peers import Event, closed, moved, pinned
+from .peer_events import Event, closed, moved, pinned
 from .sessions import (
     ACTIVE_WINDOW,
     Binding,

@@ -13,7 +13,10 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .peer_events import REJECT_REASONS as PEER_REJECT_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,26 @@ class FoldingRegistry(CollectorRegistry):
         yield from super().collect()
 
 
+class BoundGauge(Collector):
+    """A gauge read at scrape time that has no sample until it is bound: a sidecar it says
+    nothing about (`peer_events_listening` alone on its store) exports its HELP and TYPE
+    only, so an alert on its value never fires there, and `deploy/` may still name it."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read: Callable[[], float] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation)
+        if self.read is not None:
+            family.add_metric([], self.read())
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(self.name, self.documentation)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = FoldingRegistry(self._fold)
@@ -275,6 +298,24 @@ class Metrics:
             "Clients (by label, bounded) that sent requests on closed session ids.",
             registry=r,
         )
+        self.peer_events_listening = BoundGauge(
+            PREFIX + "peer_events_listening",
+            "1 while the other sidecars' events are heard (shared store only, SPEC 2.8), 0 "
+            "while the listener is down and being started again.",
+        )
+        r.register(self.peer_events_listening)
+        self.peer_events_rejected = Counter(
+            PREFIX + "peer_events_rejected",
+            "Messages on the events channel skipped as no event this version understands, by "
+            "reason (not_json, not_an_object, unknown_kind, bad_field).",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_events_restarts = Counter(
+            PREFIX + "peer_events_restarts",
+            "Times the listener for the other sidecars' events ended and was started again.",
+            registry=r,
+        )
         self.fast = tally_for(self.requests, self.request_duration)
         for cause in RESUME_CAUSES:
             self.sessions_resumed.labels(cause)
@@ -314,6 +355,13 @@ class Metrics:
         self.session_limit.labels("per_client").set_function(lambda: float(limits()[1]))
         self.ready.set_function(lambda: 1.0 if ready() else 0.0)
         self.stuck_clients.set_function(lambda: float(stuck()))
+
+    def bind_peers(self, listening: Callable[[], bool]) -> None:
+        """A shared store: whether its events are heard, read at scrape time; the refusals
+        exported as zeros, so an alert can use increase() from the start."""
+        self.peer_events_listening.read = lambda: 1.0 if listening() else 0.0
+        for reason in PEER_REJECT_REASONS:
+            self.peer_events_rejected.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,13 +12,18 @@ the sessions of both.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+import redis.asyncio as aioredis
 
+from sidecar.peers import RESTART_CAP
 from sidecar.store.redis import RedisStore
 from tests.peers.mcp_clients import (
     RawSession,
@@ -31,7 +36,7 @@ from tests.peers.mcp_clients import (
 )
 from tests.peers.processes import SidecarHandle, UpstreamHandle
 from tests.peers.redis_server import RedisServer
-from tests.test_replicas import Replicas, created_on, seen_by
+from tests.test_replicas import Replicas, created_on, metric, seen_by
 
 SWEEP = 0.2
 FLUSH = 0.1
@@ -331,3 +336,117 @@ async def test_with_redis_down_a_session_only_the_other_sidecar_holds_is_a_503_n
 
         await eventually(served, what="the other sidecar serving the session once Redis is back")
     assert "Traceback" not in other.output()
+
+
+async def subscribers(redis: aioredis.Redis) -> int:
+    """How many connections listen on the sidecars' events channel."""
+    counts = dict(await redis.pubsub_numsub(PREFIX + "events"))
+    return int(counts.get((PREFIX + "events").encode(), 0))
+
+
+async def test_malformed_events_are_skipped_and_a_close_on_one_sidecar_still_holds_on_the_other(
+    cluster: Cluster, redis_server: RedisServer
+) -> None:
+    # Another version's or a script's messages on the channel ended the listener's task, and
+    # with it every later event: a session closed on sidecar 1 went on reaching the replica.
+    upstreams = [cluster.replica()]
+    first, second = (cluster.shared_sidecar(upstreams) for _ in range(2))
+    bus = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await eventually(lambda: _equals(subscribers(bus), 2), what="both sidecars subscribed")
+        async with raw_client() as http:
+            raw = RawSession(http, second.url)
+            assert (await raw.initialize("malformed")).status_code == 200
+            assert await raw.call_text("echo", {"text": "on 2"}) == "on 2"
+            session_id = str(raw.session_id)
+            unknown = {"kind": "closed", "ids": [session_id], "reason": "no_such_reason", "at": 1}
+            for message in (b"notjson", json.dumps(unknown).encode(), b"\xff\xfe"):
+                await bus.publish(PREFIX + "events", message)
+            closed = await http.delete(f"{first.admin_url}/sessions/{session_id}")
+            assert closed.status_code == 200, closed.text
+
+            async def closed_on_2() -> bool:
+                view = (await http.get(f"{second.admin_url}/sessions/{session_id}")).json()
+                return view["state"] == "closed"
+
+            await eventually(closed_on_2, within=5, what="sidecar 2 heard of the close")
+            posts = [r for r in upstreams[0].requests_for(session_id) if r["method"] == "POST"]
+            refused = await raw.call("echo", {"text": "after"})
+            assert refused.status_code == 404
+            await eventually(
+                lambda: deletes_per_session(upstreams) == {session_id: 1}, what="the DELETE"
+            )
+            rejected = 'mcp_sidecar_peer_events_rejected_total{reason="%s"}'
+            assert await metric(http, second, rejected % "not_json") == 2
+            assert await metric(http, second, rejected % "bad_field") == 1
+            assert await metric(http, second, "mcp_sidecar_peer_events_restarts_total") == 0
+    finally:
+        await bus.aclose()
+    # Refused by sidecar 2 itself: the replica saw no request after the close.
+    after = [r for r in upstreams[0].requests_for(session_id) if r["method"] == "POST"]
+    assert after == posts
+    output = second.output()
+    assert "ignored a message on the events channel (not_json)" in output
+    assert "no_such_reason" in output
+    assert "Traceback" not in output
+
+
+async def _equals(count: Awaitable[int], wanted: int) -> bool:
+    return await count == wanted
+
+
+async def peers_state(http: httpx.AsyncClient, sidecar: SidecarHandle) -> list[dict[str, Any]]:
+    """What /healthz and /readyz say of the other sidecars' events (both stay 200)."""
+    health = await http.get(f"{sidecar.admin_url}/healthz")
+    ready = await http.get(f"{sidecar.admin_url}/readyz")
+    assert (health.status_code, ready.status_code) == (200, 200)
+    return [health.json()["peers"], ready.json()["peers"]]
+
+
+async def test_a_listener_whose_connection_is_killed_listens_again_and_says_so_meanwhile(
+    cluster: Cluster, redis_server: RedisServer
+) -> None:
+    upstreams = [cluster.replica()]
+    first, second = (cluster.shared_sidecar(upstreams) for _ in range(2))
+    listening = "mcp_sidecar_peer_events_listening"
+    bus = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with raw_client() as http:
+
+            async def heard(wanted: bool) -> bool:
+                said = [state["listening"] for state in await peers_state(http, second)]
+                return said == [wanted, wanted]
+
+            await eventually(lambda: heard(True), what="sidecar 2 listening")
+            assert await metric(http, second, listening) == 1
+            # The connection killed, and (redis-py reconnects and subscribes again at once)
+            # subscribing refused until the channel is allowed again: down for a while.
+            await bus.execute_command("ACL", "SETUSER", "default", "resetchannels")
+            await bus.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            await eventually(lambda: heard(False), what="sidecar 2 not listening")
+            assert await metric(http, second, listening) == 0
+            down, _ = await peers_state(http, second)
+            assert down["restarts"] >= 1
+            assert down["since"].endswith("Z")
+            await bus.execute_command("ACL", "SETUSER", "default", "allchannels")
+            await eventually(lambda: heard(True), within=RESTART_CAP + 5, what="listening again")
+            assert await metric(http, second, listening) == 1
+            assert (await metric(http, second, "mcp_sidecar_peer_events_restarts_total") or 0) >= 1
+            await eventually(lambda: _equals(subscribers(bus), 2), what="both subscribed again")
+
+            # Heard again: a close made on sidecar 1 holds on sidecar 2.
+            raw = RawSession(http, second.url)
+            assert (await raw.initialize("after the outage")).status_code == 200
+            closed = await http.delete(f"{first.admin_url}/sessions/{raw.session_id}")
+            assert closed.status_code == 200, closed.text
+
+            async def closed_on_2() -> bool:
+                view = (await http.get(f"{second.admin_url}/sessions/{raw.session_id}")).json()
+                return view["state"] == "closed"
+
+            await eventually(closed_on_2, within=5, what="sidecar 2 heard of the close")
+    finally:
+        await bus.aclose()
+    output = second.output()
+    assert "not hearing the other sidecars' events" in output
+    assert "hearing the other sidecars' events again" in output

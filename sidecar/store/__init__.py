@@ -15,7 +15,7 @@ or raises `StoreError` having changed nothing; `write_activity` is the write-beh
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..aio import Outcome
 from ..sessions import Binding, Session, State
@@ -105,11 +105,16 @@ class Store(Protocol):
         """Live sessions across all sidecars sharing the store: in all, and of `client`
         (only asked of a shared store)."""
 
-    async def publish(self, event: dict[str, Any]) -> None:
-        """Tell the other sidecars on this store of a close, pin or limit change."""
+    async def publish(self, message: bytes) -> None:
+        """Tell the other sidecars on this store of a close, pin or limit change (a message
+        `peer_events.encode` made)."""
 
-    async def listen(self, deliver: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        """Hand each event another sidecar published to `deliver`, until cancelled."""
+    async def listen(
+        self, deliver: Callable[[bytes], Awaitable[None]], subscribed: Callable[[], None]
+    ) -> None:
+        """Hand each message on the store's event channel to `deliver`, as it came (ours
+        too); call `subscribed` once the channel is heard. Until cancelled or the store
+        fails (StoreError): `peers.Peers` listens again."""
 
 
 def open_store(settings: StoreSettings) -> Store:

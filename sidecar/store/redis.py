@@ -32,10 +32,8 @@ scripts never convert them, so no precision is lost in Lua's numbers.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -221,11 +219,8 @@ CLAIM_TTL = 30.0
 # Activity rows encoded between two turns of the event loop by the flush.
 FLUSH_SLICE = 500
 # How long the event listener waits for a message before it looks again (and notices a
-# broken connection); and how long it waits before subscribing again after a fault.
+# broken connection); `peers.Peers` subscribes again after a fault.
 LISTEN_POLL = 1.0
-LISTEN_RETRY = 1.0
-
-Event = dict[str, Any]
 
 
 class RedisStore:
@@ -236,7 +231,6 @@ class RedisStore:
         self.prefix = key_prefix
         self.transactions = 0  # write round trips applied: for metrics and benchmarks
         self.shared = True  # other sidecars may use the same prefix (SPEC 2.8)
-        self.node = secrets.token_hex(8)  # names this process's events, to skip its own
         # Each live session's request count as last read or written: the flush adds only what
         # this sidecar counted since, so counts from several sidecars add up.
         self._requests_seen: dict[str, int] = {}
@@ -248,13 +242,7 @@ class RedisStore:
     # ---- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
         try:
-            client = aioredis.Redis.from_url(
-                self.url,
-                decode_responses=True,
-                socket_timeout=COMMAND_TIMEOUT,
-                socket_connect_timeout=COMMAND_TIMEOUT,
-                retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), RETRIES),
-            )
+            client = self._client(decode=True)
         except ValueError as exc:
             raise StoreError(f"store.url is not a usable Redis URL ({exc})") from exc
         self._redis = client
@@ -272,6 +260,16 @@ class RedisStore:
         except StoreError:
             await self.close()
             raise
+
+    def _client(self, *, decode: bool) -> aioredis.Redis:
+        """A client for `url`; ValueError if it is not a usable Redis URL."""
+        return aioredis.Redis.from_url(
+            self.url,
+            decode_responses=decode,
+            socket_timeout=COMMAND_TIMEOUT,
+            socket_connect_timeout=COMMAND_TIMEOUT,
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), RETRIES),
+        )
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -484,9 +482,8 @@ class RedisStore:
         return purged
 
     # ---- events between sidecars (SPEC 2.8) ----------------------------------------------
-    async def publish(self, event: Event) -> None:
+    async def publish(self, message: bytes) -> None:
         """Tell the other sidecars on this prefix; a failure is a StoreError."""
-        message = json.dumps({**event, "from": self.node})
         try:
             await self.db.publish(self.prefix + "events", message)
         except RedisError as exc:
@@ -494,30 +491,34 @@ class RedisStore:
                 f"publishing to the Redis store at {self.where} failed ({exc})"
             ) from exc
 
-    async def listen(self, deliver: Callable[[Event], Awaitable[None]]) -> None:
-        """Hand every other sidecar's event to `deliver`, until cancelled.
+    async def listen(
+        self, deliver: Callable[[bytes], Awaitable[None]], subscribed: Callable[[], None]
+    ) -> None:
+        """Hand every message on the events channel to `deliver`, as it came; `subscribed`
+        once Redis confirms the subscription (again after redis-py made it again on a new
+        connection). Until cancelled, or a Redis fault, raised as a StoreError: the caller
+        listens again. Events published meanwhile are missed: the claims and the store still
+        decide every close, and an id closed elsewhere gets its 404 once it is read again.
 
-        A Redis fault ends the subscription; it is made again once Redis answers. Events
-        published meanwhile are missed: the claims and the store still decide every close,
-        and an id closed elsewhere gets its 404 once the session is read again.
+        A client of its own that does not decode: the store's decodes every reply as UTF-8,
+        and a message that is not (anything may be published) raised inside redis-py and
+        cost the subscription. What a message means is `peer_events`' to judge.
         """
-        while True:
-            try:
-                await self._listen_once(deliver)
-            except (RedisError, OSError) as exc:
-                log.warning("events from other sidecars interrupted: %s", exc)
-                await asyncio.sleep(LISTEN_RETRY)
-
-    async def _listen_once(self, deliver: Callable[[Event], Awaitable[None]]) -> None:
-        async with self.db.pubsub(ignore_subscribe_messages=True) as pubsub:
-            await pubsub.subscribe(self.prefix + "events")
-            while True:
-                message = await pubsub.get_message(timeout=LISTEN_POLL)
-                if message is None or message.get("type") != "message":
-                    continue
-                event = json.loads(message["data"])
-                if isinstance(event, dict) and event.get("from") != self.node:
-                    await deliver(event)
+        try:
+            async with self._client(decode=False) as client, client.pubsub() as pubsub:
+                await pubsub.subscribe(self.prefix + "events")
+                while True:
+                    message = await pubsub.get_message(timeout=LISTEN_POLL)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        subscribed()
+                    elif message["type"] == "message":
+                        await deliver(message["data"])
+        except (RedisError, OSError) as exc:
+            raise StoreError(
+                f"listening to the events channel of the Redis store at {self.where} failed ({exc})"
+            ) from exc
 
     # ---- reads -------------------------------------------------------------------------
     async def load(self, state: State, since: float | None = None) -> list[Session]:

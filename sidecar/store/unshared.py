@@ -8,7 +8,6 @@ inherit these answers from here, so the two cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from ..errors import StoreError
 from .records import PendingClose
@@ -32,8 +31,10 @@ class UnsharedStore:
     async def live_counts(self, client: str) -> tuple[int, int]:
         raise StoreError("only a shared store counts across sidecars")
 
-    async def publish(self, event: dict[str, Any]) -> None:
+    async def publish(self, message: bytes) -> None:
         """No other sidecar to tell."""
 
-    async def listen(self, deliver: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def listen(
+        self, deliver: Callable[[bytes], Awaitable[None]], subscribed: Callable[[], None]
+    ) -> None:
         """No other sidecar to hear from."""
