@@ -204,8 +204,11 @@ async def test_admin_close_on_one_sidecar_is_a_404_on_the_other_and_ends_its_str
             raw.url = first.url
             assert (await raw.call("echo", {"text": "after"})).status_code == 404
     # Closed upstream once, by the sidecar that closed it; sidecar 2 heard of the close and
-    # refused the later calls itself: none of them reached the replica.
-    assert deletes_per_session(upstreams) == {raw.session_id: 1}
+    # refused the later calls itself: none of them reached the replica. The admin close
+    # answers once the close is committed; its DELETE is the closer's, sent behind it.
+    await eventually(
+        lambda: deletes_per_session(upstreams) == {raw.session_id: 1}, what="the DELETE"
+    )
     methods = [r["method"] for r in upstreams[0].requests_for(str(raw.session_id))]
     assert methods[-1] == "DELETE", methods
     assert "closed by another sidecar" in second.output()
