@@ -51,9 +51,6 @@ class StreamableHttp:
         # concurrent adoptions of one id create one session, counted once.
         self._adoption_lock = asyncio.Lock()
 
-    async def handle_mcp(self, request: web.Request) -> web.StreamResponse:
-        return await self.fw.handle(request, self.dispatch)
-
     # ---- dispatch ------------------------------------------------------------------------
     async def dispatch(
         self, request: web.Request, body: bytes, timer: RequestTimer
