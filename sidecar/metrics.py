@@ -60,6 +60,7 @@ REJECT_REASONS = (
     "malformed_http",
     "header_timeout",
     "body_timeout",
+    "admin_host",
 )
 
 
