@@ -61,6 +61,7 @@ REJECT_REASONS = (
     "header_timeout",
     "body_timeout",
     "admin_host",
+    "untrackable_session",
 )
 
 
