@@ -10,7 +10,9 @@ container HEALTHCHECK or a load balancer needs no secret and learns nothing abou
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,12 +21,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .app import SERVICE, Service, errors_middleware
 from .errors import StoreError
+from .log import Throttled
 from .sessions import CloseReason, Session, State
 from .status import gather
 from .status_html import HEADERS, render
 from .views import iso, listing, session_view
 
 log = logging.getLogger("sidecar.admin")
+_throttled = Throttled(log)
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -65,16 +69,19 @@ def _error(status: int, message: str, **extra: str) -> web.Response:
 
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    settings = request.app[SERVICE].settings
+    service = request.app[SERVICE]
+    settings = service.settings
     token = settings.admin.token
-    if not token and not _host_is_local(request.host, settings.admin.listen):
+    if not token and not _host_is_local(request, settings.admin.listen):
         # Without a token only loopback may ask; a web page that rebinds its DNS name to
         # 127.0.0.1 still sends its own name as Host (SPEC 2.5, DNS-rebinding protection).
-        log.info(
-            "admin request %s %s refused: Host %r is not this listener or localhost",
+        service.metrics.rejected.labels("admin_host").inc()
+        _throttled.info(
+            "admin_host",
+            "admin request %s refused: Host %r (target %r) is not this listener or localhost",
             request.method,
-            request.path,
-            request.host[:100],
+            ", ".join(request.headers.getall("Host", []))[:100],
+            request.raw_path[:100],
         )
         return _error(403, "Host not allowed: use localhost or the admin.listen address")
     authorized = not token or _bearer_matches(request.headers.get("Authorization", ""), token)
@@ -100,19 +107,59 @@ async def _auth_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
+# `host[:port]` and nothing else (RFC 3986 authority without userinfo): a name or IPv4
+# address, or an IPv6 address in brackets. Anything looser let `localhost:80@evil.com` pass
+# as "localhost".
+_AUTHORITY = re.compile(
+    r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>[0-9]{1,5}))?"
+)
 
-def _host_is_local(host_header: str, listen: str) -> bool:
-    """Whether `Host` names loopback or the listener's own address (any port)."""
-    return _hostname(host_header) in LOCAL_HOSTS | {_hostname(listen)}
+
+def _host_is_local(request: web.Request, listen: str) -> bool:
+    """Whether the request names loopback or the listener's own address (any port).
+
+    Both names count: the `Host` header (exactly one) and an absolute-form target's
+    authority, which aiohttp prefers to the header for `request.host`. No `Host` at all names
+    nothing a rebound DNS name could have put there (browsers always send one), so it is
+    judged by the target alone, as before.
+    """
+    allowed = LOCAL_HOSTS | {h for h in (authority_host(listen),) if h is not None}
+    hosts = request.headers.getall("Host", [])
+    if len(hosts) > 1 or (hosts and authority_host(hosts[0]) not in allowed):
+        return False
+    target = _target_authority(request.raw_path)
+    return target is None or authority_host(target) in allowed
 
 
-def _hostname(authority: str) -> str:
-    authority = authority.strip().lower()
-    if authority.startswith("["):
-        return authority[1:].partition("]")[0]
-    if authority.count(":") == 1:
-        return authority.partition(":")[0]
-    return authority.rstrip(".")
+def authority_host(authority: str) -> str | None:
+    """The host `authority` names (lower case, IPv6 in its short form, without the root
+    label's trailing dot), or None when it is not exactly `host[:port]` with a valid port."""
+    match = _AUTHORITY.fullmatch(authority)
+    if match is None:
+        return None
+    port = match["port"]
+    if port is not None and not 0 < int(port) <= 65535:
+        return None
+    if match["ip6"] is not None:
+        try:
+            return str(ipaddress.IPv6Address(match["ip6"]))
+        except ValueError:
+            return None
+    name = match["name"].lower()
+    # `localhost.` is the fully qualified `localhost`; one trailing dot, never an empty label.
+    name = name.removesuffix(".")
+    return None if not name or ".." in name or name.startswith(".") else name
+
+
+def _target_authority(target: str) -> str | None:
+    """The authority of an absolute-form request target, "" when it has none that parses, or
+    None for the usual origin-form (`/path`) and asterisk-form targets."""
+    if target.startswith("/") or target == "*":
+        return None
+    _, sep, rest = target.partition("://")
+    if not sep:
+        return ""
+    return re.split(r"[/?#]", rest, maxsplit=1)[0]
 
 
 def _bearer_matches(header: str, token: str) -> bool:

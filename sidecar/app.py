@@ -375,7 +375,7 @@ def build_proxy_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app.cleanup_ctx.append(_service_lifecycle)
     app.on_shutdown.append(_end_streams)
-    handle_mcp = service.streamable.handle_mcp
+    handle_mcp = service.router.handle_mcp
     path = service.settings.upstream.path
     app.router.add_route("*", path, handle_mcp)
     if path != "/" and path.endswith("/"):

@@ -41,6 +41,17 @@ def named_sessions(request: web.Request) -> list[str]:
     return names
 
 
+def names_legacy_session(request: web.Request) -> bool:
+    """Whether the query names a session in the legacy transport's parameter (either spelling).
+
+    Such a request gets the legacy message rules on every path, the MCP endpoint's included:
+    an id of someone else's legacy session, or any id the sidecar does not hold as a legacy
+    session (a Streamable HTTP id belongs in the header), is answered 404 there too.
+    """
+    query = request.query
+    return any(param in query for param in SESSION_PARAMS)
+
+
 def check_one_session(request: web.Request) -> None:
     """Refuse a request that names more than one session, before anything reads it further."""
     if len(named_sessions(request)) > 1:

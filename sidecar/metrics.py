@@ -63,6 +63,8 @@ REJECT_REASONS = (
     "malformed_http",
     "header_timeout",
     "body_timeout",
+    "admin_host",
+    "untrackable_session",
 )
 
 

@@ -74,18 +74,23 @@ class Server:
         """Admin first, so `/readyz` answers 503 while the store opens; the sessions are
         restored behind the open proxy port (`Service.start`)."""
         settings = self.settings
-        self._admin = web.AppRunner(
+        metrics = self.service.metrics
+        guard = ConnectionGuard(lambda reason: metrics.rejected.labels(reason).inc())
+        # Guarded too: a head aiohttp refuses (two `Host` headers) is answered in JSON and
+        # counted, and a slow head is cut, on the admin port as on the proxy's.
+        self._admin = GuardedAppRunner(
             build_admin_app(self.service),
+            header_timeout=settings.server.header_timeout,
+            guard=guard,
             handle_signals=False,
             access_log=None,
             shutdown_timeout=1.0,
         )
         await self._listen(self._admin, settings.admin.listen, "admin.listen")
-        metrics = self.service.metrics
         self._proxy = GuardedAppRunner(
             build_proxy_app(self.service),
             header_timeout=settings.server.header_timeout,
-            guard=ConnectionGuard(lambda reason: metrics.rejected.labels(reason).inc()),
+            guard=guard,
             fast=self.service.fast,
             handle_signals=False,
             access_log=None,

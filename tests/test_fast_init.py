@@ -162,7 +162,7 @@ SEQUENCE = [
     initialize("throw-away", "X-Test-Answer: bad-request", request_id=4),
     initialize(None, request_id=5),  # a stateless server: no session
     initialize(None, "X-Test-Answer: sse", request_id=6),
-    initialize("bad id", request_id=7),  # malformed: passed through untracked
+    initialize("bad id", request_id=7),  # untrackable: closed upstream, answered 502
     initialize("b-batch", batch=True, request_id=8),  # the full path's on both
     initialize("b-notify", notify=True),
     initialize("broken", "X-Test-Answer: broken", request_id=9),
@@ -184,7 +184,7 @@ async def test_same_answers_requests_and_rows_with_and_without_fast_path(
     fast, slow = pair
     fast_answers = await same_with_and_without(pair, recorder, SEQUENCE)
     statuses = [status for status, _, _ in fast_answers]
-    assert statuses == [200, 200, 200, 400, 200, 200, 200, 200, 200, 500, 200, 200]
+    assert statuses == [200, 200, 200, 400, 200, 200, 502, 200, 200, 500, 200, 200]
     assert (b"mcp-session-id", b"a-sse") in fast_answers[1][1]
     fast_rows, slow_rows = rows(fast), rows(slow)
     assert fast_rows == slow_rows

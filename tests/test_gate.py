@@ -9,6 +9,7 @@ request must be answered by the sidecar and never appear in the upstream's log; 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,64 @@ async def test_initialize_on_a_spelling_express_accepts_is_tracked(
             assert answer.status_code == 200, answer.text
             issued = answer.headers["mcp-session-id"]
             assert issued in await _tracked_ids(http, sidecar.admin_url)
+
+
+async def _open_legacy_stream(
+    http: httpx.AsyncClient, sse_url: str, authorization: str
+) -> tuple[str, httpx.Response, AsyncIterator[str]]:
+    """A legacy session held open by its SSE stream: its id (from the endpoint event), the
+    stream, and its line reader (kept: a reader collected by the garbage collector closes
+    the stream, which ends the session)."""
+    request = http.build_request(
+        "GET", sse_url, headers={"Accept": "text/event-stream", "Authorization": authorization}
+    )
+    stream = await http.send(request, stream=True)
+    assert stream.status_code == 200
+    lines = stream.aiter_lines()
+    while not (line := await anext(lines)).startswith("data: "):
+        pass
+    return line.rsplit("session_id=", 1)[1].strip(), stream, lines
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["full-path", "fast-path"])
+async def test_a_session_named_in_the_query_gets_the_session_rules_on_the_mcp_endpoint(
+    fast_path: bool,
+    upstream_factory: Callable[..., UpstreamHandle],
+    sidecar_factory: SidecarFactory,
+) -> None:
+    """SPEC 2.5: the legacy query parameter names a session on the MCP endpoint too. Someone
+    else's legacy id, or a Streamable HTTP id (it belongs in the header), is not a legacy
+    session this client holds: 404 as unknown; two namings are 400; none reach the upstream."""
+    upstream = upstream_factory("both")
+    sidecar = sidecar_factory(upstream.url, server={"fast_path": fast_path})
+    async with raw_client() as http:
+        legacy_id, stream, _lines = await _open_legacy_stream(http, sidecar.sse_url, "Bearer owner")
+        own = await _live_session(http, sidecar.url, "Bearer intruder")
+        assert await _tracked_ids(http, sidecar.admin_url) == {legacy_id, own}
+        before = len(upstream.requests())
+        intruder = _headers(Authorization="Bearer intruder")
+        for query, status in (
+            (f"session_id={legacy_id}", 404),
+            (f"sessionId={legacy_id}", 404),
+            (f"session_id={own}", 404),
+            (f"session_id={legacy_id}&sessionId={own}", 400),
+        ):
+            for body in (PING, INITIALIZE):
+                answer = await http.post(
+                    f"{sidecar.url}?{query}", content=json.dumps(body), headers=intruder
+                )
+                assert answer.status_code == status, (query, answer.text)
+                assert answer.json()["jsonrpc"] == "2.0"
+                if status == 404:
+                    assert answer.json()["error"]["code"] == -32001
+        # The same session in the header and the query is still two namings: which
+        # transport's rules would apply is ambiguous, so the answer is the gate's 400.
+        answer = await http.post(
+            f"{sidecar.url}?session_id={own}",
+            content=json.dumps(PING),
+            headers=_headers(own, Authorization="Bearer intruder"),
+        )
+        assert answer.status_code == 400, answer.text
+        assert len(upstream.requests()) == before, upstream.requests()[before:]
+        assert await _tracked_ids(http, sidecar.admin_url) == {legacy_id, own}
+        await stream.aclose()

@@ -21,12 +21,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .. import jsonrpc
+from .. import jsonrpc, untrackable
 from ..admission import LimitReachedError
 from ..clients import client_identity, initialize_client
 from ..errors import StoreError, UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..intake import Rejected, RequestTimer
-from ..sessions import Session, Transport, short, valid_session_id
+from ..sessions import Session, Transport, short
 from ..upstream import Upstream
 from ..upstream.wire import Answer
 from . import fast
@@ -212,6 +212,7 @@ async def _initialize(path: fast.FastPath, request: InitRequest, lane: Lane) -> 
         # Only a successful answer creates a session: the Python SDK's 400 carries a
         # throw-away id that must not be tracked (SPEC 2.1).
         if upstream_id is not None and 200 <= answer.status < 300:
+            await _refuse_untrackable(path, request, answer, upstream_id, member)
             session = await _track_or_undo(path, request, answer, _text(upstream_id), name)
         elif 200 <= answer.status < 300:
             path.fw.metrics.stateless_requests.inc()
@@ -270,9 +271,23 @@ async def _exchange(path: fast.FastPath, request: InitRequest, member: Upstream)
         timer.upstream_answered()
 
 
+async def _refuse_untrackable(
+    path: fast.FastPath, request: InitRequest, answer: Answer, upstream_id: bytes, member: Upstream
+) -> None:
+    """`StreamableHttp._refuse_untrackable`: an id the sidecar cannot track is closed
+    upstream with its bytes as they came, and the client answered 502."""
+    why = untrackable.why_untrackable(upstream_id)
+    if why is None:
+        return
+    answer.close()
+    fw = path.fw
+    request_id = request.initialize.id
+    raise await fw.refuse_untrackable(upstream_id, why, _credentials(request), member, request_id)
+
+
 async def _track_or_undo(
     path: fast.FastPath, request: InitRequest, answer: Answer, upstream_id: str, name: str
-) -> Session | None:
+) -> Session:
     """Track the new session, or, when the store cannot record it, close it upstream again at
     once and answer 503: the client never holds an id the sidecar could not commit."""
     try:
@@ -290,10 +305,7 @@ async def _track_or_undo(
 
 async def _track_new(
     path: fast.FastPath, request: InitRequest, upstream_id: str, name: str
-) -> Session | None:
-    if not valid_session_id(upstream_id):
-        log.warning("upstream issued a malformed session id; passing it through untracked")
-        return None
+) -> Session:
     params = request.initialize.params
     client_info, version = initialize_client(params)
     agent = wire.first_of(request.index, b"user-agent")

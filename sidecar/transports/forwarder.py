@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter
 
-from .. import jsonrpc
+from .. import jsonrpc, untrackable
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..forwarding import (
     EventHook,
@@ -347,6 +347,33 @@ class Forwarder:
             answer.release()
         except UpstreamError as exc:
             log.warning("closing untracked session %s failed: %s", short(session_id), exc)
+
+    async def refuse_untrackable(
+        self,
+        session_id: bytes,
+        why: str,
+        client_credentials: dict[str, str],
+        upstream: Upstream | None,
+        request_id: jsonrpc.RequestId | None,
+    ) -> Rejected:
+        """An upstream session whose id the sidecar cannot track (`untrackable.py`): closed
+        upstream at once (one attempt, logged), and the client's 502 to raise. The closer's
+        retries are not for it: its owed DELETEs are keyed by ids the store can hold."""
+        member = upstream or self.upstreams.primary
+        self._throttled.warning(
+            untrackable.REASON,
+            "upstream %s issued a session id the sidecar cannot track (%s, %s); closing it",
+            member.authority,
+            why,
+            untrackable.loggable(session_id),
+        )
+        try:
+            await member.delete_raw(session_id, client_credentials)
+        except UpstreamError as exc:
+            log.warning(
+                "closing untrackable session %s failed: %s", untrackable.loggable(session_id), exc
+            )
+        return untrackable.refusal(why, request_id)
 
     # ---- answers ---------------------------------------------------------------------------
     async def reject(self, request: web.Request, rejection: Rejected) -> web.Response:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import UpstreamError
-from ..gate import SESSION_PARAMS, Route, route_of
+from ..gate import Route, names_legacy_session, route_of
 from ..intake import Rejected, RequestTimer
 from ..upstream import SESSION_HEADER
 from .forwarder import Dispatch, Forwarder
@@ -24,6 +24,12 @@ class Router:
         self.fw = forwarder
         self.streamable = streamable
         self.legacy = legacy
+
+    async def handle_mcp(self, request: web.Request) -> web.StreamResponse:
+        """The exact MCP routes: a session named in the query gets its rules here too."""
+        dispatch = self.dispatch_for(Route.MCP, request)
+        assert dispatch is not None  # the MCP route always has a handler
+        return await self.fw.handle(request, dispatch)
 
     async def handle_passthrough(self, request: web.Request) -> web.StreamResponse:
         options = self.fw.options
@@ -44,7 +50,7 @@ class Router:
         """The session-checking handler for a path the exact routes missed, if it needs one."""
         if route is Route.SSE:
             return self.legacy.open_stream
-        if route is Route.MESSAGE or any(name in request.query for name in SESSION_PARAMS):
+        if route is Route.MESSAGE or names_legacy_session(request):
             return self.legacy.post
         if route is Route.MCP or SESSION_HEADER in request.headers:
             return self.streamable.dispatch

@@ -15,7 +15,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from .. import jsonrpc
+from .. import jsonrpc, untrackable
 from ..activity import classify
 from ..admission import LimitReachedError
 from ..clients import initialize_client
@@ -24,7 +24,7 @@ from ..forwarding import StreamRelay, relay_stream
 from ..intake import Rejected, RequestTimer, credentials, request_identity
 from ..manager import Outcome
 from ..sessions import CloseReason, Session, Transport, short, valid_session_id
-from ..upstream import PROTOCOL_HEADER, SESSION_HEADER
+from ..upstream import PROTOCOL_HEADER, SESSION_HEADER, Upstream
 from .forwarder import Forwarder, SessionLostError
 from .rejections import (
     NO_LOOKUP,
@@ -50,9 +50,6 @@ class StreamableHttp:
         # Adoptions are rare (a deploy in front of live sessions); one lock makes two
         # concurrent adoptions of one id create one session, counted once.
         self._adoption_lock = asyncio.Lock()
-
-    async def handle_mcp(self, request: web.Request) -> web.StreamResponse:
-        return await self.fw.handle(request, self.dispatch)
 
     # ---- dispatch ------------------------------------------------------------------------
     async def dispatch(
@@ -240,6 +237,10 @@ class StreamableHttp:
             # Only a successful answer creates a session: the Python SDK's 400 carries a
             # throw-away id that must not be tracked (SPEC 2.1).
             if session_id is not None and 200 <= upstream.status < 300:
+                pool = self.fw.upstreams
+                await self._refuse_untrackable(
+                    request, upstream, session_id, initialize.id, pool.member(member)
+                )
                 session = await self._track_or_undo(
                     request, upstream, session_id, identity, initialize, member=member
                 )
@@ -265,6 +266,22 @@ class StreamableHttp:
         name = self.fw.place()
         return name, await self.fw.forward(request, body, timer, upstream=pool.at(name))
 
+    async def _refuse_untrackable(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        session_id: str,
+        request_id: jsonrpc.RequestId | None,
+        member: Upstream | None,
+    ) -> None:
+        """Close upstream and refuse (502) a new session whose id the sidecar cannot track."""
+        raw = untrackable.raw_id(session_id)
+        why = untrackable.why_untrackable(raw)
+        if why is None:
+            return
+        upstream.release()
+        raise await self.fw.refuse_untrackable(raw, why, credentials(request), member, request_id)
+
     async def _track_or_undo(
         self,
         request: web.Request,
@@ -274,7 +291,7 @@ class StreamableHttp:
         initialize: jsonrpc.Message,
         *,
         member: str,
-    ) -> Session | None:
+    ) -> Session:
         """Track the new session, or, when the store cannot record it, close it upstream again
         at once and answer 503: the client never holds an id the sidecar could not commit."""
         try:
@@ -296,10 +313,7 @@ class StreamableHttp:
         initialize: jsonrpc.Message,
         *,
         member: str,
-    ) -> Session | None:
-        if not valid_session_id(session_id):
-            log.warning("upstream issued a malformed session id; passing it through untracked")
-            return None
+    ) -> Session:
         client_info, version = initialize_client(initialize.params)
         return await self.manager.create(
             session_id,
@@ -370,18 +384,18 @@ class StreamableHttp:
         if version >= SESSIONLESS_SINCE or request.method == "POST":
             self.metrics.stateless_requests.inc()
         upstream = await self.fw.forward(request, body or None, timer)
-        session = await self.backstop(request, upstream)
+        session = await self.backstop(request, upstream, body)
         return await self.fw.relay(request, upstream, session, timer)
 
     async def passthrough(self, request: web.Request, timer: RequestTimer) -> web.StreamResponse:
         """A path no endpoint claims and a request naming no session: relayed as it is."""
         body = await self.fw.read_body(request) if request.can_read_body else None
         upstream = await self.fw.forward(request, body, timer)
-        await self.backstop(request, upstream)
+        await self.backstop(request, upstream, body or b"")
         return await relay_stream(request, upstream, StreamRelay(upstream), None)
 
     async def backstop(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, request: web.Request, upstream: aiohttp.ClientResponse, body: bytes = b""
     ) -> Session | None:
         """An upstream session born of a request we did not read as `initialize` (SPEC 2.5).
 
@@ -391,8 +405,10 @@ class StreamableHttp:
         session_id = upstream.headers.get(SESSION_HEADER)
         if session_id is None or not 200 <= upstream.status < 300:
             return None
-        if session_id in self.manager.live or not valid_session_id(session_id):
+        if session_id in self.manager.live:
             return None
+        request_id = jsonrpc.parse(body).first_id if body else None
+        await self._refuse_untrackable(request, upstream, session_id, request_id, None)
         identity = request_identity(request)
         try:
             await self.manager.admit(identity)

@@ -25,7 +25,12 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..errors import UpstreamRefusedError, UpstreamTimeoutError, UpstreamUnreachableError
+from ..errors import (
+    UpstreamError,
+    UpstreamRefusedError,
+    UpstreamTimeoutError,
+    UpstreamUnreachableError,
+)
 
 POOL_IDLE_SECONDS = 3.0
 SESSION_HEADER = "Mcp-Session-Id"
@@ -175,6 +180,43 @@ class Upstream:
         async with response:
             await response.read()
             return response.status
+
+    async def delete_raw(self, session_id: bytes, credentials: Mapping[str, str]) -> int:
+        """Close a session whose id is not text aiohttp can write (`untrackable.py`): the
+        request written by hand on a connection of its own, the id's bytes exactly as the
+        upstream sent them (aiohttp would write the id as UTF-8, dropping a byte that is not,
+        and refuses control characters). Returns the HTTP status."""
+        if b"\r" in session_id or b"\n" in session_id:
+            raise UpstreamError("the session id holds a line break; it cannot be sent back")
+        url = self.url
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    url.raw_host, url.port, ssl=url.scheme == "https"
+                )
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamUnreachableError(f"cannot reach {url.origin()}: {exc!r}") from exc
+        try:
+            writer.write(self._delete_head(session_id, credentials))
+            async with asyncio.timeout(self.read_timeout):
+                status_line = await reader.readline()
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamUnreachableError(f"{url.origin()} did not answer: {exc!r}") from exc
+        finally:
+            writer.close()
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise UpstreamError(f"{url.origin()} answered no HTTP status: {status_line[:80]!r}")
+        return int(parts[1])
+
+    def _delete_head(self, session_id: bytes, credentials: Mapping[str, str]) -> bytes:
+        """`delete_session`'s request as bytes; other values as aiohttp decoded them."""
+        head = [b"DELETE %s HTTP/1.1" % self.url.raw_path_qs.encode()]
+        head.append(b"Host: " + self.authority.encode())
+        for name, value in {**self.static_headers, **credentials}.items():
+            head.append(name.encode() + b": " + value.encode("utf-8", "surrogateescape"))
+        head += [SESSION_HEADER.encode() + b": " + session_id, b"Content-Length: 0"]
+        return b"\r\n".join([*head, b"Connection: close", b"", b""])
 
 
 def _unreachable(url: URL, exc: BaseException) -> UpstreamUnreachableError:
