@@ -1020,9 +1020,9 @@ class SessionManager:
     async def owe_close(
         self, binding: Binding, protocol_version: str | None, credentials: dict[str, str]
     ) -> None:
-        """An upstream session left on a replica that stopped answering (SPEC 2.8): its
-        session moved to another replica, or was closed `upstream_gone` when the replica
-        stayed down. Should that replica come back still holding it, the DELETE frees it."""
+        """An upstream session no session is bound to any more: replaced by a resume, left
+        on a replica that stopped answering (SPEC 2.8), or created by a resume another
+        sidecar won. Should the upstream still hold it, the DELETE frees it."""
         pending = PendingClose(
             binding.session_id, protocol_version, 0, self.clock(), binding.upstream
         )

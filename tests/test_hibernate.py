@@ -7,6 +7,7 @@ JSON-RPC methods it carried, in order), and what the sidecar shows (admin API, d
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import sqlite3
@@ -290,3 +291,80 @@ async def test_resume_with_upstream_down_is_502_and_the_session_stays_dormant(
         assert (await state_of(sidecar, session_id))["state"] == "dormant"
         upstream_factory(port=upstream.port)
         assert await raw.call_text("echo", {"text": "up"}) == "up"
+
+
+# ---- concurrent wake-ups (SPEC 2.5, 2.7) -------------------------------------------------
+
+RACE_SESSIONS = 4
+RACE_WAKERS = 12
+RACE_SPACING = 0.003  # wakers spread over ~35 ms, past a resume's commit
+
+
+async def wake_together(raws: list[RawSession]) -> None:
+    """`RACE_WAKERS` calls on every session at once, started `RACE_SPACING` apart: some
+    arrive before a resume starts, some while it runs or commits, some after. Each gets
+    its answer."""
+
+    async def call(raw: RawSession, delay: float) -> None:
+        await asyncio.sleep(delay)
+        assert await raw.call_text("echo", {"text": "awake"}) == "awake"
+
+    await asyncio.gather(*(call(raw, i * RACE_SPACING) for raw in raws for i in range(RACE_WAKERS)))
+
+
+async def upstream_matches_sidecar(sidecar: SidecarHandle, raw: RawSession) -> None:
+    """The upstream's own count of its sessions (its transport's table) comes to the
+    sidecar's count of live ones: it holds no session the sidecar does not know."""
+
+    async def same() -> tuple[int, int] | None:
+        upstream_live = int(await raw.call_text("live_sessions"))
+        listed = (await admin_get(sidecar, "/sessions?state=live")).json()["sessions"]
+        return None if upstream_live != len(listed) else (upstream_live, len(listed))
+
+    await eventually(same, within=8, what="upstream sessions == sidecar live sessions")
+
+
+async def test_concurrent_wakes_of_idle_sessions_resume_each_once_and_orphan_nothing(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    # The sweeper is far off: the first request after the idle timeout hibernates the session
+    # itself and the others race it, while it is hibernated, resumed, committed, then live.
+    sidecar = sidecar_factory(
+        upstream.url,
+        sessions={"idle_timeout": IDLE, "sweep_interval": 60, "idle_action": "hibernate"},
+        upstream={"recover_lost": True},
+        store={"flush_interval": 0.2},
+    )
+    async with raw_client() as http:
+        raws = [RawSession(http, sidecar.url) for _ in range(RACE_SESSIONS)]
+        for raw in raws:
+            assert (await raw.initialize()).status_code == 200
+        for round_ in range(1, 4):
+            await asyncio.sleep(IDLE + 0.2)  # idle past the timeout: the requests decide
+            known = {r["response_session_id"] for r in upstream.requests()}
+            await wake_together(raws)
+            for raw in raws:
+                assert (await state_of(sidecar, raw.session_id or ""))["resumes"] == round_
+            assert len(new_upstream_sessions(upstream, known)) == RACE_SESSIONS
+            await upstream_matches_sidecar(sidecar, raws[0])
+
+
+async def test_concurrent_requests_on_a_lost_session_recreate_it_once_and_orphan_nothing(
+    upstream_factory: Callable[..., UpstreamHandle], sidecar_factory: SidecarFactory
+) -> None:
+    # recover_lost: every request sent on the lost upstream session sees its 404, some after
+    # another one re-created it; the session is re-created once.
+    upstream = upstream_factory()
+    sidecar = sidecar_factory(upstream.url, upstream={"recover_lost": True})
+    async with raw_client() as http:
+        raws = [RawSession(http, sidecar.url) for _ in range(RACE_SESSIONS)]
+        for raw in raws:
+            assert (await raw.initialize()).status_code == 200
+        for round_ in range(1, 4):
+            upstream.stop()
+            upstream = upstream_factory(port=upstream.port)  # it lost every session
+            await wake_together(raws)
+            for raw in raws:
+                assert (await state_of(sidecar, raw.session_id or ""))["resumes"] == round_
+            assert len(new_upstream_sessions(upstream, set())) == RACE_SESSIONS
+            await upstream_matches_sidecar(sidecar, raws[0])
