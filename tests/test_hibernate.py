@@ -19,11 +19,14 @@ import pytest
 from mcp.shared.exceptions import McpError
 
 from tests.peers.mcp_clients import (
+    PROTOCOL_VERSION,
     RawSession,
     eventually,
+    initialize_message,
     live_sessions,
     open_stream,
     raw_client,
+    rpc_messages,
     sdk_session,
     session_row,
     text_of,
@@ -368,3 +371,47 @@ async def test_concurrent_requests_on_a_lost_session_recreate_it_once_and_orphan
                 assert (await state_of(sidecar, raw.session_id or ""))["resumes"] == round_
             assert len(new_upstream_sessions(upstream, set())) == RACE_SESSIONS
             await upstream_matches_sidecar(sidecar, raws[0])
+
+
+# ---- what a session was negotiated with (SPEC 2.7) ---------------------------------------
+
+OTHER_VERSION = "2024-11-05"  # one the upstream also accepts in the header
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_only_the_initialize_handshake_sets_the_version_a_resume_must_negotiate(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory, fast_path: bool
+) -> None:
+    sidecar = sidecar_factory(
+        upstream.url,
+        server={"fast_path": fast_path},
+        sessions={"idle_timeout": IDLE, "sweep_interval": SWEEP, "idle_action": "hibernate"},
+        store={"flush_interval": 0.2},
+    )
+    async with raw_client() as http:
+        raw = RawSession(http, sidecar.url)
+        # A version the upstream does not speak: it negotiates its own, which the client
+        # then sends, from its `notifications/initialized` on (the end of the handshake).
+        initialize = initialize_message("version-test")
+        initialize["params"]["protocolVersion"] = "2099-01-01"
+        answer = await raw.post(initialize)
+        assert answer.status_code == 200, answer.text
+        (result,) = [m["result"] for m in rpc_messages(answer) if "result" in m]
+        assert result["protocolVersion"] == PROTOCOL_VERSION
+        raw.session_id = answer.headers["mcp-session-id"]
+        await raw.notify_initialized()
+        session_id = raw.session_id
+
+        # Requests the upstream accepts with another version header, live and waking it,
+        # are served, and change nothing about what the session was negotiated with.
+        other = {"MCP-Protocol-Version": OTHER_VERSION}
+        assert (await raw.call("echo", {"text": "live"}, **other)).status_code == 200
+        await wait_state(sidecar, session_id, "dormant")
+        assert (await raw.call("echo", {"text": "wake"}, **other)).status_code == 200
+        assert (await state_of(sidecar, session_id))["protocol_version"] == PROTOCOL_VERSION
+
+        # ...so the next wake negotiates the same version again and resumes.
+        await wait_state(sidecar, session_id, "dormant")
+        assert await raw.call_text("echo", {"text": "again"}) == "again"
+        shown = await state_of(sidecar, session_id)
+        assert (shown["state"], shown["resumes"]) == ("live", 2)
