@@ -82,6 +82,12 @@ _BLANK = " \t\n\r"  # JSON's whitespace: all `json.loads` allows after the docum
 _OPEN = ord("{")
 
 
+def ends_handshake(batch: Batch) -> bool:
+    """Whether the batch holds the client's `notifications/initialized`: the end of the
+    initialize handshake, and the first message sent with the version it negotiated."""
+    return batch.find("notifications/initialized") is not None
+
+
 def parse(body: bytes) -> Batch:
     """Read a POST body into a Batch; never raises."""
     if not body:

@@ -30,7 +30,7 @@ from .closer import UpstreamCloser
 from .deadlines import Deadlines, Scheduled
 from .dormant import DormantSessions
 from .errors import StoreError
-from .jsonrpc import RequestId
+from .jsonrpc import Batch, RequestId, ends_handshake
 from .log import Throttled
 from .metrics import Metrics
 from .pacing import TURN_LIMIT, Pacing, yield_turn
@@ -483,8 +483,15 @@ class SessionManager:
         if used:
             session.credentials = used
 
-    def note_protocol_version(self, session: Session, version: str) -> None:
-        if version != session.protocol_version:
+    def note_protocol_version(self, session: Session, version: str, batch: Batch) -> None:
+        """The version the upstream accepted `batch` with. What the session was negotiated
+        with (a resume must negotiate it again, SPEC 2.7) changes only at the end of the
+        initialize handshake, `notifications/initialized`, the first request carrying the
+        version the upstream chose; any other request only fills in a missing one (adopted
+        sessions): a header the upstream merely accepts made the next resume fail."""
+        if version == session.protocol_version:
+            return
+        if session.protocol_version is None or ends_handshake(batch):
             session.protocol_version = version
             self._dirty[session.id] = None
 
@@ -1020,9 +1027,9 @@ class SessionManager:
     async def owe_close(
         self, binding: Binding, protocol_version: str | None, credentials: dict[str, str]
     ) -> None:
-        """An upstream session left on a replica that stopped answering (SPEC 2.8): its
-        session moved to another replica, or was closed `upstream_gone` when the replica
-        stayed down. Should that replica come back still holding it, the DELETE frees it."""
+        """An upstream session no session is bound to any more: replaced by a resume, left
+        on a replica that stopped answering (SPEC 2.8), or created by a resume another
+        sidecar won. Should the upstream still hold it, the DELETE frees it."""
         pending = PendingClose(
             binding.session_id, protocol_version, 0, self.clock(), binding.upstream
         )

@@ -7,6 +7,7 @@ JSON-RPC methods it carried, in order), and what the sidecar shows (admin API, d
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import sqlite3
@@ -18,11 +19,14 @@ import pytest
 from mcp.shared.exceptions import McpError
 
 from tests.peers.mcp_clients import (
+    PROTOCOL_VERSION,
     RawSession,
     eventually,
+    initialize_message,
     live_sessions,
     open_stream,
     raw_client,
+    rpc_messages,
     sdk_session,
     session_row,
     text_of,
@@ -290,3 +294,124 @@ async def test_resume_with_upstream_down_is_502_and_the_session_stays_dormant(
         assert (await state_of(sidecar, session_id))["state"] == "dormant"
         upstream_factory(port=upstream.port)
         assert await raw.call_text("echo", {"text": "up"}) == "up"
+
+
+# ---- concurrent wake-ups (SPEC 2.5, 2.7) -------------------------------------------------
+
+RACE_SESSIONS = 4
+RACE_WAKERS = 12
+RACE_SPACING = 0.003  # wakers spread over ~35 ms, past a resume's commit
+
+
+async def wake_together(raws: list[RawSession]) -> None:
+    """`RACE_WAKERS` calls on every session at once, started `RACE_SPACING` apart: some
+    arrive before a resume starts, some while it runs or commits, some after. Each gets
+    its answer."""
+
+    async def call(raw: RawSession, delay: float) -> None:
+        await asyncio.sleep(delay)
+        assert await raw.call_text("echo", {"text": "awake"}) == "awake"
+
+    await asyncio.gather(*(call(raw, i * RACE_SPACING) for raw in raws for i in range(RACE_WAKERS)))
+
+
+async def upstream_matches_sidecar(sidecar: SidecarHandle, raw: RawSession) -> None:
+    """The upstream's own count of its sessions (its transport's table) comes to the
+    sidecar's count of live ones: it holds no session the sidecar does not know."""
+
+    async def same() -> tuple[int, int] | None:
+        upstream_live = int(await raw.call_text("live_sessions"))
+        listed = (await admin_get(sidecar, "/sessions?state=live")).json()["sessions"]
+        return None if upstream_live != len(listed) else (upstream_live, len(listed))
+
+    await eventually(same, within=8, what="upstream sessions == sidecar live sessions")
+
+
+async def test_concurrent_wakes_of_idle_sessions_resume_each_once_and_orphan_nothing(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory
+) -> None:
+    # The sweeper is far off: the first request after the idle timeout hibernates the session
+    # itself and the others race it, while it is hibernated, resumed, committed, then live.
+    sidecar = sidecar_factory(
+        upstream.url,
+        sessions={"idle_timeout": IDLE, "sweep_interval": 60, "idle_action": "hibernate"},
+        upstream={"recover_lost": True},
+        store={"flush_interval": 0.2},
+    )
+    async with raw_client() as http:
+        raws = [RawSession(http, sidecar.url) for _ in range(RACE_SESSIONS)]
+        for raw in raws:
+            assert (await raw.initialize()).status_code == 200
+        for round_ in range(1, 4):
+            await asyncio.sleep(IDLE + 0.2)  # idle past the timeout: the requests decide
+            known = {r["response_session_id"] for r in upstream.requests()}
+            await wake_together(raws)
+            for raw in raws:
+                assert (await state_of(sidecar, raw.session_id or ""))["resumes"] == round_
+            assert len(new_upstream_sessions(upstream, known)) == RACE_SESSIONS
+            await upstream_matches_sidecar(sidecar, raws[0])
+
+
+async def test_concurrent_requests_on_a_lost_session_recreate_it_once_and_orphan_nothing(
+    upstream_factory: Callable[..., UpstreamHandle], sidecar_factory: SidecarFactory
+) -> None:
+    # recover_lost: every request sent on the lost upstream session sees its 404, some after
+    # another one re-created it; the session is re-created once.
+    upstream = upstream_factory()
+    sidecar = sidecar_factory(upstream.url, upstream={"recover_lost": True})
+    async with raw_client() as http:
+        raws = [RawSession(http, sidecar.url) for _ in range(RACE_SESSIONS)]
+        for raw in raws:
+            assert (await raw.initialize()).status_code == 200
+        for round_ in range(1, 4):
+            upstream.stop()
+            upstream = upstream_factory(port=upstream.port)  # it lost every session
+            await wake_together(raws)
+            for raw in raws:
+                assert (await state_of(sidecar, raw.session_id or ""))["resumes"] == round_
+            assert len(new_upstream_sessions(upstream, set())) == RACE_SESSIONS
+            await upstream_matches_sidecar(sidecar, raws[0])
+
+
+# ---- what a session was negotiated with (SPEC 2.7) ---------------------------------------
+
+OTHER_VERSION = "2024-11-05"  # one the upstream also accepts in the header
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_only_the_initialize_handshake_sets_the_version_a_resume_must_negotiate(
+    upstream: UpstreamHandle, sidecar_factory: SidecarFactory, fast_path: bool
+) -> None:
+    sidecar = sidecar_factory(
+        upstream.url,
+        server={"fast_path": fast_path},
+        sessions={"idle_timeout": IDLE, "sweep_interval": SWEEP, "idle_action": "hibernate"},
+        store={"flush_interval": 0.2},
+    )
+    async with raw_client() as http:
+        raw = RawSession(http, sidecar.url)
+        # A version the upstream does not speak: it negotiates its own, which the client
+        # then sends, from its `notifications/initialized` on (the end of the handshake).
+        initialize = initialize_message("version-test")
+        initialize["params"]["protocolVersion"] = "2099-01-01"
+        answer = await raw.post(initialize)
+        assert answer.status_code == 200, answer.text
+        (result,) = [m["result"] for m in rpc_messages(answer) if "result" in m]
+        assert result["protocolVersion"] == PROTOCOL_VERSION
+        raw.session_id = answer.headers["mcp-session-id"]
+        await raw.notify_initialized()
+        session_id = raw.session_id
+
+        # Requests the upstream accepts with another version header, live and waking it,
+        # are served, and change nothing about what the session was negotiated with.
+        other = {"MCP-Protocol-Version": OTHER_VERSION}
+        assert (await raw.call("echo", {"text": "live"}, **other)).status_code == 200
+        await wait_state(sidecar, session_id, "dormant")
+        assert (await raw.call("echo", {"text": "wake"}, **other)).status_code == 200
+        assert (await state_of(sidecar, session_id))["protocol_version"] == PROTOCOL_VERSION
+
+        # ...so the next wake negotiates the same version again and resumes.
+        await wait_state(sidecar, session_id, "dormant")
+        assert await raw.call_text("echo", {"text": "again"}) == "again"
+        shown = await state_of(sidecar, session_id)
+        assert (shown["state"], shown["resumes"]) == ("live", 2)

@@ -419,7 +419,7 @@ class FastPath:
                     if changed is not None:
                         manager.note_setup(session, changed)
                 if request.protocol_version:
-                    manager.note_protocol_version(session, request.protocol_version)
+                    manager.note_protocol_version(session, request.protocol_version, sent.batch)
             lane.write(
                 wire.buffered_from(
                     status,
@@ -522,7 +522,7 @@ class FastPath:
                 changed = updated_setup(session.resume, batch)
                 if changed is not None:
                     manager.note_setup(session, changed)
-            await self.relay(request, answer, lane)
+            await self.relay(request, answer, lane, batch)
         finally:
             if use.is_call:
                 manager.end_call(session)
@@ -550,13 +550,16 @@ class FastPath:
         finally:
             request.timer.upstream_answered()
 
-    async def relay(self, request: FastRequest, answer: Answer, lane: Lane) -> None:
-        """`Forwarder.relay` for the exact endpoint's answer to a live session's POST."""
+    async def relay(
+        self, request: FastRequest, answer: Answer, lane: Lane, batch: jsonrpc.Batch
+    ) -> None:
+        """`Forwarder.relay` for the exact endpoint's answer to a live session's POST
+        (`batch`: what it carried)."""
         session = request.session
         status = answer.status
         version = request.protocol_version
         if version and 200 <= status < 300:
-            self.manager.note_protocol_version(session, version)
+            self.manager.note_protocol_version(session, version, batch)
         if status == 404 and session.live:
             # The upstream lost the session (restart, its own reaper): stop tracking it.
             await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)

@@ -43,6 +43,9 @@ _UNEXPECTED = jsonrpc.error_body(jsonrpc.SERVER_ERROR, "Internal error in mcp-si
 _CREDENTIALS = (("Authorization", b"authorization"), ("Cookie", b"cookie"))
 _DECODER = json.JSONDecoder()
 _PARAMS = "params"
+# What an `initialize`'s header version is noted with: it starts the handshake, it does not
+# end it, so it fills in only a version its params named none of (as the full path's relay).
+_NOT_THE_HANDSHAKE_END = jsonrpc.INVALID
 
 
 @dataclass(slots=True)
@@ -222,7 +225,8 @@ async def _initialize(path: fast.FastPath, request: InitRequest, lane: Lane) -> 
         if session is None:
             await _relay_untracked(path, request, answer, lane)
         elif not _relay_now(path, request, session, answer, lane):
-            await path.relay(_as_session_request(path, request, session, member), answer, lane)
+            session_request = _as_session_request(path, request, session, member)
+            await path.relay(session_request, answer, lane, _NOT_THE_HANDSHAKE_END)
     finally:
         if not answer.finished or answer.error is not None:
             answer.close()  # an answer not read to its end leaves no reusable connection
@@ -352,7 +356,7 @@ def _relay_now(
         return False
     version = wire.first_of(request.index, b"mcp-protocol-version")
     if version:  # `relay` notes a non-empty header's version of a 2xx answer
-        path.manager.note_protocol_version(session, _text(version))
+        path.manager.note_protocol_version(session, _text(version), _NOT_THE_HANDSHAKE_END)
     lane.write(
         wire.buffered_from(
             answer.status,

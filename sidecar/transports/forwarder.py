@@ -197,7 +197,7 @@ class Forwarder:
         """
         client_id = None if session is None else session.id
         if session is not None:
-            self._note_accepted_version(request, upstream, session)
+            self._note_accepted_version(request, upstream, session, request_body)
         if (
             session is not None
             and upstream.status == 404
@@ -252,7 +252,11 @@ class Forwarder:
             timer.upstream_answered()
 
     def _note_accepted_version(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, session: Session
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        session: Session,
+        request_body: bytes,
     ) -> None:
         """Remember the protocol version the upstream accepted, for the sidecar's own DELETE.
 
@@ -260,8 +264,14 @@ class Forwarder:
         elsewhere (Express's CORS answers any OPTIONS 204 before MCP sees it) proves nothing,
         and a version noted from it makes the upstream refuse the close later."""
         version = request.headers.get(PROTOCOL_HEADER)
-        if version and 200 <= upstream.status < 300 and self._at_exact_endpoint(request):
-            self.manager.note_protocol_version(session, version)
+        if (
+            version
+            and version != session.protocol_version  # the usual request: parsed no further
+            and 200 <= upstream.status < 300
+            and self._at_exact_endpoint(request)
+        ):
+            batch = jsonrpc.parse(request_body) if request_body else jsonrpc.INVALID
+            self.manager.note_protocol_version(session, version, batch)
 
     def _at_exact_endpoint(self, request: web.Request) -> bool:
         """Whether the upstream's MCP handler itself answered, not its router.

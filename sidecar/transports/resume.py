@@ -131,20 +131,26 @@ class Resumer:
         session: Session,
         cause: str,
         request_id: jsonrpc.RequestId | None,
+        replacing: Binding | None,
     ) -> None:
-        """Re-create the session's upstream session; one resume at a time per session.
+        """Re-create the session's upstream session in place of `replacing`, the binding the
+        request saw fail (None: it saw the session dormant); one resume at a time per session.
+
+        Keyed on what the request saw, not on the binding found when it gets here: a resume
+        sets the new binding before its store write commits, and a request that came in
+        meanwhile, or after, must use that binding rather than replace it again (the first
+        new upstream session would be left to nobody).
 
         Raises `Rejected` (404 when the session cannot be resumed and is closed, 503 at a
         limit or when the store refuses) or `UpstreamError` (502/504, nothing changed).
         """
-        seen = session.binding
         while (running := self._resuming.get(session.id)) is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(running)
         if not session.usable:
             raise not_found("expired", request_id)
-        if session.live and session.binding != seen:
-            return  # a concurrent request resumed it while this one waited
+        if session.live and session.binding != replacing:
+            return  # another request resumed it already: this one is sent on the new binding
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._resuming[session.id] = done
         try:
@@ -207,7 +213,9 @@ class Resumer:
             await self._lost_race(session, Binding(name, new_id), request_id)
             await self._join_held(session)
             return
-        if previous is not None and self._left_down_replica(previous, name):
+        if previous is not None:
+            # Whatever the upstream said of it (404, "gone", or nothing from a replica that is
+            # down: a partition, not a crash), the replaced session may still live there.
             await self.manager.owe_close(previous, session.protocol_version, session.credentials)
         await self._join_held(session)
         log.info(
@@ -250,13 +258,6 @@ class Resumer:
         ):
             return binding.upstream
         return self.fw.place()
-
-    def _left_down_replica(self, previous: Binding, name: str) -> bool:
-        """Did a live session move off a replica that is down? Its old upstream session may
-        still exist there (a partition, not a crash)."""
-        pool = self.fw.upstreams
-        moved = pool.canonical(previous.upstream) != pool.canonical(name)
-        return moved and not pool.is_up(previous.upstream)
 
     async def _give_up(self, session: Session, exc: ResumeRefusedError) -> None:
         self.metrics.resume_failures.labels(exc.reason).inc()

@@ -90,9 +90,13 @@ class StreamableHttp:
         if request.method == "DELETE":
             return await self._client_delete(request, session, timer)
         recover = self.fw.options.recover_lost and session.resume is not None
+        # The binding the request is sent on: what a resume replaces if it fails (read here,
+        # as `forward` will, so a resume another request finished meanwhile is not repeated).
+        sent_on = session.binding
         if recover and not self._replica_up(session):
             # SPEC 2.8: its replica is down; re-created on a healthy one before sending.
-            await self.resumer.resume(request, session, "upstream_lost", batch.first_id)
+            await self.resumer.resume(request, session, "upstream_lost", batch.first_id, sent_on)
+            sent_on = session.binding
         try:
             return await self._exchange(request, body, batch, session, timer, may_recover=recover)
         except UpstreamRefusedError:
@@ -101,7 +105,7 @@ class StreamableHttp:
                 raise
         except SessionLostError:
             pass  # SPEC 2.7 recover_lost: re-create behind the same id and send it again, once.
-        await self.resumer.resume(request, session, "upstream_lost", batch.first_id)
+        await self.resumer.resume(request, session, "upstream_lost", batch.first_id, sent_on)
         return await self._exchange(request, body, batch, session, timer, may_recover=False)
 
     def _replica_up(self, session: Session) -> bool:
@@ -123,7 +127,7 @@ class StreamableHttp:
         if request.method == "DELETE":
             await self.manager.close(session, CloseReason.CLIENT_DELETE)
             return web.Response(status=200)
-        await self.resumer.resume(request, session, "hibernated", batch.first_id)
+        await self.resumer.resume(request, session, "hibernated", batch.first_id, None)
         return await self._exchange(request, body, batch, session, timer, may_recover=False)
 
     async def _exchange(
