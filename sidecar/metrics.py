@@ -262,7 +262,8 @@ class Metrics:
         self.resume_failures = Counter(
             PREFIX + "resume_failures",
             "Resumes that could not complete (replayed initialize refused, another protocol "
-            "version, upstream unreachable), by reason.",
+            "version, an upstream session id the sidecar cannot track, upstream unreachable), "
+            "by reason.",
             ["reason"],
             registry=r,
         )

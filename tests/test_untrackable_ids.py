@@ -26,6 +26,9 @@ class RawUpstream:
 
     def __init__(self) -> None:
         self.heads: list[bytes] = []
+        # When set: every request naming a session is answered 404 (the upstream lost it),
+        # and every initialize gets this id, whatever the request asked for.
+        self.lost_then: bytes | None = None
         self.port = free_ports(1)[0]
         self.server: asyncio.Server | None = None
 
@@ -50,12 +53,19 @@ class RawUpstream:
                 self.heads.append(head)
                 fields = dict(_fields(head))
                 body = await reader.readexactly(int(fields.get(b"content-length", b"0")))
-                writer.write(_answer(head, fields, body))
+                writer.write(self._answer(head, fields, body))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
+
+    def _answer(self, head: bytes, fields: dict[bytes, bytes], body: bytes) -> bytes:
+        if self.lost_then is None or head.startswith(b"DELETE "):
+            return _answer(head, fields, body)
+        if b"mcp-session-id" in fields:
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+        return _answer(head, {**fields, b"x-test-sid-hex": self.lost_then.hex().encode()}, body)
 
 
 def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
@@ -66,8 +76,11 @@ def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
 def _answer(head: bytes, fields: dict[bytes, bytes], body: bytes) -> bytes:
     if head.startswith(b"DELETE "):
         return b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
-    request_id = json.loads(body).get("id")
-    result = json.dumps({"jsonrpc": "2.0", "id": request_id, "result": {}}).encode()
+    message = json.loads(body)
+    # An initialize is answered with the version it asked for, as a server speaking it would.
+    version = message.get("params", {}).get("protocolVersion")
+    outcome = {} if version is None else {"protocolVersion": version}
+    result = json.dumps({"jsonrpc": "2.0", "id": message.get("id"), "result": outcome}).encode()
     sid = bytes.fromhex(fields[b"x-test-sid-hex"].decode())
     return (
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: %s\r\n"
@@ -164,3 +177,35 @@ async def _admin_get(admin_url: str, path: str) -> bytes:
 
 async def _admin_json(admin_url: str, path: str) -> Any:
     return json.loads(await _admin_get(admin_url, path))
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["full-path", "fast-path"])
+async def test_a_resume_given_an_untrackable_id_closes_it_upstream_and_the_session(
+    fast_path: bool, raw_upstream: RawUpstream, sidecar_factory: SidecarFactory
+) -> None:
+    """A lost session re-created (`recover_lost`) behind an id the sidecar cannot track: the
+    new upstream session is closed with its exact bytes, the resume fails (the client's id
+    gets the spec's 404, as any failed resume), and nothing is bound to that id."""
+    sidecar = sidecar_factory(
+        raw_upstream.url, server={"fast_path": fast_path}, upstream={"recover_lost": True}
+    )
+    ((status, headers, body),) = await exchange(
+        sidecar.listen_port, [_post("/mcp", INITIALIZE, b"good-id-1")]
+    )
+    assert status == 200, body
+    session_id = {name.lower(): value for name, value in headers}[b"mcp-session-id"]
+    bad = UNTRACKABLE["non-ascii"]
+    raw_upstream.lost_then = bad
+    call = _post("/mcp", TOOLS, b"unused").replace(
+        b"\r\nContent-Length", b"\r\nMcp-Session-Id: " + session_id + b"\r\nContent-Length"
+    )
+    ((status, _, body),) = await exchange(sidecar.listen_port, [call])
+    assert status == 404, body
+    assert json.loads(body)["error"]["code"] == -32001
+    deletes = [head for head in raw_upstream.deletes() if b"\r\nMcp-Session-Id: " + bad in head]
+    assert len(deletes) == 1
+    view = await _admin_json(sidecar.admin_url, f"/sessions/{session_id.decode()}")
+    assert view["state"] == "closed"
+    metrics = (await _admin_get(sidecar.admin_url, "/metrics")).decode()
+    assert 'resume_failures_total{reason="untrackable"} 1.0' in metrics
+    assert "cannot track" in sidecar.output()

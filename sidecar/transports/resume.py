@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .. import jsonrpc
+from .. import jsonrpc, untrackable
 from ..admission import LimitReachedError
 from ..errors import StoreError, UpstreamError, UpstreamTimeoutError
 from ..forwarding import StreamRelay, is_event_stream, pump_into
@@ -271,6 +271,15 @@ class Resumer:
             raise ResumeRefusedError("refused", "nothing recorded to resume from")
         headers = self._headers(request, session, member)
         new_id, version = await self._initialize(member, headers, resume)
+        raw = untrackable.raw_id(new_id)
+        why = untrackable.why_untrackable(raw)
+        if why is not None:
+            # Never bind an id the store cannot key nor a header carry unaltered: the upstream
+            # session is closed with its exact bytes, and the resume fails as a refused one.
+            await self.fw.refuse_untrackable(raw, why, credentials(request), member, None)
+            raise ResumeRefusedError(
+                "untrackable", f"the upstream issued a session id the sidecar cannot track ({why})"
+            )
         if session.protocol_version and version != session.protocol_version:
             await self.fw.delete_orphan(request, new_id, member)
             raise ResumeRefusedError(
