@@ -913,11 +913,9 @@ class SessionManager:
                 await turn.pause()
             if pending is not None:
                 self.closer.schedule(pending, session.credentials)
-            if session.runtime is not None and not session.runtime.relays:
-                session.runtime = None  # a dormant session costs only its record
             self._hibernating.pop(session.id, None)
-            if self.dormant.get(session.id) is not session:
-                session.resume = None  # not held whole: the record dropped, or compact
+            if session.state is State.DORMANT:  # a request may have resumed it meanwhile
+                self._shed(session)
             self.metrics.sessions_hibernated.inc()
             if self.store.shared:
                 self.announce(moved([session]))
@@ -927,6 +925,13 @@ class SessionManager:
                 session.idle_seconds(now),
                 (self.clock() - now) * 1000,
             )
+
+    def _shed(self, session: Session) -> None:
+        """What a dormant session no longer holds in memory, once its hibernation is on disk."""
+        if session.runtime is not None and not session.runtime.relays:
+            session.runtime = None  # a dormant session costs only its record
+        if self.dormant.get(session.id) is not session:
+            session.resume = None  # not held whole: the record dropped, or compact
 
     def _file_dormant(self, session: Session, waking: Session | None) -> None:
         """Held compact from now on, unless the request waking it holds it; whole, in

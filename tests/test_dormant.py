@@ -327,3 +327,37 @@ async def test_restored_dormant_sessions_are_compact_and_wake_whole(make: Factor
     assert found.dormant
     assert found.resume == RESUME
     assert h.reads.count == before + 1
+
+
+async def test_a_session_resumed_before_its_hibernation_is_announced_keeps_what_it_holds(
+    make: Factory,
+) -> None:
+    """A request can resume a session between the store's hibernation write and the
+    announcement of it (a mass hibernation yields in turns there): the session is live
+    again, so it keeps its credentials, calls in flight and resume state."""
+    h: Harness = await make()
+    session = await h.manager.create(
+        "s1",
+        Transport.STREAMABLE_HTTP,
+        ALICE,
+        protocol_version="2025-06-18",
+        credentials={"Authorization": "Bearer t"},
+        resume=RESUME,
+    )
+    write = h.store.hibernate_many
+
+    async def written_then_woken(entries: Any) -> None:
+        await write(entries)
+        assert session.state is State.DORMANT
+        assert await h.manager.rebind(session, Binding("", "upstream-2"), "hibernated")
+
+    h.store.hibernate_many = written_then_woken  # type: ignore[method-assign]
+    h.clock.now += IDLE + 1
+    await h.manager.hibernate_many([session])
+    assert session.live
+    assert session.binding == Binding("", "upstream-2")
+    assert session.credentials == {"Authorization": "Bearer t"}
+    assert session.resume is not None
+    assert session.resume.log_level == RESUME.log_level
+    # The hibernated binding is still owed its DELETE.
+    assert [pending.session_id for pending in h.closer.scheduled] == ["s1"]
