@@ -8,6 +8,7 @@ Date and Server) and body, and the upstream must see the same requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ class Recorder:
         self.log: list[dict[str, Any]] = []
         self.arrived = asyncio.Event()  # a held request reached the upstream
         self.release = asyncio.Event()  # held requests may answer (held streams may end)
+        self.cut = asyncio.Event()  # the sidecar dropped the connection of a held stream
         self.runner: web.AppRunner | None = None
         self.port = free_ports(1)[0]
 
@@ -80,8 +82,9 @@ class Recorder:
             await response.prepare(request)
             await response.write(f"event: message\ndata: {answer}\n\n".encode())
             self.arrived.set()
-            await self.release.wait()
-            await response.write_eof()
+            await self.released_or_cut(request)
+            with contextlib.suppress(ConnectionError):  # cut: nothing more can be written
+                await response.write_eof()
             return response
         if mode == "close":  # the upstream ends its keep-alive connection after this answer
             response = web.Response(body=answer.encode(), content_type="application/json")
@@ -96,6 +99,16 @@ class Recorder:
             content_type="application/json",
             headers={"Mcp-Session-Id": request.headers.get("Mcp-Session-Id", ""), "X-Up": "1"},
         )
+
+    async def released_or_cut(self, request: web.Request) -> None:
+        """Until `release`, or until the sidecar drops the connection (`cut` is set then):
+        aiohttp tells a handler nothing of that, its transport is gone."""
+        while not self.release.is_set():
+            if request.transport is None or request.transport.is_closing():
+                self.cut.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.release.wait(), 0.02)
 
     async def start(self) -> None:
         app = web.Application()
@@ -278,6 +291,37 @@ async def test_a_client_that_leaves_mid_request_leaves_no_call_in_flight(
     recorder.release.set()
     # The connection still serves the session afterwards.
     assert (await exchange(fast.listen_port, [call(2)]))[0][0] == 200
+
+
+async def test_a_client_that_leaves_a_streamed_answer_is_no_longer_in_flight_at_once(
+    tmp_path: Path,
+) -> None:
+    """Whichever path: the call ends and the stream's upstream connection is dropped when
+    the client leaves, not when the upstream next writes (it writes nothing more here)."""
+    for fast_path in (True, False):
+        recorder = Recorder()
+        await recorder.start()
+        sidecar = start_sidecar(
+            tmp_path / str(fast_path), recorder.url, server={"fast_path": fast_path}
+        )
+        try:
+            await exchange(sidecar.listen_port, [initialize("s-1"), call(0)])
+            reader, writer = await asyncio.open_connection(HOST, sidecar.listen_port)
+            writer.write(call(1, "X-Test-Answer: stream"))
+            await reader.readuntil(b'"ok": 1')  # the first event came through
+            assert (await session_view(sidecar, "s-1"))["in_flight"] == 1
+            writer.close()
+
+            async def settled(sidecar: SidecarHandle = sidecar) -> bool:
+                return (await session_view(sidecar, "s-1"))["in_flight"] == 0
+
+            await eventually(settled, what=f"in_flight back to 0 (fast_path={fast_path})")
+            await asyncio.wait_for(recorder.cut.wait(), 5)  # its upstream connection dropped
+            # The session is served on afterwards, on another upstream connection.
+            assert (await exchange(sidecar.listen_port, [call(2)]))[0][0] == 200
+        finally:
+            sidecar.stop()
+            await recorder.stop()
 
 
 async def test_closing_the_session_cuts_a_fast_event_stream(

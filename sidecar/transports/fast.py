@@ -647,11 +647,9 @@ def streaming(lane: Lane, answer: Answer, timer: RequestTimer) -> Iterator[None]
     upstream's reads, and the upstream's time ends with the stream."""
     timer.upstream_begins()
     lane.on_pause, lane.on_resume = answer.pause, answer.resume
-    lane.streaming = True
     try:
         yield
     finally:
-        lane.streaming = False
         lane.flush()
         lane.on_pause = lane.on_resume = None
         timer.upstream_answered()
