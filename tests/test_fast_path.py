@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,9 +20,11 @@ import pytest
 from aiohttp import web
 
 from tests.peers.mcp_clients import eventually
+from tests.peers.ops import Admin
 from tests.peers.processes import HOST, SidecarHandle, free_ports, start_sidecar
 
 PATH = "/mcp"
+METRIC = "mcp_sidecar_"
 IGNORED = {b"date", b"server"}
 # Headers the upstream sees that differ by construction between the two sidecars.
 PER_SIDECAR = {"x-forwarded-for", "x-forwarded-host"}
@@ -399,3 +402,36 @@ async def test_an_upstream_that_ends_its_connection_after_an_answer(
     answers = [await exchange(sidecar.listen_port, sequence) for sidecar in pair]
     assert answers[0] == answers[1]
     assert [json.loads(body)["id"] for _, _, body in answers[0][1:]] == [1, 2, 3, 4]
+
+
+async def test_a_request_body_in_a_content_coding_is_refused_415_on_both_paths(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+) -> None:
+    """The sidecar reads every body it forwards as JSON-RPC (initialize, calls, activity):
+    one in a coding it cannot read gets 415, never a 500, and nothing reaches the upstream."""
+    message = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
+    init = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}})
+    refused = [
+        post(gzip.compress(message), "Content-Encoding: gzip"),
+        post(b"\x1f\x8b not gzip at all", "Content-Encoding: gzip"),  # bogus
+        post(message, "Content-Encoding: identity, br"),
+        post(gzip.compress(init.encode()), "Content-Encoding: GZIP", "X-Test-Sid: s-2", session=""),
+    ]
+    await same_with_and_without(pair, recorder, [initialize("s-1")])
+    recorder.log = []
+    for request in refused:  # a 415 closes its connection: the rest of the body is unread
+        (answer,) = await same_with_and_without(pair, recorder, [request])
+        status, headers, body = answer
+        assert status == 415, answer
+        assert (b"accept-encoding", b"identity") in headers
+        assert "not supported" in json.loads(body)["error"]["message"]
+    assert recorder.log == []
+    # Identity is no coding: served as usual.
+    (plain,) = await same_with_and_without(
+        pair, recorder, [post(message, "Content-Encoding: identity")]
+    )
+    assert plain[0] == 200
+    for sidecar in pair:
+        scrape = await Admin(sidecar.admin_url).scrape()
+        assert scrape.value(METRIC + "rejected_total", reason="content_encoding") == len(refused)
+        assert (await Admin(sidecar.admin_url).health())["live"] == 1  # no session from s-2

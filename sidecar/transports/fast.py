@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from .. import jsonrpc
+from .. import codings, jsonrpc
 from ..activity import Use, classify
 from ..clients import client_identity
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
@@ -242,6 +242,9 @@ class FastPath:
         at once, not after its body): plain framing, one in-limit Content-Length, keep-alive."""
         if b"transfer-encoding" in index or b"expect" in index or b"upgrade" in index:
             return False
+        codings_named = index.get(b"content-encoding")
+        if codings_named is not None and codings.unreadable(map(_text, codings_named)):
+            return False  # the full path's 415 (`codings.py`)
         lengths = index.get(b"content-length")
         if lengths is None or len(lengths) != 1:
             return False

@@ -34,6 +34,7 @@ from ..gone import GonePatterns
 from ..intake import (
     Rejected,
     RequestTimer,
+    check_content_coding,
     check_origin,
     credentials,
     read_body,
@@ -132,6 +133,7 @@ class Forwarder:
     def check(self, request: web.Request) -> None:
         check_one_session(request)
         check_origin(request, self.options.allowed_origins)
+        check_content_coding(request)
 
     async def read_body(self, request: web.Request) -> bytes:
         options = self.options
@@ -357,8 +359,9 @@ class Forwarder:
         )
         self.note_rejection(request.method, request.path, session_id, rejection)
         response = rejection.response()
-        if rejection.status in (408, 413):
-            # Never read the rest of a body that is too large or too slow: close instead.
+        if rejection.status in (408, 413, 415):
+            # Never read the rest of a body that is too large, too slow, or encoded (aiohttp
+            # would decompress it to drop it): close instead.
             response.force_close()
         elif request.can_read_body:
             await request.release()  # drain, so the connection stays usable for the client
