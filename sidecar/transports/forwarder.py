@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter
 
-from .. import jsonrpc
+from .. import jsonrpc, recovery
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..forwarding import (
     EventHook,
@@ -206,7 +206,7 @@ class Forwarder:
             and session.live
             and self.answers_for_session(request, session)
         ):
-            if may_recover:
+            if recovery.recovers(may_recover, session):
                 upstream.release()
                 raise SessionLostError
             # The upstream lost the session (restart, its own reaper): stop tracking it.
@@ -218,7 +218,7 @@ class Forwarder:
                 and self.answers_for_session(request, session)
                 and self.gone.matches(upstream.status, body)
             ):
-                if may_recover and session.live:
+                if recovery.recovers(may_recover, session):
                     raise SessionLostError
                 await self.session_gone(session, upstream.status, request_body)
             return await relay_buffered(request, upstream, body, client_id)

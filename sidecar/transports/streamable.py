@@ -15,7 +15,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from .. import jsonrpc
+from .. import jsonrpc, recovery
 from ..activity import classify
 from ..admission import LimitReachedError
 from ..clients import initialize_client
@@ -92,15 +92,15 @@ class StreamableHttp:
     ) -> web.StreamResponse:
         if request.method == "DELETE":
             return await self._client_delete(request, session, timer)
-        recover = self.fw.options.recover_lost and session.resume is not None
-        if recover and not self._replica_up(session):
+        recover = recovery.may_recover(self.fw.options.recover_lost, session)
+        if recovery.resumes_first(recover, self._replica_up(session)):
             # SPEC 2.8: its replica is down; re-created on a healthy one before sending.
             await self.resumer.resume(request, session, "upstream_lost", batch.first_id)
         try:
             return await self._exchange(request, body, batch, session, timer, may_recover=recover)
         except UpstreamRefusedError:
             # The request never reached the replica: re-created elsewhere and sent, once.
-            if not recover or len(self.fw.upstreams) == 1:
+            if not recovery.recovers_refusal(recover, len(self.fw.upstreams)):
                 raise
         except SessionLostError:
             pass  # SPEC 2.7 recover_lost: re-create behind the same id and send it again, once.
