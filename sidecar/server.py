@@ -23,7 +23,7 @@ from . import log as sidecar_log
 from .admin import build_admin_app
 from .app import Service, build_proxy_app
 from .config import Settings, load_settings, parse_host_port
-from .connections import ConnectionGuard, GuardedAppRunner
+from .connections import ConnectionGuard, proxy_runner
 from .errors import ConfigError, SidecarError
 from .notify import Notifier
 
@@ -82,7 +82,7 @@ class Server:
         )
         await self._listen(self._admin, settings.admin.listen, "admin.listen")
         metrics = self.service.metrics
-        self._proxy = GuardedAppRunner(
+        self._proxy = proxy_runner(
             build_proxy_app(self.service),
             header_timeout=settings.server.header_timeout,
             guard=ConnectionGuard(lambda reason: metrics.rejected.labels(reason).inc()),
