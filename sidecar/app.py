@@ -112,7 +112,7 @@ class Service:
             GonePatterns(settings.upstream.session_gone),
         )
         self.resumer = Resumer(self.forwarder)
-        self.fast = FastPath(self.forwarder)
+        self.fast = FastPath(self.forwarder, self.resumer)
         self.streamable = StreamableHttp(self.forwarder, self.resumer)
         self.legacy = LegacySse(self.forwarder, self.streamable)
         self.router = Router(self.forwarder, self.streamable, self.legacy)

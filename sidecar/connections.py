@@ -19,6 +19,9 @@ byte for byte. While it serves one, aiohttp's handler sits idle: its keep-alive 
 not close the connection, and a graceful shutdown waits for the answer as for its own.
 
 The class names below follow aiohttp's (`Server` makes one `RequestHandler` per connection).
+What they need of aiohttp's internals is in `aiohttp_private.py`, checked at start
+(`proxy_runner`): with another aiohttp whose internals differ, the fast path is off, or
+aiohttp's own runner serves, with one warning line.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
-from . import jsonrpc
+from . import aiohttp_private, jsonrpc
+from .aiohttp_private import Handler, Runner, server_kwargs, server_loop
 from .log import Throttled
 from .transports.lane import Lane
 
@@ -45,7 +48,7 @@ log = logging.getLogger("sidecar.connections")
 Count = Callable[[str], None]
 
 
-class ClientConnection(RequestHandler):
+class ClientConnection(Handler):
     """One client connection, with the header timeout and the quiet malformed-HTTP answer."""
 
     def __init__(
@@ -91,51 +94,23 @@ class ClientConnection(RequestHandler):
     def hand_over(self, data: bytes) -> None:
         """Bytes for aiohttp's own parser and handler."""
         super().data_received(data)
-        if self._header_timer is not None and self._request_count > 0:
+        if self._header_timer is not None and self.requests_begun() > 0:
             self._header_timer.cancel()  # a whole request head arrived
             self._header_timer = None
-
-    def idle(self) -> bool:
-        """aiohttp's handler waits for a request and holds none of one."""
-        waiter = self._waiter
-        return (
-            waiter is not None
-            and not waiter.done()
-            and not self._messages
-            and not self._request_in_progress
-            and self._payload_parser is None
-            and not self._upgraded
-            and not self._force_close
-            and not self._close
-        )
 
     def fast_begins(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()  # a whole request head arrived
             self._header_timer = None
         self._fast_busy = True
-        self._request_in_progress = True  # a graceful shutdown waits for it (drain_timeout)
+        self.outside_begins()
 
     def fast_ended(self) -> None:
         self._fast_busy = False
-        self._request_in_progress = False
-        if self._handler_waiter is not None and not self._handler_waiter.done():
-            self._handler_waiter.set_result(None)
-        if self._keepalive_timeout > 0 and not self._force_close:
-            # The connection is idle again from now; the running timer re-arms itself.
-            close_time = self._loop.time() + self._keepalive_timeout
-            self._next_keepalive_close_time = close_time
-            if self._keepalive_handle is None:
-                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+        self.outside_ended()
 
-    def _process_keepalive(self) -> None:
-        if self._fast_busy and not self._force_close:
-            # aiohttp sees an idle handler, but a fast answer is being written: not idle.
-            close_time = self._loop.time() + self._keepalive_timeout
-            self._next_keepalive_close_time = close_time
-            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
-            return
-        super()._process_keepalive()
+    def busy_outside(self) -> bool:
+        return self._fast_busy
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -157,13 +132,13 @@ class ClientConnection(RequestHandler):
 
     def _head_too_slow(self) -> None:
         self._header_timer = None
-        if self._request_count == 0:
+        if self.requests_begun() == 0:
             self._guard.slow_head(self._header_timeout)
             self.force_close()
 
     def handle_error(
         self,
-        request: BaseRequest,
+        request: web.BaseRequest,
         status: int = 500,
         exc: BaseException | None = None,
         message: str | None = None,
@@ -230,18 +205,18 @@ class GuardedServer(web.Server):
         self._guard = guard
         self._fast = fast
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> web.RequestHandler:
         return ClientConnection(
             self,
-            loop=self._loop,
+            loop=server_loop(self),
             header_timeout=self._header_timeout,
             guard=self._guard,
             fast=self._fast,
-            **self._kwargs,
+            **server_kwargs(self),
         )
 
 
-class GuardedAppRunner(web.AppRunner):
+class GuardedAppRunner(Runner):
     """An AppRunner whose connections are `ClientConnection`s."""
 
     def __init__(
@@ -258,15 +233,58 @@ class GuardedAppRunner(web.AppRunner):
         self._guard = guard
         self._fast = fast
 
-    async def _make_server(self) -> web.Server:
-        base = await super()._make_server()  # runs the application's startup
+    def wrap_server(self, base: web.Server) -> web.Server:
         return GuardedServer(
             base.request_handler,
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
-            loop=base._loop,
+            loop=server_loop(base),
             header_timeout=self._header_timeout,
             guard=self._guard,
             fast=self._fast,
-            **base._kwargs,
+            **server_kwargs(base),
         )
+
+
+def proxy_runner(
+    app: web.Application,
+    *,
+    header_timeout: float,
+    guard: ConnectionGuard,
+    fast: FastPath | None,
+    **kwargs: Any,
+) -> web.AppRunner:
+    """The proxy listener's runner, as far as the aiohttp installed allows
+    (`aiohttp_private`): connections with the header timeout, the quiet malformed-HTTP
+    answer and the fast path; without the fast path when the names its hand-over with
+    aiohttp's handler needs are not there; aiohttp's own runner when even the connections'
+    are not. One warning line says which, and why."""
+    absent = aiohttp_private.missing_for_connections()
+    if absent:
+        log.warning(
+            "aiohttp %s lacks what the sidecar's connections use (%s): the fast path, "
+            "server.header_timeout and the JSON answer to malformed HTTP are off",
+            aiohttp.__version__,
+            ", ".join(absent),
+        )
+        return web.AppRunner(app, **kwargs)
+    if fast is not None and (absent := aiohttp_private.missing_for_fast_path()):
+        log.warning(
+            "aiohttp %s lacks what the fast path uses (%s): server.fast_path is off, "
+            "every request takes the full path",
+            aiohttp.__version__,
+            ", ".join(absent),
+        )
+        fast = None
+    return GuardedAppRunner(app, header_timeout=header_timeout, guard=guard, fast=fast, **kwargs)
+
+
+def admin_runner(
+    app: web.Application, *, header_timeout: float, guard: ConnectionGuard, **kwargs: Any
+) -> web.AppRunner:
+    """The admin listener's runner: guarded as the proxy's (a head aiohttp refuses answered
+    in JSON and counted, a slow head cut), or aiohttp's own where the installed aiohttp
+    lacks what that needs (`proxy_runner`'s warning has said so already)."""
+    if aiohttp_private.missing_for_connections():
+        return web.AppRunner(app, **kwargs)
+    return GuardedAppRunner(app, header_timeout=header_timeout, guard=guard, fast=None, **kwargs)

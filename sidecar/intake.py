@@ -2,10 +2,10 @@
 own answers.
 
 Everything here is about one request in isolation: is its `Origin` allowed, does its body
-fit `server.max_body_bytes`, who is the client, which credentials would a later upstream
-`DELETE` need. `Rejected` carries an answer the sidecar gives itself (status, JSON-RPC error
-body, the `rejected_total` reason); `RequestTimer` measures the sidecar's own share of a
-request for `request_duration_seconds`.
+fit `server.max_body_bytes` and is it in a coding the sidecar reads, who is the client, which
+credentials would a later upstream `DELETE` need. `Rejected` carries an answer the sidecar
+gives itself (status, JSON-RPC error body, the `rejected_total` reason); `RequestTimer`
+measures the sidecar's own share of a request for `request_duration_seconds`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 from aiohttp import web
 
-from . import jsonrpc
+from . import codings, jsonrpc
 from .clients import client_identity
 from .errors import UpstreamError, UpstreamTimeoutError
 
@@ -70,6 +70,20 @@ def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
     if allowed and origin is not None and origin not in allowed:
         raise Rejected(
             403, "origin", jsonrpc.error_body(jsonrpc.SERVER_ERROR, "Origin not allowed")
+        )
+
+
+def check_content_coding(request: web.Request) -> None:
+    """`codings.py`: a body in a coding other than identity gets 415, before it is read (aiohttp
+    would decompress it, and a bogus one would raise)."""
+    values = request.headers.getall("Content-Encoding", ())
+    coding = codings.unreadable(values) if values else None
+    if coding is not None:
+        raise Rejected(
+            codings.STATUS,
+            codings.REASON,
+            codings.refusal_body(coding),
+            headers=dict([codings.ACCEPTED]),
         )
 
 

@@ -23,7 +23,7 @@ from . import log as sidecar_log
 from .admin import build_admin_app
 from .app import Service, build_proxy_app
 from .config import Settings, load_settings, parse_host_port
-from .connections import ConnectionGuard, GuardedAppRunner
+from .connections import ConnectionGuard, admin_runner, proxy_runner
 from .errors import ConfigError, SidecarError
 from .notify import Notifier
 
@@ -78,7 +78,7 @@ class Server:
         guard = ConnectionGuard(lambda reason: metrics.rejected.labels(reason).inc())
         # Guarded too: a head aiohttp refuses (two `Host` headers) is answered in JSON and
         # counted, and a slow head is cut, on the admin port as on the proxy's.
-        self._admin = GuardedAppRunner(
+        self._admin = admin_runner(
             build_admin_app(self.service),
             header_timeout=settings.server.header_timeout,
             guard=guard,
@@ -87,7 +87,7 @@ class Server:
             shutdown_timeout=1.0,
         )
         await self._listen(self._admin, settings.admin.listen, "admin.listen")
-        self._proxy = GuardedAppRunner(
+        self._proxy = proxy_runner(
             build_proxy_app(self.service),
             header_timeout=settings.server.header_timeout,
             guard=guard,

@@ -28,6 +28,7 @@ from sidecar.transports import fast_init
 from sidecar.transports.fast import FastPath
 from sidecar.transports.forwarder import Forwarder, ProxyOptions
 from sidecar.transports.lane import Lane
+from sidecar.transports.resume import Resumer
 from sidecar.upstream import UpstreamPool
 from tests.peers.mcp_clients import eventually, sdk_session, session_rows, text_of
 from tests.peers.processes import SidecarHandle, UpstreamHandle, start_sidecar
@@ -419,7 +420,8 @@ async def fast_path(recorder: InitUpstream) -> AsyncIterator[FastPath]:
         tombstone_ttl=60,
     )
     pool = UpstreamPool(recorder.url, 1.0, 5.0)
-    path = FastPath(Forwarder(manager, pool, metrics, ProxyOptions(fast_path=True)))
+    forwarder = Forwarder(manager, pool, metrics, ProxyOptions(fast_path=True))
+    path = FastPath(forwarder, Resumer(forwarder))
     yield path
     path.close()
 

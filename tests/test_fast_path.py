@@ -8,6 +8,8 @@ Date and Server) and body, and the upstream must see the same requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,9 +20,11 @@ import pytest
 from aiohttp import web
 
 from tests.peers.mcp_clients import eventually
+from tests.peers.ops import Admin
 from tests.peers.processes import HOST, SidecarHandle, free_ports, start_sidecar
 
 PATH = "/mcp"
+METRIC = "mcp_sidecar_"
 IGNORED = {b"date", b"server"}
 # Headers the upstream sees that differ by construction between the two sidecars.
 PER_SIDECAR = {"x-forwarded-for", "x-forwarded-host"}
@@ -33,6 +37,7 @@ class Recorder:
         self.log: list[dict[str, Any]] = []
         self.arrived = asyncio.Event()  # a held request reached the upstream
         self.release = asyncio.Event()  # held requests may answer (held streams may end)
+        self.cut = asyncio.Event()  # the sidecar dropped the connection of a held stream
         self.runner: web.AppRunner | None = None
         self.port = free_ports(1)[0]
 
@@ -80,8 +85,9 @@ class Recorder:
             await response.prepare(request)
             await response.write(f"event: message\ndata: {answer}\n\n".encode())
             self.arrived.set()
-            await self.release.wait()
-            await response.write_eof()
+            await self.released_or_cut(request)
+            with contextlib.suppress(ConnectionError):  # cut: nothing more can be written
+                await response.write_eof()
             return response
         if mode == "close":  # the upstream ends its keep-alive connection after this answer
             response = web.Response(body=answer.encode(), content_type="application/json")
@@ -96,6 +102,16 @@ class Recorder:
             content_type="application/json",
             headers={"Mcp-Session-Id": request.headers.get("Mcp-Session-Id", ""), "X-Up": "1"},
         )
+
+    async def released_or_cut(self, request: web.Request) -> None:
+        """Until `release`, or until the sidecar drops the connection (`cut` is set then):
+        aiohttp tells a handler nothing of that, its transport is gone."""
+        while not self.release.is_set():
+            if request.transport is None or request.transport.is_closing():
+                self.cut.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.release.wait(), 0.02)
 
     async def start(self) -> None:
         app = web.Application()
@@ -280,6 +296,37 @@ async def test_a_client_that_leaves_mid_request_leaves_no_call_in_flight(
     assert (await exchange(fast.listen_port, [call(2)]))[0][0] == 200
 
 
+async def test_a_client_that_leaves_a_streamed_answer_is_no_longer_in_flight_at_once(
+    tmp_path: Path,
+) -> None:
+    """Whichever path: the call ends and the stream's upstream connection is dropped when
+    the client leaves, not when the upstream next writes (it writes nothing more here)."""
+    for fast_path in (True, False):
+        recorder = Recorder()
+        await recorder.start()
+        sidecar = start_sidecar(
+            tmp_path / str(fast_path), recorder.url, server={"fast_path": fast_path}
+        )
+        try:
+            await exchange(sidecar.listen_port, [initialize("s-1"), call(0)])
+            reader, writer = await asyncio.open_connection(HOST, sidecar.listen_port)
+            writer.write(call(1, "X-Test-Answer: stream"))
+            await reader.readuntil(b'"ok": 1')  # the first event came through
+            assert (await session_view(sidecar, "s-1"))["in_flight"] == 1
+            writer.close()
+
+            async def settled(sidecar: SidecarHandle = sidecar) -> bool:
+                return (await session_view(sidecar, "s-1"))["in_flight"] == 0
+
+            await eventually(settled, what=f"in_flight back to 0 (fast_path={fast_path})")
+            await asyncio.wait_for(recorder.cut.wait(), 5)  # its upstream connection dropped
+            # The session is served on afterwards, on another upstream connection.
+            assert (await exchange(sidecar.listen_port, [call(2)]))[0][0] == 200
+        finally:
+            sidecar.stop()
+            await recorder.stop()
+
+
 async def test_closing_the_session_cuts_a_fast_event_stream(
     pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
 ) -> None:
@@ -355,3 +402,36 @@ async def test_an_upstream_that_ends_its_connection_after_an_answer(
     answers = [await exchange(sidecar.listen_port, sequence) for sidecar in pair]
     assert answers[0] == answers[1]
     assert [json.loads(body)["id"] for _, _, body in answers[0][1:]] == [1, 2, 3, 4]
+
+
+async def test_a_request_body_in_a_content_coding_is_refused_415_on_both_paths(
+    pair: tuple[SidecarHandle, SidecarHandle], recorder: Recorder
+) -> None:
+    """The sidecar reads every body it forwards as JSON-RPC (initialize, calls, activity):
+    one in a coding it cannot read gets 415, never a 500, and nothing reaches the upstream."""
+    message = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
+    init = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}})
+    refused = [
+        post(gzip.compress(message), "Content-Encoding: gzip"),
+        post(b"\x1f\x8b not gzip at all", "Content-Encoding: gzip"),  # bogus
+        post(message, "Content-Encoding: identity, br"),
+        post(gzip.compress(init.encode()), "Content-Encoding: GZIP", "X-Test-Sid: s-2", session=""),
+    ]
+    await same_with_and_without(pair, recorder, [initialize("s-1")])
+    recorder.log = []
+    for request in refused:  # a 415 closes its connection: the rest of the body is unread
+        (answer,) = await same_with_and_without(pair, recorder, [request])
+        status, headers, body = answer
+        assert status == 415, answer
+        assert (b"accept-encoding", b"identity") in headers
+        assert "not supported" in json.loads(body)["error"]["message"]
+    assert recorder.log == []
+    # Identity is no coding: served as usual.
+    (plain,) = await same_with_and_without(
+        pair, recorder, [post(message, "Content-Encoding: identity")]
+    )
+    assert plain[0] == 200
+    for sidecar in pair:
+        scrape = await Admin(sidecar.admin_url).scrape()
+        assert scrape.value(METRIC + "rejected_total", reason="content_encoding") == len(refused)
+        assert (await Admin(sidecar.admin_url).health())["live"] == 1  # no session from s-2

@@ -64,8 +64,8 @@ async def test_resumed_get_stream_replays_missed_events_and_is_not_activity(
             (priming,) = await read_events(response, until=lambda e: "id" in e)
         assert priming["data"] == ""
 
-        # The sidecar sees the client gone at the next event it relays (the next progress
-        # report); that ends the call, and the end of a call is activity. Wait until stored.
+        # The sidecar sees the client gone at once (whichever path); that ends the call,
+        # and the end of a call is activity. Wait until stored.
         async def call_ended() -> bool:
             async with httpx.AsyncClient(timeout=5) as admin:
                 shown = await admin.get(f"{sidecar.admin_url}/sessions/{session_id}")

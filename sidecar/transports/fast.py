@@ -22,19 +22,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from .. import jsonrpc
+from .. import codings, jsonrpc, recovery
 from ..activity import Use, classify
 from ..clients import client_identity
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..intake import Rejected, RequestTimer
-from ..sessions import CloseReason, Session, Transport, valid_session_id
+from ..sessions import Binding, CloseReason, Session, Transport, valid_session_id
 from ..sse import EventSplitter
 from ..upstream import Upstream
 from ..upstream.wire import Answer, WirePool, too_late
 from . import fast_http as wire
-from .forwarder import Forwarder, body_too_late, ping_watcher
+from .forwarder import Forwarder, SessionLostError, body_too_late, ping_watcher
 from .lane import Lane
-from .resume import SETUP_METHODS, updated_setup
+from .resume import SETUP_METHODS, Resumer, Waker, updated_setup
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -53,6 +53,8 @@ class FastRequest:
     protocol_version: str | None
     credentials: dict[str, str]
     timer: RequestTimer
+    # The binding the request is sent on: what a recovery replaces if the upstream lost it.
+    binding: Binding | None = None
 
 
 class Exchange:
@@ -208,9 +210,10 @@ class FastRelay:
 
 
 class FastPath:
-    def __init__(self, forwarder: Forwarder) -> None:
+    def __init__(self, forwarder: Forwarder, resumer: Resumer) -> None:
         self.fw = forwarder
         self.manager = forwarder.manager
+        self.resumer = resumer  # re-creates a lost session (`recover_lost`), as on the full path
         self._pools: dict[int, WirePool] = {}
         self._prefixes: dict[int, bytes] = {}
         self.deadlines = Deadlines()
@@ -242,6 +245,9 @@ class FastPath:
         at once, not after its body): plain framing, one in-limit Content-Length, keep-alive."""
         if b"transfer-encoding" in index or b"expect" in index or b"upgrade" in index:
             return False
+        codings_named = index.get(b"content-encoding")
+        if codings_named is not None and codings.unreadable(map(_text, codings_named)):
+            return False  # the full path's 415 (`codings.py`)
         lengths = index.get(b"content-length")
         if lengths is None or len(lengths) != 1:
             return False
@@ -280,11 +286,13 @@ class FastPath:
         session = self.manager.held(session_id, identity)
         if session is None or session.transport is not Transport.STREAMABLE_HTTP:
             return None
-        if options.recover_lost and session.resume is not None:
-            return None  # a lost session is re-created on the full path
         member = self._member(session)
         if member is None:
             return None
+        if recovery.may_recover(options.recover_lost, session) and not all(
+            other.url.scheme == "http" for _, other in self.fw.upstreams
+        ):
+            return None  # a recovery may move it to a member this path cannot reach
         return self._request(lane, session, member, hosts[0], authorization)
 
     def _member(self, session: Session) -> Upstream | None:
@@ -329,6 +337,7 @@ class FastPath:
             None if version is None else _text(version),
             credentials,
             RequestTimer(),
+            binding,
         )
 
     def pool(self, member: Upstream) -> WirePool:
@@ -463,7 +472,7 @@ class FastPath:
         except Rejected as rejection:
             outcome = "rejected"
             self.fw.note_rejection("POST", self.fw.options.mcp_path, request.session.id, rejection)
-            lane.write(wire.json_answer(rejection.status, rejection.body))
+            lane.write(rejection_answer(rejection))
         except UpstreamError as exc:
             outcome = "upstream_error"
             lane.write(self._failure(request, exc))
@@ -495,8 +504,45 @@ class FastPath:
         return batch, use
 
     async def _post(self, request: FastRequest, lane: Lane, sent: Exchange | None) -> None:
-        """`StreamableHttp.dispatch` + `_post` for a live session; `sent`: the request was
-        written already (by `start`), its exchange goes on here."""
+        """`StreamableHttp._live` for a POST: the exchange, and with `recover_lost` a session
+        the upstream lost re-created behind the client's id and the request sent again, once
+        (`recovery.py` decides, as for the full path)."""
+        session = request.session
+        recover = recovery.may_recover(self.fw.options.recover_lost, session)
+        try:
+            await self._post_once(request, lane, sent, recover)
+            return
+        except UpstreamRefusedError:
+            if not recovery.recovers_refusal(recover, len(self.fw.upstreams)):
+                raise
+        except SessionLostError:
+            pass
+        batch = jsonrpc.parse(request.body) if request.body else jsonrpc.INVALID
+        credentials = request.credentials
+        identity = client_identity(credentials.get("Authorization"), lane.peer)
+        waker = Waker(identity, credentials)
+        await self.resumer.resume_for(
+            waker, session, "upstream_lost", batch.first_id, request.binding
+        )
+        await self._post_once(self._again(request, lane), lane, None, False)
+
+    def _again(self, request: FastRequest, lane: Lane) -> FastRequest:
+        """The request once more, for the session's new binding (and perhaps another member).
+        The lane still holds its head: the next request's bytes wait until this one ends."""
+        index = lane.index
+        member = self.fw.upstream_of(request.session)
+        again = self._request(
+            lane, request.session, member, index[b"host"][0], wire.first_of(index, b"authorization")
+        )
+        again.timer = request.timer
+        return again
+
+    async def _post_once(
+        self, request: FastRequest, lane: Lane, sent: Exchange | None, may_recover: bool
+    ) -> None:
+        """`StreamableHttp._post` for a live session; `sent`: the request was written already
+        (by `start`), its exchange goes on here. With `may_recover`, an answer saying the
+        upstream lost the session raises `SessionLostError` before any of it is relayed."""
         manager = self.manager
         session = request.session
         if sent is None:
@@ -522,7 +568,7 @@ class FastPath:
                 changed = updated_setup(session.resume, batch)
                 if changed is not None:
                     manager.note_setup(session, changed)
-            await self.relay(request, answer, lane, batch)
+            await self.relay(request, answer, lane, batch, may_recover)
         finally:
             if use.is_call:
                 manager.end_call(session)
@@ -551,7 +597,12 @@ class FastPath:
             request.timer.upstream_answered()
 
     async def relay(
-        self, request: FastRequest, answer: Answer, lane: Lane, batch: jsonrpc.Batch
+        self,
+        request: FastRequest,
+        answer: Answer,
+        lane: Lane,
+        batch: jsonrpc.Batch,
+        may_recover: bool = False,
     ) -> None:
         """`Forwarder.relay` for the exact endpoint's answer to a live session's POST
         (`batch`: what it carried)."""
@@ -561,19 +612,25 @@ class FastPath:
         if version and 200 <= status < 300:
             self.manager.note_protocol_version(session, version, batch)
         if status == 404 and session.live:
+            if recovery.recovers(may_recover, session):
+                raise SessionLostError  # nothing of the answer relayed; its connection dropped
             # The upstream lost the session (restart, its own reaper): stop tracking it.
             await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
         content_type = answer.header(b"content-type") or b""
         stream = content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
         if not stream and answer.content_length is not None:
-            await self._relay_buffered(request, answer, lane)
+            await self._relay_buffered(request, answer, lane, may_recover)
         else:
             await self._relay_stream(request, answer, lane, stream)
 
-    async def _relay_buffered(self, request: FastRequest, answer: Answer, lane: Lane) -> None:
+    async def _relay_buffered(
+        self, request: FastRequest, answer: Answer, lane: Lane, may_recover: bool
+    ) -> None:
         session = request.session
         body = await self.read_answer(request.timer, answer)
         if self.fw.gone.matches(answer.status, body):
+            if recovery.recovers(may_recover, session):
+                raise SessionLostError
             await self.fw.session_gone(session, answer.status, request.body)
         headers = wire.end_to_end(answer.headers, session.id.encode())
         lane.write(wire.buffered_answer(answer.status, answer.reason, headers, body))
@@ -650,11 +707,9 @@ def streaming(lane: Lane, answer: Answer, timer: RequestTimer) -> Iterator[None]
     upstream's reads, and the upstream's time ends with the stream."""
     timer.upstream_begins()
     lane.on_pause, lane.on_resume = answer.pause, answer.resume
-    lane.streaming = True
     try:
         yield
     finally:
-        lane.streaming = False
         lane.flush()
         lane.on_pause = lane.on_resume = None
         timer.upstream_answered()
@@ -674,6 +729,13 @@ async def pump(answer: Answer, lane: Lane, sink: Callable[[bytes], None]) -> boo
     if answer.error is not None:
         log.debug("upstream stream ended abnormally: %s", answer.error)
     return True
+
+
+def rejection_answer(rejection: Rejected) -> bytes:
+    """`Rejected.response()` as aiohttp writes it: its headers, then the JSON content type."""
+    headers = [(name.encode(), value.encode()) for name, value in rejection.headers.items()]
+    headers.append((b"Content-Type", b"application/json"))
+    return wire.buffered_answer(rejection.status, b"", headers, rejection.body)
 
 
 def _sets_up(batch: jsonrpc.Batch) -> bool:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE
-
+from ..aiohttp_private import SERVER_SOFTWARE, rfc822_formatted_time
 from ..forwarding import HOP_BY_HOP, RECOMPUTED
 
 Headers = list[tuple[bytes, bytes]]

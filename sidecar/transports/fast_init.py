@@ -172,7 +172,7 @@ async def serve(path: fast.FastPath, request: InitRequest, lane: Lane) -> None:
     except Rejected as rejection:
         outcome = "rejected"
         fw.note_rejection("POST", fw.options.mcp_path, None, rejection)
-        lane.write(_rejection_answer(rejection))
+        lane.write(fast.rejection_answer(rejection))
     except UpstreamError as exc:
         outcome = "upstream_error"
         fw.note_upstream_failure("POST", fw.options.mcp_path, exc)
@@ -183,13 +183,6 @@ async def serve(path: fast.FastPath, request: InitRequest, lane: Lane) -> None:
     finally:
         fw.count_request("POST", outcome)
         fw.metrics.request_duration.observe(request.timer.own_time())
-
-
-def _rejection_answer(rejection: Rejected) -> bytes:
-    """`Rejected.response()` as aiohttp writes it: its headers, then the JSON content type."""
-    headers = [(name.encode(), value.encode()) for name, value in rejection.headers.items()]
-    headers.append((b"Content-Type", b"application/json"))
-    return wire.buffered_answer(rejection.status, b"", headers, rejection.body)
 
 
 def _failure(request: InitRequest, exc: UpstreamError) -> bytes:

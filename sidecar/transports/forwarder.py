@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter
 
-from .. import jsonrpc, untrackable
+from .. import jsonrpc, recovery, untrackable
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..forwarding import (
     EventHook,
@@ -34,6 +34,7 @@ from ..gone import GonePatterns
 from ..intake import (
     Rejected,
     RequestTimer,
+    check_content_coding,
     check_origin,
     credentials,
     read_body,
@@ -132,6 +133,7 @@ class Forwarder:
     def check(self, request: web.Request) -> None:
         check_one_session(request)
         check_origin(request, self.options.allowed_origins)
+        check_content_coding(request)
 
     async def read_body(self, request: web.Request) -> bytes:
         options = self.options
@@ -204,7 +206,7 @@ class Forwarder:
             and session.live
             and self.answers_for_session(request, session)
         ):
-            if may_recover:
+            if recovery.recovers(may_recover, session):
                 upstream.release()
                 raise SessionLostError
             # The upstream lost the session (restart, its own reaper): stop tracking it.
@@ -216,7 +218,7 @@ class Forwarder:
                 and self.answers_for_session(request, session)
                 and self.gone.matches(upstream.status, body)
             ):
-                if may_recover and session.live:
+                if recovery.recovers(may_recover, session):
                     raise SessionLostError
                 await self.session_gone(session, upstream.status, request_body)
             return await relay_buffered(request, upstream, body, client_id)
@@ -394,8 +396,9 @@ class Forwarder:
         )
         self.note_rejection(request.method, request.path, session_id, rejection)
         response = rejection.response()
-        if rejection.status in (408, 413):
-            # Never read the rest of a body that is too large or too slow: close instead.
+        if rejection.status in (408, 413, 415):
+            # Never read the rest of a body that is too large, too slow, or encoded (aiohttp
+            # would decompress it to drop it): close instead.
             response.force_close()
         elif request.can_read_body:
             await request.release()  # drain, so the connection stays usable for the client

@@ -111,9 +111,6 @@ class Lane:
         self._refused = False  # the head was seen and the fast path will not take it
         self._timer: asyncio.TimerHandle | None = None
         self.serving: Serving | None = None
-        # Set while a streamed answer is relayed: a client that leaves then is noticed at the
-        # next write, as the full path notices it (see `lost`).
-        self.streaming = False
         self._pending: list[bytes] = []  # bytes that came while a fast request was served
         self.on_resume: Callable[[], None] | None = None
         self.on_pause: Callable[[], None] | None = None
@@ -227,9 +224,11 @@ class Lane:
             self._timer = None
 
     def lost(self) -> None:
-        """The client went away: a request being served is cancelled, like aiohttp's."""
+        """The client went away: a request being served is cancelled, like aiohttp's handler
+        (`handler_cancellation`), also mid-stream: its call is no longer in flight and its
+        upstream connection is dropped at once, not at the upstream's next event."""
         self._cancel_timer()
-        if self.serving is not None and not self.streaming:
+        if self.serving is not None:
             self.serving.cancel()
 
     # ---- bytes out --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -83,6 +84,15 @@ def updated_setup(resume: ResumeState, batch: jsonrpc.Batch) -> ResumeState | No
     return ResumeState(resume.initialize_json, level, subscriptions)
 
 
+@dataclass(frozen=True, slots=True)
+class Waker:
+    """The client whose request needs a resume: its identity (limits, for a dormant session)
+    and the credentials the replayed handshake carries."""
+
+    identity: str
+    credentials: dict[str, str]
+
+
 class HeldStream:
     """A client's GET on a dormant id, waiting to be joined to an upstream stream."""
 
@@ -133,8 +143,26 @@ class Resumer:
         request_id: jsonrpc.RequestId | None,
         replacing: Binding | None,
     ) -> None:
+        """`resume_for` the client of this request."""
+        await self.resume_for(
+            Waker(request_identity(request), credentials(request)),
+            session,
+            cause,
+            request_id,
+            replacing,
+        )
+
+    async def resume_for(
+        self,
+        waker: Waker,
+        session: Session,
+        cause: str,
+        request_id: jsonrpc.RequestId | None,
+        replacing: Binding | None,
+    ) -> None:
         """Re-create the session's upstream session in place of `replacing`, the binding the
         request saw fail (None: it saw the session dormant); one resume at a time per session.
+        `waker`: who sent the request that needs it (the fast path has no `web.Request`).
 
         Keyed on what the request saw, not on the binding found when it gets here: a resume
         sets the new binding before its store write commits, and a request that came in
@@ -154,19 +182,19 @@ class Resumer:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._resuming[session.id] = done
         try:
-            await self._resume(request, session, cause, request_id)
+            await self._resume(waker, session, cause, request_id)
         finally:
             del self._resuming[session.id]
             done.set_result(None)
 
     async def _resume(
         self,
-        request: web.Request,
+        waker: Waker,
         session: Session,
         cause: str,
         request_id: jsonrpc.RequestId | None,
     ) -> None:
-        identity = request_identity(request)
+        identity = waker.identity
         admitted = session.dormant  # a lost session is live and already counted
         if admitted:
             try:
@@ -174,14 +202,14 @@ class Resumer:
             except LimitReachedError as exc:
                 raise limit_rejection(exc, request_id) from exc
         try:
-            await self._recreate_and_bind(request, session, cause, request_id)
+            await self._recreate_and_bind(waker, session, cause, request_id)
         finally:
             if admitted:
                 self.manager.release(identity)
 
     async def _recreate_and_bind(
         self,
-        request: web.Request,
+        waker: Waker,
         session: Session,
         cause: str,
         request_id: jsonrpc.RequestId | None,
@@ -196,7 +224,7 @@ class Resumer:
         except StoreError as exc:
             raise store_rejection(request_id, NO_LOOKUP) from exc
         try:
-            new_id = await self._recreate(request, session, member)
+            new_id = await self._recreate(waker, session, member)
         except UpstreamError:
             self.metrics.resume_failures.labels("unreachable").inc()
             raise
@@ -207,7 +235,7 @@ class Resumer:
             rebound = await self.manager.rebind(session, Binding(name, new_id), cause)
         except StoreError as exc:
             self.manager.store_failed("resume", exc)
-            await self.fw.delete_orphan(request, new_id, member)
+            await self.fw.close_orphan(new_id, waker.credentials, member)
             raise store_rejection(request_id) from exc
         if not rebound:
             await self._lost_race(session, Binding(name, new_id), request_id)
@@ -264,24 +292,24 @@ class Resumer:
         log.warning("cannot resume session %s (%s); closing it", session.short_id, exc)
         await self.manager.close(session, CloseReason.RESUME_FAILED, upstream_done=True)
 
-    async def _recreate(self, request: web.Request, session: Session, member: Upstream) -> str:
+    async def _recreate(self, waker: Waker, session: Session, member: Upstream) -> str:
         """The replayed handshake and setup; returns the new upstream session id."""
         resume = session.resume
         if resume is None:
             raise ResumeRefusedError("refused", "nothing recorded to resume from")
-        headers = self._headers(request, session, member)
+        headers = self._headers(waker, session, member)
         new_id, version = await self._initialize(member, headers, resume)
         raw = untrackable.raw_id(new_id)
         why = untrackable.why_untrackable(raw)
         if why is not None:
             # Never bind an id the store cannot key nor a header carry unaltered: the upstream
             # session is closed with its exact bytes, and the resume fails as a refused one.
-            await self.fw.refuse_untrackable(raw, why, credentials(request), member, None)
+            await self.fw.refuse_untrackable(raw, why, waker.credentials, member, None)
             raise ResumeRefusedError(
                 "untrackable", f"the upstream issued a session id the sidecar cannot track ({why})"
             )
         if session.protocol_version and version != session.protocol_version:
-            await self.fw.delete_orphan(request, new_id, member)
+            await self.fw.close_orphan(new_id, waker.credentials, member)
             raise ResumeRefusedError(
                 "protocol_version",
                 f"the upstream negotiated {version}, the client speaks {session.protocol_version}",
@@ -291,12 +319,12 @@ class Resumer:
         try:
             await self._replay_setup(member, headers, resume)
         except UpstreamError:
-            await self.fw.delete_orphan(request, new_id, member)
+            await self.fw.close_orphan(new_id, waker.credentials, member)
             raise
         return new_id
 
     @staticmethod
-    def _headers(request: web.Request, session: Session, member: Upstream) -> dict[str, str]:
+    def _headers(waker: Waker, session: Session, member: Upstream) -> dict[str, str]:
         headers = {
             **member.static_headers,
             "Host": member.authority,
@@ -305,7 +333,7 @@ class Resumer:
         }
         if session.user_agent:
             headers["User-Agent"] = session.user_agent
-        headers.update(credentials(request))
+        headers.update(waker.credentials)
         return headers
 
     async def _initialize(

@@ -15,7 +15,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from .. import jsonrpc, untrackable
+from .. import jsonrpc, recovery, untrackable
 from ..activity import classify
 from ..admission import LimitReachedError
 from ..clients import initialize_client
@@ -89,11 +89,11 @@ class StreamableHttp:
     ) -> web.StreamResponse:
         if request.method == "DELETE":
             return await self._client_delete(request, session, timer)
-        recover = self.fw.options.recover_lost and session.resume is not None
+        recover = recovery.may_recover(self.fw.options.recover_lost, session)
         # The binding the request is sent on: what a resume replaces if it fails (read here,
         # as `forward` will, so a resume another request finished meanwhile is not repeated).
         sent_on = session.binding
-        if recover and not self._replica_up(session):
+        if recovery.resumes_first(recover, self._replica_up(session)):
             # SPEC 2.8: its replica is down; re-created on a healthy one before sending.
             await self.resumer.resume(request, session, "upstream_lost", batch.first_id, sent_on)
             sent_on = session.binding
@@ -101,7 +101,7 @@ class StreamableHttp:
             return await self._exchange(request, body, batch, session, timer, may_recover=recover)
         except UpstreamRefusedError:
             # The request never reached the replica: re-created elsewhere and sent, once.
-            if not recover or len(self.fw.upstreams) == 1:
+            if not recovery.recovers_refusal(recover, len(self.fw.upstreams)):
                 raise
         except SessionLostError:
             pass  # SPEC 2.7 recover_lost: re-create behind the same id and send it again, once.
