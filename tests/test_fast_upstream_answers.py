@@ -179,7 +179,8 @@ async def test_a_connection_is_reused_only_after_an_answer_with_nothing_after_it
     assert [line for line, _, _ in runs[0][0]] == [b"HTTP/1.1 200 OK"] * 4
 
 
-ODD_HEADS = ["obs-fold", "bare-lf", "reason", "reason-latin-1", "trailers", "nul", "blank-sid"]
+REFUSED = ["nul", "long-field", "many-headers"]  # aiohttp's client refuses these heads
+ODD_HEADS = ["obs-fold", "bare-lf", "reason", "reason-latin-1", "trailers", "blank-sid", *REFUSED]
 
 
 @pytest.mark.parametrize("kind", ODD_HEADS)
@@ -202,7 +203,7 @@ async def test_odd_answer_heads_are_read_as_the_full_path_reads_them(
     fast_rows, slow_rows = session_rows(pair[0].db_path), session_rows(pair[1].db_path)
     assert sorted(fast_rows) == sorted(slow_rows)
     seen = runs[0][0]
-    if kind == "nul":
+    if kind in REFUSED:
         assert [line for line, _, _ in seen] == [
             b"HTTP/1.1 200 OK",
             b"HTTP/1.1 502 Bad Gateway",
@@ -231,10 +232,10 @@ def test_a_field_value_loses_the_blanks_after_it_and_only_those() -> None:
 
 
 def test_the_limits_on_an_answer_head_are_aiohttps() -> None:
-    assert answers.refused_field(b"X", b"a" * 8189, 1) is None
-    assert answers.refused_field(b"X", b"a" * 8190, 1) is not None
-    assert answers.refused_field(b"X", b"a\x00", 1) is not None
-    assert answers.refused_field(b"X", b"a", 128) is None
-    assert answers.refused_field(b"X", b"a", 129) is not None
+    assert answers.refused_field(b"X", b"a" * 8190, 1) == ""
+    assert answers.refused_field(b"X", b"a" * 8191, 1)
+    assert answers.refused_field(b"X", b"a\x00", 1)
+    assert answers.refused_field(b"X", b"a", 128) == ""
+    assert answers.refused_field(b"X", b"a", 129)
     assert answers.refused_reason(b"r" * 8190) is None
     assert answers.refused_reason(b"r" * 8191) is not None

@@ -22,10 +22,13 @@ LENIENCIES = {
 
 # aiohttp's `ClientSession` defaults: past these an answer head is malformed (502).
 MAX_LINE = 8190  # the status line's reason
-MAX_FIELD = 8190  # a header's name and value together
+# A header's value, and its name: aiohttp's parser means name and value together, but counts
+# the name only for an answer's first header (it resets the count as it files the header
+# before), so the value alone is what it refuses in practice.
+MAX_FIELD = 8190
 MAX_HEADERS = 128
 
-_BLANKS = b" \t"
+BLANKS = b" \t"  # the OWS of RFC 9110 §5.6.3
 
 
 def interim(status: int) -> bool:
@@ -38,22 +41,22 @@ def field_value(value: bytes) -> bytes:
     """A header value without the blanks after it (RFC 9110 §5.5): llhttp drops those before
     it but not after, aiohttp strips them, so identity (`Mcp-Session-Id`) and forwarding see
     the same value on both paths."""
-    if value and value[-1] in _BLANKS:
-        return value.rstrip(_BLANKS)
+    if value and value[-1] in BLANKS:
+        return value.rstrip(BLANKS)
     return value
 
 
-def refused_field(name: bytes, raw_value: bytes, count: int) -> str | None:
+def refused_field(name: bytes, raw_value: bytes, count: int) -> str:
     """Why aiohttp's client refuses a header it has read `count` of (this one included), or
-    None: a NUL in the value (llhttp's lenient mode lets it through, aiohttp does not), a
-    field past `MAX_FIELD` or more than `MAX_HEADERS` headers."""
-    if len(name) + len(raw_value) > MAX_FIELD:
-        return f"a header longer than {MAX_FIELD} bytes"
+    "": a NUL in the value (llhttp's lenient mode lets it through, aiohttp does not), a field
+    past `MAX_FIELD` or more than `MAX_HEADERS` headers."""
+    if len(raw_value) > MAX_FIELD or len(name) > MAX_FIELD:
+        return f"a header name or value longer than {MAX_FIELD} bytes"
     if b"\x00" in raw_value:
         return "a NUL byte in a header value"
     if count > MAX_HEADERS:
         return f"more than {MAX_HEADERS} headers"
-    return None
+    return ""
 
 
 def relayed_text(text: bytes) -> bytes:

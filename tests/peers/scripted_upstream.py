@@ -61,6 +61,11 @@ def answer(kind: str, body: bytes, session: str) -> tuple[bytes, bytes, bool]:  
         return b"", _json("200 OK", body, f"Mcp-Session-Id:  {session} \t"), False
     if kind == "nul":  # aiohttp's client refuses it, though llhttp's lenient mode does not
         return b"", _json("200 OK", body, sid, "X-Bad: a\x00b"), False
+    if kind == "long-field":  # one byte past aiohttp's 8190 for a header's value
+        return b"", _json("200 OK", body, sid, "X-Long: " + "a" * 8191), False
+    if kind == "many-headers":  # one past aiohttp's 128
+        extra = [f"X-{n}: a" for n in range(129 - 3)]
+        return b"", _json("200 OK", body, sid, *extra), False
     return b"", plain, False
 
 
