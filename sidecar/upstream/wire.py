@@ -7,8 +7,15 @@ cost more CPU than the rest of a proxied request together. The rules are those o
 
 * connections are kept per member and dropped after `POOL_IDLE_SECONDS` idle (below the
   servers' 5 s, so an upstream rarely closes one just as a request is written to it);
-* a request is written only to a connection that is not closing; one that broke after the
-  write is a failure (502), never retried: the upstream may have run the call;
+* a request is written only to a connection that is not closing and has nothing to read: one
+  the upstream closed (or wrote more on) since its last answer, unread by the loop yet, is
+  dropped and the request goes on a fresh one, as aiohttp refuses to write to a closing
+  transport and retries; one that broke after the write is a failure (502), never retried:
+  the upstream may have run the call;
+* an answer is read as aiohttp's client reads it (`answers.py`): interim 1xx answers skipped,
+  trailers not taken into the head, header values without trailing blanks, the same
+  leniencies and limits; a connection goes back to the pool only after a complete final
+  answer with no byte after it;
 * connect failures are `UpstreamRefusedError` (refused: the member is down) or
   `UpstreamUnreachableError`; no answer head within `read_timeout` is `UpstreamTimeoutError`.
 """
@@ -16,6 +23,7 @@ cost more CPU than the rest of a proxied request together. The rules are those o
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -28,9 +36,14 @@ from ..errors import (
     UpstreamTimeoutError,
     UpstreamUnreachableError,
 )
+from . import answers
 from .client import POOL_IDLE_SECONDS, Upstream
 
 Sink = Callable[[bytes], None]
+
+_MAX_FIELD = answers.MAX_FIELD
+_MAX_HEADERS = answers.MAX_HEADERS
+_BLANKS = answers.BLANKS
 
 
 class Listener(Protocol):
@@ -133,21 +146,38 @@ class Answer:
         self.conn.resume()
 
 
+class AnswerRefused(Exception):
+    """A head aiohttp's client would refuse (`answers.py`), raised from a parser callback:
+    httptools turns it into its `HttpParserCallbackError`."""
+
+
 class WireConnection(asyncio.Protocol):
     """One keep-alive connection to a member; at most one exchange at a time."""
 
     def __init__(self, pool: WirePool) -> None:
         self._pool = pool
         self._parser = httptools.HttpResponseParser(self)
+        self._parser.set_dangerous_leniencies(**answers.LENIENCIES)
         self.transport: asyncio.Transport | None = None
         self.answer: Answer | None = None
         self.closed = False
         self.idle_since = 0.0
         self._paused = False
+        self._interim = False  # the message being parsed is an interim 1xx answer
+        self._done: Answer | None = None  # complete in this read, not yet handed on
+        self._leftover = False  # bytes came after the complete answer
+        self._reuse = False  # the complete answer lets the connection be kept alive
+        self._poll: select.poll | None = None
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Asks the kernel, before a request is written, whether the upstream closed or
+            # wrote since its last answer (`usable`); a poll of one socket costs ~0.5 µs.
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -161,8 +191,17 @@ class WireConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(f"malformed answer from the upstream ({exc})")
-            self.abandon()
+            if self._done is None:
+                self._fail(f"malformed answer from the upstream ({exc})")
+                self.abandon()
+                return
+            self._leftover = True  # what broke came after a complete answer
+        done = self._done
+        if done is not None:
+            # Handed on only now, the whole read parsed: a byte after the answer must keep
+            # the connection from the pool before the listener lets the next request in.
+            self._done = None
+            self._finish(done)
             return
         answer = self.answer
         if answer is not None and answer.headed and answer.listener is not None:
@@ -170,20 +209,48 @@ class WireConnection(asyncio.Protocol):
             answer.listener.head_only(answer)
 
     # ---- httptools callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._done is not None:
+            self._leftover = True  # a second message in the read that completed the answer
+
     def on_status(self, reason: bytes) -> None:
-        assert self.answer is not None
-        self.answer.reason += reason
+        answer = self.answer
+        if answer is None:
+            return  # bytes after a complete answer (`on_message_begin` noted them)
+        answer.reason += reason
+        if (why := answers.refused_reason(answer.reason)) is not None:
+            raise AnswerRefused(why)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         answer = self.answer
-        assert answer is not None
+        if answer is None or answer.headed:
+            return  # a trailer (never part of the head, as on the full path), or leftover
+        # `answers.refused_field`'s checks, inlined (a call per header cost more than the rest
+        # of the header's handling together); the count is checked once, at the head's end.
+        if len(value) > _MAX_FIELD or len(name) > _MAX_FIELD or 0 in value:
+            raise AnswerRefused(answers.refused_field(name, value, 0))
+        if value and value[-1] in _BLANKS:
+            value = answers.field_value(value)
         answer.headers.append((name, value))
         answer.names.append(name.lower())
 
     def on_headers_complete(self) -> None:
         answer = self.answer
-        assert answer is not None
-        answer.status = self._parser.get_status_code()
+        if answer is None:
+            return
+        status = self._parser.get_status_code()
+        if answers.interim(status):
+            # Not the answer (103 Early Hints, 100 Continue): the final one follows on this
+            # connection; ending here gave its bytes to whichever request came next.
+            self._interim = True
+            answer.reason = b""
+            answer.headers = []
+            answer.names = []
+            return
+        if len(answer.headers) > _MAX_HEADERS:
+            raise AnswerRefused(answers.refused_field(b"", b"", len(answer.headers)))
+        answer.status = status
+        answer.reason = answers.relayed_text(answer.reason)
         length = answer.header(b"content-length")
         answer.content_length = int(length) if length is not None and length.isdigit() else None
         encoding = answer.header(b"transfer-encoding")
@@ -200,12 +267,21 @@ class WireConnection(asyncio.Protocol):
             answer.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         answer, self.answer = self.answer, None
         if answer is None:
-            return  # abandoned within this same read: the connection is closed already
-        keep = self._parser.should_keep_alive()
+            return  # abandoned within this same read, or bytes after a complete answer
+        self._done = answer
+        self._reuse = self._parser.should_keep_alive()
+
+    def _finish(self, answer: Answer) -> None:
+        """The complete answer handed on: the connection reused only if nothing followed it."""
+        keep = self._reuse and not self._leftover and not self.closed
+        self._leftover = False
         answer._end(None)
-        if keep and not self.closed:
+        if keep:
             self._pool.release(self)
         else:
             self.abandon()
@@ -224,7 +300,13 @@ class WireConnection(asyncio.Protocol):
 
     def usable(self) -> bool:
         transport = self.transport
-        return not self.closed and transport is not None and not transport.is_closing()
+        if self.closed or transport is None or transport.is_closing():
+            return False
+        # Readable while idle: the upstream closed it (or wrote bytes nobody asked for) and
+        # the loop has not read that yet, e.g. a FIN right behind the answer, whose callback
+        # lets the next request in before the FIN is read. A request written there never
+        # reaches the upstream; a fresh connection takes it.
+        return self._poll is None or not self._poll.poll(0)
 
     def abandon(self) -> None:
         self.closed = True
@@ -291,6 +373,7 @@ class WirePool:
             conn = idle.pop()
             if conn.usable():
                 return conn
+            conn.abandon()
         return None
 
     async def _connect(self) -> WireConnection:
