@@ -1,8 +1,12 @@
 """Fixtures for tests that run the real processes: the upstream MCP server and the sidecar.
 
 Each fixture is function-scoped and stops what it started, so no test sees another's
-sessions. The helpers behind them live in ``tests/peers/processes.py`` for tests that need
-more control (a second upstream, a restart, SIGKILL).
+sessions. Every test that starts a sidecar runs twice, with `server.fast_path` on (`[fast]`)
+and off (`[reference]`), as both must behave alike (SPEC 2.5); a module marked `one_path`
+(admin, store, CLI: nothing through the proxy) runs once, as configured.
+
+The helpers behind them live in ``tests/peers/processes.py`` for tests that need more
+control (a second upstream, a restart, SIGKILL).
 """
 
 from __future__ import annotations
@@ -47,8 +51,26 @@ def sse_upstream(upstream_factory: Callable[..., UpstreamHandle]) -> UpstreamHan
     return upstream_factory("sse")
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "fast_path" in metafunc.fixturenames and not metafunc.definition.get_closest_marker(
+        "one_path"
+    ):
+        metafunc.parametrize("fast_path", [True, False], ids=["fast", "reference"], indirect=True)
+
+
 @pytest.fixture
-def sidecar_factory(tmp_path: Path) -> Iterator[SidecarFactory]:
+def fast_path(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """`server.fast_path` for the sidecars this test starts without one in their config."""
+    from tests.peers import processes
+
+    on = bool(getattr(request, "param", True))
+    before, processes.fast_path_default = processes.fast_path_default, on
+    yield on
+    processes.fast_path_default = before
+
+
+@pytest.fixture
+def sidecar_factory(tmp_path: Path, fast_path: bool) -> Iterator[SidecarFactory]:
     """``sidecar_factory(upstream.url, sessions={"idle_timeout": 2})`` -> SidecarHandle."""
     from tests.peers.processes import SidecarFactory
 

@@ -33,6 +33,8 @@ from tests.peers.processes import (
     to_toml,
 )
 
+pytestmark = pytest.mark.one_path  # admin, store and CLI: nothing through the proxy
+
 TOKEN = "cli-test-token"
 TABLE_HEADER = ["id", "state", "transport", "idle", "requests", "persistent", "client"]
 

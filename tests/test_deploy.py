@@ -22,6 +22,8 @@ from tests.peers.mcp_clients import eventually
 from tests.peers.ops import Admin, assert_session_not_found, mcp_session, raw_post
 from tests.peers.processes import SidecarFactory, UpstreamHandle
 
+pytestmark = pytest.mark.one_path  # admin, store and CLI: nothing through the proxy
+
 P = "mcp_sidecar_"
 DEPLOY = Path(__file__).parent.parent / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"

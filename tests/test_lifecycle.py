@@ -33,6 +33,8 @@ from tests.peers.mcp_clients import (
 )
 from tests.peers.processes import SidecarFactory, SidecarHandle, UpstreamHandle
 
+pytestmark = pytest.mark.usefixtures("fast_path")  # sidecars started directly, too
+
 IDLE = 2.0
 SWEEP = 0.5
 FLUSH = 0.2

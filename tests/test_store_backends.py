@@ -35,6 +35,8 @@ from tests.peers.mcp_clients import (
 from tests.peers.processes import SidecarFactory, SidecarHandle, TomlValue, UpstreamHandle
 from tests.peers.redis_server import RedisServer
 
+pytestmark = pytest.mark.one_path  # admin, store and CLI: nothing through the proxy
+
 SWEEP = 0.5
 FLUSH = 0.2
 PREFIX = "e2e:"

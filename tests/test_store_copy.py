@@ -11,6 +11,8 @@ import asyncio
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
+
 from sidecar.sessions import Binding, CloseReason, ResumeState, Session, State, Transport
 from sidecar.store import PendingClose, Store
 from sidecar.store.copy import Copied, copy_store
@@ -20,6 +22,8 @@ from tests.peers.mcp_clients import RawSession, not_found_body, raw_client
 from tests.peers.processes import SidecarFactory, UpstreamHandle
 from tests.peers.redis_server import RedisServer
 from tests.test_cli import assert_clean_failure, cli
+
+pytestmark = pytest.mark.one_path  # admin, store and CLI: nothing through the proxy
 
 T0 = 1_700_000_000.0
 

@@ -35,6 +35,8 @@ from tests.peers.node_peers import (
 )
 from tests.peers.processes import HOST, SidecarFactory, SidecarHandle, free_port
 
+pytestmark = pytest.mark.usefixtures("fast_path")  # sidecars started directly, too
+
 _SKIP_REASON = node_available()
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -37,6 +37,10 @@ STOP_TIMEOUT = 10.0
 
 TomlValue = str | int | float | bool | list[Any] | dict[str, Any]
 
+# `server.fast_path` for every sidecar started without one in its config; the `fast_path`
+# fixture (tests/conftest.py) sets it, so a behaviour test runs once each way.
+fast_path_default: bool | None = None
+
 
 def free_port(host: str = HOST) -> int:
     """A port nobody listens on right now (the kernel's pick; tiny race until it is bound)."""
@@ -496,6 +500,8 @@ def start_sidecar(
         "admin": {"listen": f"{HOST}:{admin_port}"},
         "log": {"level": "debug"},
     }
+    if fast_path_default is not None:
+        defaults["server"]["fast_path"] = fast_path_default
     config = merge_config(defaults, config_overrides)
     handle = SidecarHandle(
         workdir, config, path=urlsplit(upstream_url).path, env=env, wait_admin=wait_admin
