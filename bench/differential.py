@@ -63,7 +63,9 @@ def main() -> int:
             tracebacks = pair.tracebacks()
             print(
                 f"differences: {len(pair.found)}  untracked upstream sessions: "
-                f"{len(untracked)}  sidecars with a Traceback: {tracebacks or 'none'}"
+                f"{len(untracked)}  issued in answers refused as unusable (502 both ways): "
+                f"{len(pair.upstream.unknowable)}  sidecars with a Traceback: "
+                f"{tracebacks or 'none'}"
             )
             failed = bool(pair.found or untracked or tracebacks)
         finally:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -87,6 +87,15 @@ def missing_for_fast_path() -> list[str]:
     absent = _absent(web.RequestHandler, FAST_HANDLER_SLOTS, slots=True)
     absent += _absent(web.RequestHandler, FAST_HANDLER_METHODS, slots=False)
     return absent
+
+
+# What the upstream pool's check before reuse needs (`CheckedConnector`).
+CONNECTOR_METHODS = ("_get",)
+
+
+def missing_for_upstream() -> list[str]:
+    """The names `CheckedConnector` needs that this aiohttp lacks."""
+    return _absent(aiohttp.TCPConnector, CONNECTOR_METHODS, slots=False)
 
 
 async def _never(request: web.BaseRequest) -> web.StreamResponse:  # pragma: no cover
@@ -169,12 +178,38 @@ class Runner(web.AppRunner):
         return self.wrap_server(base)
 
 
+class CheckedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, whose pooled plain-TCP connections are asked before reuse whether
+    the upstream closed or wrote on them while idle (`upstream/idle.py`), as the fast path's
+    are: one the loop has not yet seen closing would take the request and lose it. Such a
+    connection is closed here, and aiohttp's own `_get` skips it as not connected. Where
+    aiohttp keeps its pool otherwise (`_conns`), nothing is checked: its own rules stand."""
+
+    def __init__(self, spoke: Callable[[Any], bool], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._spoke = spoke  # `upstream.idle.spoke_while_idle`: asked of a pooled socket
+
+    async def _get(self, key: Any, traces: list[Any]) -> Any:
+        conns = getattr(self, "_conns", None)
+        pooled = conns.get(key) if isinstance(conns, dict) and not key.is_ssl else None
+        for proto, _ in pooled or ():
+            transport = proto.transport
+            if transport is None or transport.is_closing():
+                continue  # aiohttp's own `_get` drops it
+            if not self._spoke(transport.get_extra_info("socket")):
+                break  # the one `_get` takes next is sound
+            proto.close()
+        return await super()._get(key, traces)
+
+
 __all__ = [
     "SERVER_SOFTWARE",
+    "CheckedConnector",
     "Handler",
     "Runner",
     "missing_for_connections",
     "missing_for_fast_path",
+    "missing_for_upstream",
     "rfc822_formatted_time",
     "server_kwargs",
     "server_loop",

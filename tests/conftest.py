@@ -52,10 +52,24 @@ def sse_upstream(upstream_factory: Callable[..., UpstreamHandle]) -> UpstreamHan
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "fast_path" in metafunc.fixturenames and not metafunc.definition.get_closest_marker(
-        "one_path"
+    definition = metafunc.definition
+    if (
+        "fast_path" in metafunc.fixturenames
+        and not definition.get_closest_marker("one_path")
+        and not _parametrizes_fast_path(definition)
     ):
         metafunc.parametrize("fast_path", [True, False], ids=["fast", "reference"], indirect=True)
+
+
+def _parametrizes_fast_path(definition: pytest.Function) -> bool:
+    """A test that names both ways itself (its own ids, or only one way with a reason)."""
+    for mark in definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        if isinstance(names, str):
+            names = [name.strip() for name in names.split(",")]
+        if "fast_path" in names:
+            return True
+    return False
 
 
 @pytest.fixture

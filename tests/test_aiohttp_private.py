@@ -47,6 +47,8 @@ async def test_the_names_are_those_of_the_aiohttp_the_sidecar_runs_with() -> Non
     assert aiohttp_private.FAST_HANDLER_METHODS == ("_process_keepalive",)
     assert aiohttp_private.HANDLER_SLOTS == ("_request_count",)
     assert aiohttp_private.RUNNER_METHODS == ("_make_server",)
+    assert aiohttp_private.missing_for_upstream() == []
+    assert aiohttp_private.CONNECTOR_METHODS == ("_get",)
 
 
 def test_no_other_module_reaches_into_aiohttp() -> None:

@@ -696,7 +696,9 @@ class FastPath:
 
         if not await pump(answer, lane, sink):
             return
-        if splitter is not None and (tail := splitter.flush()):
+        # An event the upstream left unfinished by breaking off is not relayed (the full
+        # path's relay ends the client's stream cleanly without it).
+        if splitter is not None and answer.error is None and (tail := splitter.flush()):
             lane.write(wire.chunk(tail))
         lane.write(wire.LAST_CHUNK)
 
@@ -719,8 +721,11 @@ async def pump(answer: Answer, lane: Lane, sink: Callable[[bytes], None]) -> boo
     """The answer's body through `sink`: what was read already, then each read as it comes,
     until the upstream ends it. False when the client was gone before that (nothing more
     is to be written to it)."""
-    for data in answer.chunks:
-        sink(data)
+    if answer.error is None:
+        for data in answer.chunks:
+            sink(data)
+    # else: it broke off before any of it was relayed, and what came is dropped, as the full
+    # path's reader (aiohttp's) raises the error before any data it holds unread.
     answer.chunks = []
     answer.sink = sink
     if not lane.flush():

@@ -19,18 +19,24 @@ retry-or-give-up for the closer). Two peer habits shape it:
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from collections.abc import Mapping
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from .. import aiohttp_private
 from ..errors import (
     UpstreamError,
     UpstreamRefusedError,
     UpstreamTimeoutError,
     UpstreamUnreachableError,
 )
+from .idle import spoke_while_idle
+
+log = logging.getLogger("sidecar.upstream")
 
 POOL_IDLE_SECONDS = 3.0
 SESSION_HEADER = "Mcp-Session-Id"
@@ -63,6 +69,30 @@ def may_retry(method: str, exc: BaseException) -> bool:
 _REFUSED = "Cannot write to closing transport"
 
 
+def _connector() -> aiohttp.TCPConnector:
+    """The pool of kept-alive connections to one upstream: checked before each reuse as the
+    fast path's are (`idle.py`), where the installed aiohttp lets this code do so."""
+    if _unchecked_pool():
+        return aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_SECONDS)
+    return aiohttp_private.CheckedConnector(
+        spoke_while_idle, limit=0, keepalive_timeout=POOL_IDLE_SECONDS
+    )
+
+
+@functools.cache
+def _unchecked_pool() -> bool:
+    """Whether this aiohttp lacks what `CheckedConnector` needs; said once, in one line."""
+    absent = aiohttp_private.missing_for_upstream()
+    if absent:
+        log.warning(
+            "aiohttp %s lacks what the upstream pool's check before reuse uses (%s): a request "
+            "may meet a connection the upstream just closed and get 502",
+            aiohttp.__version__,
+            ", ".join(absent),
+        )
+    return bool(absent)
+
+
 class Upstream:
     """A pooled client bound to the upstream's origin."""
 
@@ -82,7 +112,7 @@ class Upstream:
 
     async def start(self) -> None:
         self._client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_SECONDS),
+            connector=_connector(),
             timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
             auto_decompress=False,
             # Headers pass as the client sent them: aiohttp would add `Accept: */*`, which

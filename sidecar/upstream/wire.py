@@ -23,7 +23,6 @@ cost more CPU than the rest of a proxied request together. The rules are those o
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -38,6 +37,7 @@ from ..errors import (
 )
 from . import answers
 from .client import POOL_IDLE_SECONDS, Upstream
+from .idle import IdleWatch
 
 Sink = Callable[[bytes], None]
 
@@ -167,21 +167,30 @@ class WireConnection(asyncio.Protocol):
         self._done: Answer | None = None  # complete in this read, not yet handed on
         self._leftover = False  # bytes came after the complete answer
         self._reuse = False  # the complete answer lets the connection be kept alive
-        self._poll: select.poll | None = None
+        self._fresh: Answer | None = None  # its head came in the read being parsed
+        self._idle = IdleWatch(None)
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # Asks the kernel, before a request is written, whether the upstream closed or
-            # wrote since its last answer (`usable`); a poll of one socket costs ~0.5 µs.
-            self._poll = select.poll()
-            self._poll.register(sock.fileno(), select.POLLIN)
+        # Asks the kernel, before a request is written, whether the upstream closed or wrote
+        # since its last answer (`usable`); a poll of one socket costs ~0.5 µs.
+        self._idle = IdleWatch(transport.get_extra_info("socket"))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self.transport = None
+        answer = self.answer
+        if exc is None and answer is not None and answer.headed and _ends_with_connection(answer):
+            # Framed by the connection's end (RFC 9112 §6.3: neither a length nor chunked):
+            # its end is the answer's, complete, as aiohttp's client reads it.
+            self.answer = None
+            answer._end(None)
+            listener = answer.listener
+            if listener is not None:
+                answer.listener = None
+                listener.answered(answer)
+            return
         self._fail("the upstream closed the connection before its answer ended")
 
     def data_received(self, data: bytes) -> None:
@@ -191,11 +200,9 @@ class WireConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if self._done is None:
-                self._fail(f"malformed answer from the upstream ({exc})")
-                self.abandon()
-                return
-            self._leftover = True  # what broke came after a complete answer
+            self._broke(exc)
+            return
+        self._fresh = None
         done = self._done
         if done is not None:
             # Handed on only now, the whole read parsed: a byte after the answer must keep
@@ -207,6 +214,20 @@ class WireConnection(asyncio.Protocol):
         if answer is not None and answer.headed and answer.listener is not None:
             # The rest of the body comes in later reads: a task waits for it (with its timeout).
             answer.listener.head_only(answer)
+
+    def _broke(self, exc: httptools.HttpParserError) -> None:
+        """Bytes the parser refuses. aiohttp's client parses a whole read before it hands on
+        the answer in it, and fails that answer when a later byte of the read breaks (502 on
+        the full path), junk after a complete answer included; an answer whose head came in
+        an earlier read was handed on, and breaks off. The same here: one answer both ways."""
+        done, self._done = self._done, None
+        if done is not None:
+            self.answer = done
+        fresh, self._fresh = self._fresh, None
+        if fresh is not None and fresh is self.answer:
+            fresh.headed = False  # no task has seen the head yet: it resumes on the error
+        self._fail(f"malformed answer from the upstream ({exc})")
+        self.abandon()
 
     # ---- httptools callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -255,6 +276,7 @@ class WireConnection(asyncio.Protocol):
         answer.content_length = int(length) if length is not None and length.isdigit() else None
         encoding = answer.header(b"transfer-encoding")
         answer.chunked = encoding is not None and b"chunked" in encoding.lower()
+        self._fresh = answer
         answer._got_head()
 
     def on_body(self, body: bytes) -> None:
@@ -306,7 +328,7 @@ class WireConnection(asyncio.Protocol):
         # the loop has not read that yet, e.g. a FIN right behind the answer, whose callback
         # lets the next request in before the FIN is read. A request written there never
         # reaches the upstream; a fresh connection takes it.
-        return self._poll is None or not self._poll.poll(0)
+        return not self._idle.spoke()
 
     def abandon(self) -> None:
         self.closed = True
@@ -335,6 +357,18 @@ class WireConnection(asyncio.Protocol):
         if listener is not None:
             answer.listener = None
             listener.broke(answer)
+
+
+def _ends_with_connection(answer: Answer) -> bool:
+    """An answer whose body runs to the connection's end: no length, not chunked, and a
+    status that has a body (1xx, 204 and 304 have none)."""
+    status = answer.status
+    return (
+        answer.content_length is None
+        and not answer.chunked
+        and status >= 200
+        and status not in (204, 304)
+    )
 
 
 class WirePool:
