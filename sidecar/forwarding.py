@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .errors import UpstreamUnreachableError
+from .request_head import field_text, spelled
 from .sse import Event, EventSplitter
+from .upstream.answers import UNRELAYABLE, unrelayable_values
 from .upstream.client import SESSION_HEADER
 
 log = logging.getLogger("sidecar.proxy")
@@ -64,13 +67,32 @@ def _end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDic
 
 
 def upstream_request_headers(request: web.Request, authority: str) -> CIMultiDict[str]:
-    headers = _end_to_end(request.headers)
+    headers = _end_to_end(as_sent(request.raw_headers))
     headers["Host"] = authority
     if request.host:
         headers["X-Forwarded-Host"] = request.host
     _append(headers, "X-Forwarded-For", request.remote or "unknown")
     _append(headers, "X-Forwarded-Proto", request.scheme)
     return headers
+
+
+def as_sent(raw: tuple[tuple[bytes, bytes], ...]) -> CIMultiDict[str]:
+    """A request's headers as the client spelled them, each value as aiohttp reads it (UTF-8
+    with surrogate escapes, no blanks around it). `request.headers` would respell the names
+    aiohttp knows (`CONTENT-TYPE` becomes `Content-Type`), which the fast path does not. A name
+    sent again in another spelling keeps its first one (`request_head.spelled`): aiohttp's
+    client merges headers by exact spelling, and would drop the earlier ones."""
+    return _decoded(spelled(raw))
+
+
+def _decoded(raw: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    return CIMultiDict(
+        (
+            name.decode("utf-8", "surrogateescape"),
+            field_text(value.decode("utf-8", "surrogateescape")),
+        )
+        for name, value in raw
+    )
 
 
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
@@ -83,9 +105,12 @@ def client_response_headers(
 ) -> CIMultiDict[str]:
     """The answer's headers for the client; an upstream session id becomes the client's own
     (behind a resumed session the two differ, SPEC 2.7)."""
-    headers = _end_to_end(upstream.headers)
+    # As the upstream spelled them: `upstream.headers` respells the names aiohttp knows.
+    headers = _end_to_end(_decoded(upstream.raw_headers))
     if session_id is not None and SESSION_HEADER in headers:
         headers[SESSION_HEADER] = session_id
+    if unrelayable_values(headers.values()):
+        raise UpstreamUnreachableError(UNRELAYABLE)
     return headers
 
 

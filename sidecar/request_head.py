@@ -14,6 +14,8 @@ aiohttp would have refused, nor read a header differently. The rules both need l
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 SINGLETONS = frozenset(
     {
         b"content-length",
@@ -51,3 +53,16 @@ def refused(names: list[bytes], index: dict[bytes, list[bytes]]) -> bool:
     ):
         return True
     return not REFUSED.isdisjoint(index)
+
+
+def spelled(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers with a name sent again in another spelling (`X-Odd`, then `x-odd`) under
+    its first one: names are case-insensitive (RFC 9110 §5.1), and aiohttp's client, which
+    the full path sends with, keeps only the last spelling's values of a name sent in two.
+    The usual head, each name once, is returned as it came."""
+    first: dict[bytes, bytes] = {}
+    out = []
+    for name, value in headers:
+        spelling = first.setdefault(name.lower(), name)
+        out.append((spelling, value))
+    return out

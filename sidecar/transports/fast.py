@@ -419,6 +419,7 @@ class FastPath:
         request.timer.upstream_answered()
         manager = self.manager
         use = sent.use
+        outcome = "forwarded"
         try:
             manager.note_use(session, use)
             manager.count_request(session)
@@ -439,13 +440,16 @@ class FastPath:
                     body=body,
                 )
             )
+        except UpstreamError as exc:  # an answer the client cannot be given (`_relayable`)
+            outcome = "upstream_error"
+            lane.write(self._failure(request, exc))
         except Exception:
             log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
             lane.write(wire.json_answer(500, _UNEXPECTED))
         finally:
             if use.is_call:
                 manager.end_call(session)
-            self.settle(request, "forwarded")
+            self.settle(request, outcome)
         return True
 
     def dropped(self, request: FastRequest, sent: Exchange) -> None:

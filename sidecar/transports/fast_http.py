@@ -4,8 +4,9 @@ Same rules, same results (SPEC 2.1): hop-by-hop headers and those named in `Conn
 dropped both ways; upstream, `Host` is the member's authority and `X-Forwarded-*` are set as
 `upstream_request_headers` sets them; back to the client, the session id becomes the
 client's own, and `Content-Type`, `Date` and `Server` are added as aiohttp's response adds
-them. Header names and values stay the bytes they arrived as (aiohttp decodes them as UTF-8
-with surrogate escapes and encodes them back: the same bytes).
+them. Header names and values stay the bytes they arrived as, but for bytes that are not
+UTF-8 in a value: aiohttp decodes a value as UTF-8 with surrogate escapes and writes a
+surrogate as nothing, so they drop out on the full path, and here too (`relayed_text`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from ..aiohttp_private import SERVER_SOFTWARE, rfc822_formatted_time
+from ..errors import UpstreamUnreachableError
 from ..forwarding import HOP_BY_HOP, RECOMPUTED
+from ..upstream.answers import UNRELAYABLE, relayed_text, unrelayable_head
 
 Headers = list[tuple[bytes, bytes]]
 Index = dict[bytes, list[bytes]]  # lower-case name: its values, in order
@@ -142,7 +145,7 @@ def _any_request(
             continue
         replaced = forwarded.get(low)
         if replaced is None:
-            lines += (name, b": ", value, b"\r\n")
+            lines += (name, b": ", value if value.isascii() else relayed_text(value), b"\r\n")
         elif low not in done:  # the first one's place; later ones are gone
             done.add(low)
             lines += (replaced[0], b": ", replaced[1], b"\r\n")
@@ -177,7 +180,7 @@ def _plain_request(
         if low in DROPPED:
             continue
         if low != SESSION or session is None:
-            lines += (name, b": ", value, b"\r\n")
+            lines += (name, b": ", value if value.isascii() else relayed_text(value), b"\r\n")
         elif replace:  # the first one's place; later ones are gone
             replace = False
             lines += (b"Mcp-Session-Id: ", session, b"\r\n")
@@ -232,7 +235,7 @@ def answer_head(status: int, reason: bytes, headers: Headers, length: int | None
     writes for these headers."""
     lines = [status_line(status, reason)]
     for name, value in headers:
-        lines += (name, b": ", value, b"\r\n")
+        lines += (name, b": ", value if value.isascii() else relayed_text(value), b"\r\n")
     empty = status in EMPTY_STATUSES
     if not empty:
         if length is None:
@@ -246,7 +249,15 @@ def answer_head(status: int, reason: bytes, headers: Headers, length: int | None
     if first(headers, b"server") is None:
         lines += (b"Server: ", _SERVER, b"\r\n")
     lines.append(b"\r\n")
-    return b"".join(lines)
+    return _relayable(b"".join(lines))
+
+
+def _relayable(head: bytes) -> bytes:
+    """The head, if the client may get it (`answers.unrelayable_head`); else the full path's
+    refusal of the answer, a 502."""
+    if unrelayable_head(head):
+        raise UpstreamUnreachableError(UNRELAYABLE)
+    return head
 
 
 def buffered_answer(status: int, reason: bytes, headers: Headers, body: bytes) -> bytes:
@@ -278,9 +289,8 @@ def buffered_from(
     if not _kept(b"server", names, drop):
         lines += (b"Server: ", _SERVER, b"\r\n")
     lines.append(b"\r\n")
-    if not empty:
-        lines.append(body)
-    return b"".join(lines)
+    head = _relayable(b"".join(lines))
+    return head if empty else head + body
 
 
 def _relayed(
@@ -300,7 +310,7 @@ def _relayed(
         if low in drop:
             continue
         if low != SESSION:
-            lines += (name, b": ", value, b"\r\n")
+            lines += (name, b": ", value if value.isascii() else relayed_text(value), b"\r\n")
         elif replace:  # only the first one's place, with the client's own id
             replace = False
             lines += (b"Mcp-Session-Id: ", session, b"\r\n")

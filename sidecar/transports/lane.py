@@ -283,15 +283,18 @@ class Lane:
             self._refused = True
             return
         value = field_value(value)
-        self.headers.append((name, value))
         # One lower-casing per header: every later look-up is a dict hit.
         low = name.lower()
-        self.names.append(low)
         values = self.index.get(low)
         if values is None:
             self.index[low] = [value]
         else:
             values.append(value)
+            # Sent again: under its first spelling, as the full path forwards it
+            # (`request_head.spelled`).
+            name = self.headers[self.names.index(low)][0]
+        self.headers.append((name, value))
+        self.names.append(low)
 
     def on_headers_complete(self) -> None:
         self._headed = True

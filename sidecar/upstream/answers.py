@@ -11,6 +11,9 @@ callbacks, `client.py`'s aiohttp applies them itself.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 # The llhttp leniencies aiohttp's client sets outside dev mode (`_http_parser.pyx`): obs-fold
 # and other odd header bytes, bare LF line ends, blanks after a chunk size. Without them
 # httptools refused answers the full path relays (502 on one path, 200 on the other).
@@ -60,9 +63,9 @@ def refused_field(name: bytes, raw_value: bytes, count: int) -> str:
 
 
 def relayed_text(text: bytes) -> bytes:
-    """A reason as the full path writes it back: aiohttp's client decodes it as UTF-8 with
-    surrogate escapes and its server writes a surrogate as nothing, so bytes that are not
-    UTF-8 drop out (ASCII, the usual reason, is returned as it is, without a copy)."""
+    """A reason or a header value as the full path writes it on: aiohttp decodes it as UTF-8
+    with surrogate escapes and writes a surrogate as nothing, so bytes that are not UTF-8 drop
+    out (ASCII, the usual text, is returned as it is, without a copy)."""
     if text.isascii():
         return text
     return text.decode("utf-8", "ignore").encode()
@@ -73,3 +76,22 @@ def refused_reason(reason: bytes) -> str | None:
     if len(reason) > MAX_LINE:
         return f"a status line longer than {MAX_LINE} bytes"
     return None
+
+
+# Control characters a header value may not carry (RFC 9110 §5.5; HTAB is allowed). llhttp's
+# lenient mode and aiohttp's client read them, but aiohttp's server refuses to write them
+# ("header injection"): an answer whose head holds one cannot be relayed, on either path.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+UNRELAYABLE = "a control character in a header value of the upstream's answer"
+
+
+def unrelayable_head(head: bytes) -> bool:
+    """Whether a head written for the client (lines ended by CRLF) holds a control character
+    in a header: one scan of the whole head."""
+    return _CONTROL.search(head) is not None
+
+
+def unrelayable_values(values: Iterable[str]) -> bool:
+    """`unrelayable_head` for header values as aiohttp's client read them."""
+    return any(_CONTROL_TEXT.search(value) for value in values)
