@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .. import codings, jsonrpc, recovery
-from ..activity import Use, classify
+from ..calls import Call
 from ..clients import client_identity
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..intake import Rejected, RequestTimer
@@ -34,7 +34,7 @@ from ..upstream.wire import Answer, WirePool, too_late
 from . import fast_http as wire
 from .forwarder import Forwarder, SessionLostError, body_too_late, ping_watcher
 from .lane import Lane
-from .resume import SETUP_METHODS, Resumer, Waker, updated_setup
+from .resume import Resumer, Waker
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -66,22 +66,20 @@ class Exchange:
     `Deadlines` bounds the wait for the answer. One object holds what was sent and how far
     its exchange got: a request on this path allocates as few as it can."""
 
-    __slots__ = ("answer", "batch", "failure", "fast", "lane", "request", "use")
+    __slots__ = ("answer", "call", "failure", "fast", "lane", "request")
 
-    def __init__(  # noqa: PLR0917 - the one object a request's exchange is
+    def __init__(
         self,
         fast: FastPath,
         request: FastRequest,
         lane: Lane,
-        batch: jsonrpc.Batch,
-        use: Use,
+        call: Call,
         answer: Answer,
     ) -> None:
         self.fast = fast
         self.request = request
         self.lane = lane
-        self.batch = batch
-        self.use = use
+        self.call = call
         self.answer = answer
         self.failure: UpstreamError | None = None  # no answer head in time
         answer.listener = self
@@ -390,7 +388,7 @@ class FastPath:
             lane.run(self.serve(request, lane))
             return
         try:
-            batch, use = self._begin(request)
+            call = self._begin(request)
         except Exception:
             log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
             request.pool.release(conn)
@@ -399,7 +397,7 @@ class FastPath:
             lane.finished()
             return
         request.timer.upstream_begins()
-        lane.serving = Exchange(self, request, lane, batch, use, conn.send(request.upstream))
+        lane.serving = Exchange(self, request, lane, call, conn.send(request.upstream))
 
     def relay_now(self, request: FastRequest, sent: Exchange, lane: Lane) -> bool:
         """`_post`'s rest for a complete plain answer, without a task; False (and nothing
@@ -417,19 +415,12 @@ class FastPath:
         if self.fw.gone.matches(status, body):
             return False
         request.timer.upstream_answered()
-        manager = self.manager
-        use = sent.use
+        call = sent.call
         outcome = "forwarded"
         try:
-            manager.note_use(session, use)
-            manager.count_request(session)
-            if 200 <= status < 300:
-                if session.resume is not None and _sets_up(sent.batch):
-                    changed = updated_setup(session.resume, sent.batch)
-                    if changed is not None:
-                        manager.note_setup(session, changed)
-                if request.protocol_version:
-                    manager.note_protocol_version(session, request.protocol_version, sent.batch)
+            call.answered(status)
+            if 200 <= status < 300 and request.protocol_version:
+                self.manager.note_protocol_version(session, request.protocol_version, call.batch)
             lane.write(
                 wire.buffered_from(
                     status,
@@ -447,16 +438,14 @@ class FastPath:
             log.exception("unexpected error handling POST %s", self.fw.options.mcp_path)
             lane.write(wire.json_answer(500, _UNEXPECTED))
         finally:
-            if use.is_call:
-                manager.end_call(session)
+            call.ended()
             self.settle(request, outcome)
         return True
 
     def dropped(self, request: FastRequest, sent: Exchange) -> None:
         """The client left while the answer was awaited: `_post` and `serve` when cancelled."""
         request.timer.upstream_answered()
-        if sent.use.is_call:
-            self.manager.end_call(request.session)
+        sent.call.ended()
         self.settle(request, "forwarded")
 
     def settle(self, request: FastRequest, outcome: str) -> None:
@@ -495,17 +484,14 @@ class FastPath:
         body = jsonrpc.error_body(jsonrpc.SERVER_ERROR, message, batch.first_id)
         return wire.json_answer(504 if timeout else 502, body)
 
-    def _begin(self, request: FastRequest) -> tuple[jsonrpc.Batch, Use]:
+    def _begin(self, request: FastRequest) -> Call:
         """What `_post` does before the upstream is asked."""
         manager = self.manager
         session = request.session
         body = request.body
         batch = jsonrpc.parse(body) if body else jsonrpc.INVALID
         manager.note_credentials(session, request.credentials)
-        use = classify(batch, manager.policy, session.server_pings if session.runtime else ())
-        if use.is_call:
-            manager.begin_call(session)
-        return batch, use
+        return Call(manager, session, batch)
 
     async def _post(self, request: FastRequest, lane: Lane, sent: Exchange | None) -> None:
         """`StreamableHttp._live` for a POST: the exchange, and with `recover_lost` a session
@@ -547,35 +533,25 @@ class FastPath:
         """`StreamableHttp._post` for a live session; `sent`: the request was written already
         (by `start`), its exchange goes on here. With `may_recover`, an answer saying the
         upstream lost the session raises `SessionLostError` before any of it is relayed."""
-        manager = self.manager
-        session = request.session
         if sent is None:
-            batch, use = self._begin(request)
+            call = self._begin(request)
             forward = self._forward(request)
         else:
-            batch, use = sent.batch, sent.use
+            call = sent.call
             forward = self._forwarded(request, sent)
         try:
             answer = await forward
         except UpstreamError:
-            if use.is_call:  # a failed forward changes nothing about the session (SPEC 2.5)
-                manager.abandon_call(session)
+            call.unsent()
             raise
         except BaseException:
-            if use.is_call:  # the client went away before the answer's head came
-                manager.end_call(session)
+            call.ended()  # the client left before the answer's head came
             raise
         try:
-            manager.note_use(session, use)
-            manager.count_request(session)
-            if 200 <= answer.status < 300 and session.resume is not None:
-                changed = updated_setup(session.resume, batch)
-                if changed is not None:
-                    manager.note_setup(session, changed)
-            await self.relay(request, answer, lane, batch, may_recover)
+            call.answered(answer.status)
+            await self.relay(request, answer, lane, call.batch, may_recover)
         finally:
-            if use.is_call:
-                manager.end_call(session)
+            call.ended()
             if not answer.finished or answer.error is not None:
                 answer.close()  # an answer not read to its end leaves no reusable connection
 
@@ -745,15 +721,6 @@ def rejection_answer(rejection: Rejected) -> bytes:
     headers = [(name.encode(), value.encode()) for name, value in rejection.headers.items()]
     headers.append((b"Content-Type", b"application/json"))
     return wire.buffered_answer(rejection.status, b"", headers, rejection.body)
-
-
-def _sets_up(batch: jsonrpc.Batch) -> bool:
-    """Whether `updated_setup` has anything to look at: most requests name no setup method,
-    and this asks without building the batch's tuple of requests."""
-    messages = batch.messages
-    if len(messages) == 1:
-        return messages[0].method in SETUP_METHODS
-    return any(message.method in SETUP_METHODS for message in messages)
 
 
 def _credentials(authorization: bytes | None, cookie: bytes | None) -> dict[str, str]:

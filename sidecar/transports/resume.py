@@ -41,8 +41,6 @@ log = logging.getLogger("sidecar.resume")
 
 # SSE comment cadence on a held stream: below the 30-60 s idle cut-offs of common proxies.
 HOLD_KEEPALIVE_SECONDS = 15.0
-MAX_SUBSCRIPTIONS = 1000  # a client subscribing without end must not grow the record forever
-SETUP_METHODS = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
 
 
 class ResumeRefusedError(Exception):
@@ -60,28 +58,6 @@ def initial_resume_state(params: Any, text: str | None = None) -> ResumeState | 
     if not isinstance(params, dict):
         return None
     return ResumeState(initialize=params if text is None else text)
-
-
-def updated_setup(resume: ResumeState, batch: jsonrpc.Batch) -> ResumeState | None:
-    """The resume state after this batch's session-scoped setup, or None if it changed nothing."""
-    if not any(m.method in SETUP_METHODS for m in batch.requests):
-        return None
-    level = resume.log_level
-    subscriptions = list(resume.subscriptions)
-    for message in batch.requests:
-        params = message.params if isinstance(message.params, dict) else {}
-        if message.method == "logging/setLevel" and isinstance(params.get("level"), str):
-            level = params["level"]
-        uri = params.get("uri")
-        if not isinstance(uri, str):
-            continue
-        if message.method == "resources/subscribe" and uri not in subscriptions:
-            subscriptions = [*subscriptions, uri][-MAX_SUBSCRIPTIONS:]
-        elif message.method == "resources/unsubscribe" and uri in subscriptions:
-            subscriptions.remove(uri)
-    if level == resume.log_level and subscriptions == resume.subscriptions:
-        return None
-    return ResumeState(resume.initialize_json, level, subscriptions)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,8 @@ import aiohttp
 from aiohttp import web
 
 from .. import jsonrpc, recovery, untrackable
-from ..activity import classify
 from ..admission import LimitReachedError
+from ..calls import Call
 from ..clients import initialize_client
 from ..errors import StoreError, UpstreamError, UpstreamRefusedError
 from ..forwarding import StreamRelay, relay_stream
@@ -33,7 +33,7 @@ from .rejections import (
     not_found,
     store_rejection,
 )
-from .resume import Resumer, initial_resume_state, updated_setup
+from .resume import Resumer, initial_resume_state
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -154,39 +154,22 @@ class StreamableHttp:
         *,
         may_recover: bool,
     ) -> web.StreamResponse:
-        manager = self.manager
-        use = classify(batch, manager.policy, session.server_pings if session.runtime else ())
-        if use.is_call:
-            manager.begin_call(session)
+        call = Call(self.manager, session, batch)
         try:
             upstream = await self.fw.forward(request, body, timer, session)
         except UpstreamError:
-            if use.is_call:  # a failed forward changes nothing about the session (SPEC 2.5)
-                manager.abandon_call(session)
+            call.unsent()
             raise
         except BaseException:
-            # The client went away (aiohttp cancels the handler) before the upstream's
-            # headers came: the call counts until then, never longer (SPEC 2.5).
-            if use.is_call:
-                manager.end_call(session)
+            call.ended()  # the client left (aiohttp cancels the handler) before the head
             raise
         try:
-            manager.note_use(session, use)
-            manager.count_request(session)
-            if 200 <= upstream.status < 300 and session.resume is not None:
-                self._note_setup(session, batch)
+            call.answered(upstream.status)
             return await self.fw.relay(
                 request, upstream, session, timer, request_body=body, may_recover=may_recover
             )
         finally:
-            if use.is_call:
-                manager.end_call(session)
-
-    def _note_setup(self, session: Session, batch: jsonrpc.Batch) -> None:
-        assert session.resume is not None
-        changed = updated_setup(session.resume, batch)
-        if changed is not None:
-            self.manager.note_setup(session, changed)
+            call.ended()
 
     async def _open_stream(
         self, request: web.Request, session: Session, timer: RequestTimer, may_recover: bool
