@@ -27,6 +27,7 @@ from ..calls import Call
 from ..clients import client_identity
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..intake import Rejected, RequestTimer
+from ..recovery import Verdict
 from ..sessions import Binding, CloseReason, Session, Transport, valid_session_id
 from ..sse import EventSplitter
 from ..upstream import Upstream
@@ -405,22 +406,23 @@ class FastPath:
         answer = sent.answer
         session = request.session
         status = answer.status
-        if answer.content_length is None or (status == 404 and session.live):
+        if recovery.after_head(status, session, speaks=True, may=False) is not Verdict.RELAY:
             return False
-        content_type = answer.header(b"content-type") or b""
-        if content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream":
+        body = plain_body(answer)
+        if body is None:
             return False
-        chunks = answer.chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if self.fw.gone.matches(status, body):
+        gone = recovery.after_body(status, body, session, self.fw.gone, speaks=True, may=False)
+        if gone is not Verdict.RELAY:
             return False
         request.timer.upstream_answered()
         call = sent.call
         outcome = "forwarded"
         try:
             call.answered(status)
-            if 200 <= status < 300 and request.protocol_version:
-                self.manager.note_protocol_version(session, request.protocol_version, call.batch)
+            version = request.protocol_version
+            if recovery.accepts_version(version, session, status, speaks=True):
+                assert version is not None
+                self.manager.note_protocol_version(session, version, call.batch)
             lane.write(
                 wire.buffered_from(
                     status,
@@ -589,11 +591,14 @@ class FastPath:
         session = request.session
         status = answer.status
         version = request.protocol_version
-        if version and 200 <= status < 300:
+        # The lane takes the exact endpoint's POSTs alone: its answers speak for the session.
+        if recovery.accepts_version(version, session, status, speaks=True):
+            assert version is not None
             self.manager.note_protocol_version(session, version, batch)
-        if status == 404 and session.live:
-            if recovery.recovers(may_recover, session):
-                raise SessionLostError  # nothing of the answer relayed; its connection dropped
+        verdict = recovery.after_head(status, session, speaks=True, may=may_recover)
+        if verdict is Verdict.LOST:
+            raise SessionLostError  # nothing of the answer relayed; its connection dropped
+        if verdict is Verdict.GONE:
             # The upstream lost the session (restart, its own reaper): stop tracking it.
             await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
         content_type = answer.header(b"content-type") or b""
@@ -608,9 +613,12 @@ class FastPath:
     ) -> None:
         session = request.session
         body = await self.read_answer(request.timer, answer)
-        if self.fw.gone.matches(answer.status, body):
-            if recovery.recovers(may_recover, session):
-                raise SessionLostError
+        verdict = recovery.after_body(
+            answer.status, body, session, self.fw.gone, speaks=True, may=may_recover
+        )
+        if verdict is Verdict.LOST:
+            raise SessionLostError
+        if verdict is Verdict.GONE:
             await self.fw.session_gone(session, answer.status, request.body)
         headers = wire.end_to_end(answer.headers, session.id.encode())
         lane.write(wire.buffered_answer(answer.status, answer.reason, headers, body))
@@ -714,6 +722,18 @@ async def pump(answer: Answer, lane: Lane, sink: Callable[[bytes], None]) -> boo
     if answer.error is not None:
         log.debug("upstream stream ended abnormally: %s", answer.error)
     return True
+
+
+def plain_body(answer: Answer) -> bytes | None:
+    """The body of an answer that can be written at once, whole: complete, framed by its
+    length, not an event stream (those are relayed as they come); else None."""
+    if not answer.finished or answer.error is not None or answer.content_length is None:
+        return None
+    content_type = answer.header(b"content-type") or b""
+    if content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream":
+        return None
+    chunks = answer.chunks
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def rejection_answer(rejection: Rejected) -> bytes:

@@ -338,14 +338,8 @@ def _relay_now(
     its length, not an event stream, no sign the session is gone): written at once, in one
     pass over its headers (`buffered_from`), without building a live session's request for
     it. False, and nothing done, for any other answer."""
-    if not answer.finished or answer.error is not None or answer.content_length is None:
-        return False
-    content_type = answer.header(b"content-type") or b""
-    if content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream":
-        return False
-    chunks = answer.chunks
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if path.fw.gone.matches(answer.status, body):
+    body = fast.plain_body(answer)
+    if body is None or path.fw.gone.matches(answer.status, body):
         return False
     version = wire.first_of(request.index, b"mcp-protocol-version")
     if version:  # `relay` notes a non-empty header's version of a 2xx answer

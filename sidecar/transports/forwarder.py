@@ -43,6 +43,7 @@ from ..intake import (
 from ..log import Throttled
 from ..manager import SessionManager
 from ..metrics import Metrics
+from ..recovery import Verdict
 from ..sessions import CloseReason, Session, Transport, short
 from ..sse import Event
 from ..upstream import PROTOCOL_HEADER, SESSION_HEADER, Upstream, UpstreamPool
@@ -198,29 +199,26 @@ class Forwarder:
         `SessionLostError` instead of closing it, before any of it reached the client.
         """
         client_id = None if session is None else session.id
+        speaks = session is not None and self.answers_for_session(request, session)
         if session is not None:
             self._note_accepted_version(request, upstream, session, request_body)
-        if (
-            session is not None
-            and upstream.status == 404
-            and session.live
-            and self.answers_for_session(request, session)
-        ):
-            if recovery.recovers(may_recover, session):
+            verdict = recovery.after_head(upstream.status, session, speaks=speaks, may=may_recover)
+            if verdict is Verdict.LOST:
                 upstream.release()
                 raise SessionLostError
-            # The upstream lost the session (restart, its own reaper): stop tracking it.
-            await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
+            if verdict is Verdict.GONE:
+                # The upstream lost the session (restart, its own reaper): stop tracking it.
+                await self.manager.close(session, CloseReason.UPSTREAM_GONE, upstream_done=True)
         if not is_event_stream(upstream) and upstream.content_length is not None:
             body = await self._read_answer(upstream, timer)
-            if (
-                session is not None
-                and self.answers_for_session(request, session)
-                and self.gone.matches(upstream.status, body)
-            ):
-                if recovery.recovers(may_recover, session):
+            if session is not None:
+                verdict = recovery.after_body(
+                    upstream.status, body, session, self.gone, speaks=speaks, may=may_recover
+                )
+                if verdict is Verdict.LOST:
                     raise SessionLostError
-                await self.session_gone(session, upstream.status, request_body)
+                if verdict is Verdict.GONE:
+                    await self.session_gone(session, upstream.status, request_body)
             return await relay_buffered(request, upstream, body, client_id)
         relay = StreamRelay(upstream, long_lived)
         if session is not None:
@@ -266,12 +264,10 @@ class Forwarder:
         elsewhere (Express's CORS answers any OPTIONS 204 before MCP sees it) proves nothing,
         and a version noted from it makes the upstream refuse the close later."""
         version = request.headers.get(PROTOCOL_HEADER)
-        if (
-            version
-            and version != session.protocol_version  # the usual request: parsed no further
-            and 200 <= upstream.status < 300
-            and self._at_exact_endpoint(request)
+        if recovery.accepts_version(
+            version, session, upstream.status, speaks=self._at_exact_endpoint(request)
         ):
+            assert version is not None
             batch = jsonrpc.parse(request_body) if request_body else jsonrpc.INVALID
             self.manager.note_protocol_version(session, version, batch)
 
