@@ -18,97 +18,72 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from .errors import UpstreamUnreachableError
-from .request_head import field_text, spelled
+from .header_rules import Headers, end_to_end, forwarded, indexed
+from .request_head import field_value, spelled
 from .sse import Event, EventSplitter
 from .upstream.answers import UNRELAYABLE, unrelayable_values
-from .upstream.client import SESSION_HEADER
 
 log = logging.getLogger("sidecar.proxy")
-
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# Headers aiohttp computes itself for the message it writes.
-RECOMPUTED = frozenset({"content-length", "host"})
 
 # Sees each complete SSE event and returns the bytes to send on (usually `event.raw`).
 EventHook = Callable[[Event], Awaitable[bytes]]
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    return {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
-        if token.strip()
-    }
-
-
-_DROPPED = HOP_BY_HOP | RECOMPUTED
-
-
-def _end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    # On every request and answer: the `Connection` tokens are parsed only when present.
-    drop = _DROPPED | _connection_tokens(headers) if "Connection" in headers else _DROPPED
-    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
-
-
-def upstream_request_headers(request: web.Request, authority: str) -> CIMultiDict[str]:
-    headers = _end_to_end(as_sent(request.raw_headers))
+def upstream_request_headers(
+    request: web.Request, authority: str, session_id: str | None = None
+) -> CIMultiDict[str]:
+    """The client's headers as the upstream gets them, by `header_rules.forwarded` (the fast
+    path's rules too), for aiohttp's client: `Host` the upstream's authority, `session_id`
+    (the binding's) in place of the client's where the request names a session."""
+    raw = _as_sent(request.raw_headers)
+    names, index = indexed(raw)
+    pairs = forwarded(
+        raw,
+        names,
+        index,
+        host=_raw(request.host),
+        peer=_raw(request.remote or "unknown"),
+        scheme=_raw(request.scheme),
+        session=None if session_id is None else _raw(session_id),
+    )
+    headers = _decoded(pairs)
     headers["Host"] = authority
-    if request.host:
-        headers["X-Forwarded-Host"] = request.host
-    _append(headers, "X-Forwarded-For", request.remote or "unknown")
-    _append(headers, "X-Forwarded-Proto", request.scheme)
     return headers
 
 
-def as_sent(raw: tuple[tuple[bytes, bytes], ...]) -> CIMultiDict[str]:
-    """A request's headers as the client spelled them, each value as aiohttp reads it (UTF-8
-    with surrogate escapes, no blanks around it). `request.headers` would respell the names
-    aiohttp knows (`CONTENT-TYPE` becomes `Content-Type`), which the fast path does not. A name
-    sent again in another spelling keeps its first one (`request_head.spelled`): aiohttp's
-    client merges headers by exact spelling, and would drop the earlier ones."""
-    return _decoded(spelled(raw))
+def _as_sent(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """A request's headers as the client spelled them, without the blanks around a value.
+    `request.headers` would respell the names aiohttp knows (`CONTENT-TYPE` becomes
+    `Content-Type`), which the fast path does not. A name sent again in another spelling
+    keeps its first one (`request_head.spelled`): aiohttp's client merges headers by exact
+    spelling, and would drop the earlier ones."""
+    return [(name, field_value(value)) for name, value in spelled(raw)]
 
 
-def _decoded(raw: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+def _raw(text: str) -> bytes:
+    """A value aiohttp decoded (UTF-8, surrogate escapes) as the bytes it came as."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _decoded(pairs: Headers) -> CIMultiDict[str]:
+    """Raw pairs as aiohttp reads them (UTF-8 with surrogate escapes), for its writers."""
     return CIMultiDict(
-        (
-            name.decode("utf-8", "surrogateescape"),
-            field_text(value.decode("utf-8", "surrogateescape")),
-        )
-        for name, value in raw
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in pairs
     )
-
-
-def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
-    existing = ", ".join(headers.getall(name, []))
-    headers[name] = f"{existing}, {value}" if existing else value
 
 
 def client_response_headers(
     upstream: aiohttp.ClientResponse, session_id: str | None = None
 ) -> CIMultiDict[str]:
-    """The answer's headers for the client; an upstream session id becomes the client's own
-    (behind a resumed session the two differ, SPEC 2.7)."""
-    # As the upstream spelled them: `upstream.headers` respells the names aiohttp knows.
-    headers = _end_to_end(_decoded(upstream.raw_headers))
-    if session_id is not None and SESSION_HEADER in headers:
-        headers[SESSION_HEADER] = session_id
+    """The answer's headers for the client (`header_rules.end_to_end`); an upstream session id
+    becomes the client's own (behind a resumed session the two differ, SPEC 2.7). As the
+    upstream spelled them: `upstream.headers` respells the names aiohttp knows."""
+    raw = [(name, field_value(value)) for name, value in upstream.raw_headers]
+    headers = _decoded(end_to_end(raw, None if session_id is None else _raw(session_id)))
     if unrelayable_values(headers.values()):
         raise UpstreamUnreachableError(UNRELAYABLE)
     return headers

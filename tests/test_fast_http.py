@@ -11,6 +11,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar import header_rules
 from sidecar.transports import fast_http as wire
 from sidecar.transports import lane
 
@@ -52,12 +53,12 @@ HEADERS = st.lists(st.tuples(NAMES, VALUES), max_size=10)
 
 
 def by_multidict_rules(
-    headers: wire.Headers, body: bytes, session: bytes | None, host: bytes, peer: bytes
+    headers: header_rules.Headers, body: bytes, session: bytes | None, host: bytes, peer: bytes
 ) -> bytes:
-    kept = wire.end_to_end(headers, session)
-    wire._replace(kept, b"X-Forwarded-Host", host)
-    wire._append(kept, b"X-Forwarded-For", peer)
-    wire._append(kept, b"X-Forwarded-Proto", b"http")
+    kept = header_rules.end_to_end(headers, session)
+    header_rules.replace(kept, b"X-Forwarded-Host", host)
+    header_rules.append(kept, b"X-Forwarded-For", peer)
+    header_rules.append(kept, b"X-Forwarded-Proto", b"http")
     lines = b"".join(b"%s: %s\r\n" % pair for pair in kept)
     return PREFIX + lines + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
@@ -65,9 +66,9 @@ def by_multidict_rules(
 @settings(max_examples=500, deadline=None)
 @given(HEADERS, st.binary(max_size=20), st.sampled_from([None, b"up-1"]))
 def test_the_upstream_request_follows_the_general_rules(
-    headers: wire.Headers, body: bytes, session: bytes | None
+    headers: header_rules.Headers, body: bytes, session: bytes | None
 ) -> None:
-    names, index = wire.indexed(headers)
+    names, index = header_rules.indexed(headers)
     host, peer = b"example.test", b"127.0.0.1"
     made = wire.upstream_request(
         PREFIX, headers, names, index, body, host=host, peer=peer, scheme=b"http", session=session
@@ -87,11 +88,13 @@ def test_the_upstream_request_follows_the_general_rules(
     st.sampled_from([b"", b"OK"]),
 )
 def test_the_client_answer_follows_end_to_end(
-    headers: wire.Headers, body: bytes, status: int, reason: bytes
+    headers: header_rules.Headers, body: bytes, status: int, reason: bytes
 ) -> None:
-    names, _ = wire.indexed(headers)
+    names, _ = header_rules.indexed(headers)
     made = wire.buffered_from(status, reason, headers, names, session=b"client-1", body=body)
-    expected = wire.buffered_answer(status, reason, wire.end_to_end(headers, b"client-1"), body)
+    expected = wire.buffered_answer(
+        status, reason, header_rules.end_to_end(headers, b"client-1"), body
+    )
     # The Date both add when the upstream gave none is the same second's, but may tick over.
     assert _undated(made) == _undated(expected)
 

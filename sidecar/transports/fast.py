@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .. import codings, jsonrpc, recovery
+from .. import header_rules as rules
 from ..calls import Call
 from ..clients import client_identity
 from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
@@ -239,7 +240,7 @@ class FastPath:
         self._pools.clear()
 
     # ---- deciding ---------------------------------------------------------------------------
-    def head_ok(self, index: wire.Index) -> bool:
+    def head_ok(self, index: rules.Index) -> bool:
         """Checks the head alone decides (so a request that will not be taken goes to aiohttp
         at once, not after its body): plain framing, one in-limit Content-Length, keep-alive."""
         if b"transfer-encoding" in index or b"expect" in index or b"upgrade" in index:
@@ -260,7 +261,7 @@ class FastPath:
         """The request, if the fast path can serve it exactly as the full path would."""
         options = self.fw.options
         index = lane.index
-        ids = index.get(wire.SESSION)
+        ids = index.get(rules.SESSION)
         hosts = index.get(b"host")
         if (
             not options.fast_path
@@ -272,13 +273,13 @@ class FastPath:
         ):
             return None
         session_id = ids[0].decode("latin-1")
-        origin = wire.first_of(index, b"origin")
+        origin = rules.first_of(index, b"origin")
         allowed = options.allowed_origins
         if not valid_session_id(session_id) or (
             allowed and origin is not None and _text(origin) not in allowed
         ):
             return None
-        authorization = wire.first_of(index, b"authorization")
+        authorization = rules.first_of(index, b"authorization")
         identity = client_identity(
             None if authorization is None else _text(authorization), lane.peer
         )
@@ -325,8 +326,8 @@ class FastPath:
             scheme=lane.scheme_bytes,
             session=None if binding is None else binding.session_id.encode(),
         )
-        version = wire.first_of(index, b"mcp-protocol-version")
-        credentials = _credentials(authorization, wire.first_of(index, b"cookie"))
+        version = rules.first_of(index, b"mcp-protocol-version")
+        credentials = _credentials(authorization, rules.first_of(index, b"cookie"))
         return FastRequest(
             session,
             body,
@@ -524,7 +525,11 @@ class FastPath:
         index = lane.index
         member = self.fw.upstream_of(request.session)
         again = self._request(
-            lane, request.session, member, index[b"host"][0], wire.first_of(index, b"authorization")
+            lane,
+            request.session,
+            member,
+            index[b"host"][0],
+            rules.first_of(index, b"authorization"),
         )
         again.timer = request.timer
         return again
@@ -620,7 +625,7 @@ class FastPath:
             raise SessionLostError
         if verdict is Verdict.GONE:
             await self.fw.session_gone(session, answer.status, request.body)
-        headers = wire.end_to_end(answer.headers, session.id.encode())
+        headers = rules.end_to_end(answer.headers, session.id.encode())
         lane.write(wire.buffered_answer(answer.status, answer.reason, headers, body))
 
     async def read_answer(self, timer: RequestTimer, answer: Answer) -> bytes:
@@ -647,7 +652,7 @@ class FastPath:
         """`relay_stream`: whole SSE events, server pings watched, back-pressure upstream."""
         session = request.session
         timer = request.timer
-        headers = wire.end_to_end(answer.headers, session.id.encode())
+        headers = rules.end_to_end(answer.headers, session.id.encode())
         inspect = events and (answer.header(b"content-encoding") or b"identity").lower() == (
             b"identity"
         )

@@ -1,10 +1,9 @@
-"""The header rules of `forwarding.py`, on raw header lists, for the fast path.
+"""The fast path's writer: the upstream request and the client's answer as bytes, by the
+header rules both ways share (`header_rules.py`), with a shortcut for the usual request
+(`_plain_request`, held equal to the general rules by tests/test_fast_http.py).
 
-Same rules, same results (SPEC 2.1): hop-by-hop headers and those named in `Connection` are
-dropped both ways; upstream, `Host` is the member's authority and `X-Forwarded-*` are set as
-`upstream_request_headers` sets them; back to the client, the session id becomes the
-client's own, and `Content-Type`, `Date` and `Server` are added as aiohttp's response adds
-them. Header names and values stay the bytes they arrived as, but for bytes that are not
+`Content-Type`, `Date` and `Server` are added to an answer as aiohttp's response adds them.
+Header names and values stay the bytes they arrived as, but for bytes that are not
 UTF-8 in a value: aiohttp decodes a value as UTF-8 with surrogate escapes and writes a
 surrogate as nothing, so they drop out on the full path, and here too (`relayed_text`).
 """
@@ -15,76 +14,21 @@ from http import HTTPStatus
 
 from ..aiohttp_private import SERVER_SOFTWARE, rfc822_formatted_time
 from ..errors import UpstreamUnreachableError
-from ..forwarding import HOP_BY_HOP, RECOMPUTED
+from ..header_rules import (
+    DROPPED,
+    FORWARDED,
+    SESSION,
+    Headers,
+    Index,
+    dropped_by,
+    first,
+    forwarded,
+)
 from ..upstream.answers import UNRELAYABLE, relayed_text, unrelayable_head
 
-Headers = list[tuple[bytes, bytes]]
-Index = dict[bytes, list[bytes]]  # lower-case name: its values, in order
-
-DROPPED = frozenset(name.encode() for name in HOP_BY_HOP | RECOMPUTED)
-SESSION = b"mcp-session-id"
 _SERVER = SERVER_SOFTWARE.encode()
 # Statuses whose answer has no body (RFC 9110 §6.4.1): no Content-Length, no Content-Type.
 EMPTY_STATUSES = frozenset({204, 304})
-
-
-def first(headers: Headers, name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
-
-
-def indexed(headers: Headers) -> tuple[list[bytes], Index]:
-    """The headers' names in lower case, and the index `upstream_request` takes."""
-    names = [name.lower() for name, _ in headers]
-    index: Index = {}
-    for low, (_, value) in zip(names, headers, strict=True):
-        index.setdefault(low, []).append(value)
-    return names, index
-
-
-def first_of(index: Index, name: bytes) -> bytes | None:
-    values = index.get(name)
-    return None if values is None else values[0]
-
-
-def all_of(headers: Headers, name: bytes) -> list[bytes]:
-    return [value for key, value in headers if key.lower() == name]
-
-
-def _dropped(headers: Headers) -> frozenset[bytes]:
-    tokens = all_of(headers, b"connection")
-    if not tokens:
-        return DROPPED
-    named = {t.strip().lower() for value in tokens for t in value.split(b",") if t.strip()}
-    return DROPPED | named
-
-
-def end_to_end(headers: Headers, session: bytes | None = None) -> Headers:
-    """The headers that pass, the session id (if given) replacing the one that came."""
-    drop = _dropped(headers)
-    kept = [(k, v) for k, v in headers if k.lower() not in drop]
-    if session is not None:
-        _replace(kept, b"Mcp-Session-Id", session, only_if_present=True)
-    return kept
-
-
-def _replace(headers: Headers, name: bytes, value: bytes, *, only_if_present: bool = False) -> None:
-    """A multidict's `headers[name] = value`: the first one's place, the others removed."""
-    low = name.lower()
-    at = next((i for i, (k, _) in enumerate(headers) if k.lower() == low), None)
-    if at is None:
-        if not only_if_present:
-            headers.append((name, value))
-        return
-    headers[at] = (name, value)
-    headers[at + 1 :] = [(k, v) for k, v in headers[at + 1 :] if k.lower() != low]
-
-
-def _append(headers: Headers, name: bytes, value: bytes) -> None:
-    existing = b", ".join(all_of(headers, name.lower()))
-    _replace(headers, name, existing + b", " + value if existing else value)
 
 
 def upstream_request(
@@ -104,7 +48,7 @@ def upstream_request(
     replaced, X-Forwarded-Host set and X-Forwarded-For/-Proto appended to (the multidict
     rules of `_replace` and `_append`), in one pass over the headers (`names` are theirs in
     lower case, `index` maps them to their values)."""
-    if b"connection" not in index and _FORWARDED.isdisjoint(index):
+    if b"connection" not in index and FORWARDED.isdisjoint(index):
         return _plain_request(
             prefix, headers, names, body, host=host, peer=peer, scheme=scheme, session=session
         )
@@ -125,38 +69,13 @@ def _any_request(
     scheme: bytes,
     session: bytes | None,
 ) -> bytes:
-    """`upstream_request` by the general rules."""
-    tokens = index.get(b"connection")
-    drop = DROPPED if tokens is None else _named(tokens)
-    forwarded = {
-        b"x-forwarded-host": (b"X-Forwarded-Host", host),
-        b"x-forwarded-for": (b"X-Forwarded-For", _appended(index, drop, b"x-forwarded-for", peer)),
-        b"x-forwarded-proto": (
-            b"X-Forwarded-Proto",
-            _appended(index, drop, b"x-forwarded-proto", scheme),
-        ),
-    }
-    if session is not None:
-        forwarded[SESSION] = (b"Mcp-Session-Id", session)
+    """`upstream_request` by the general rules (`header_rules.forwarded`)."""
     lines = [prefix]
-    done: set[bytes] = set()
-    for (name, value), low in zip(headers, names, strict=True):
-        if low in drop:
-            continue
-        replaced = forwarded.get(low)
-        if replaced is None:
-            lines += (name, b": ", value if value.isascii() else relayed_text(value), b"\r\n")
-        elif low not in done:  # the first one's place; later ones are gone
-            done.add(low)
-            lines += (replaced[0], b": ", replaced[1], b"\r\n")
-    for low, (name, value) in forwarded.items():
-        if low not in done and low != SESSION:
-            lines += (name, b": ", value, b"\r\n")
+    pairs = forwarded(headers, names, index, host=host, peer=peer, scheme=scheme, session=session)
+    for name, value in pairs:
+        lines += (name, b": ", value if value.isascii() else relayed_text(value), b"\r\n")
     lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body)
     return b"".join(lines)
-
-
-_FORWARDED = frozenset((b"x-forwarded-host", b"x-forwarded-for", b"x-forwarded-proto"))
 
 
 def _plain_request(
@@ -197,28 +116,6 @@ def _plain_request(
         body,
     )
     return b"".join(lines)
-
-
-def _named(tokens: list[bytes]) -> frozenset[bytes]:
-    """The headers dropped when `Connection` names some (see `_dropped`); remembered for the
-    few values seen (an upstream says `keep-alive` on every answer)."""
-    key = tokens[0] if len(tokens) == 1 else b",".join(tokens)
-    drop = _NAMED.get(key)
-    if drop is None:
-        named = {t.strip().lower() for t in key.split(b",") if t.strip()}
-        drop = DROPPED | named
-        if len(_NAMED) < MAX_NAMED:  # bounded: a client chooses its own `Connection` values
-            _NAMED[key] = drop
-    return drop
-
-
-MAX_NAMED = 64
-_NAMED: dict[bytes, frozenset[bytes]] = {}
-
-
-def _appended(index: Index, drop: frozenset[bytes], name: bytes, value: bytes) -> bytes:
-    existing = b"" if name in drop else b", ".join(index.get(name, ()))
-    return existing + b", " + value if existing else value
 
 
 def status_line(status: int, reason: bytes) -> bytes:
@@ -300,9 +197,9 @@ def _relayed(
     drop = DROPPED
     count = names.count(b"connection")
     if count == 1:  # an upstream's usual `keep-alive`: its value is at hand
-        drop = _named([headers[names.index(b"connection")][1]])
+        drop = dropped_by([headers[names.index(b"connection")][1]])
     elif count:
-        drop = _named(
+        drop = dropped_by(
             [v for (_, v), low in zip(headers, names, strict=True) if low == b"connection"]
         )
     replace = True

@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import header_rules as rules
 from .. import jsonrpc, untrackable
 from ..admission import LimitReachedError
 from ..clients import client_identity, initialize_client
@@ -56,9 +57,9 @@ class InitRequest:
     initialize: jsonrpc.Message
     params_json: str | None  # the params' text in the body, for the resume state
     body: bytes
-    headers: wire.Headers
+    headers: rules.Headers
     names: list[bytes]  # the lane's, as its head came: lower-case names, in order
-    index: wire.Index  # the lane's: lower-case name: its values
+    index: rules.Index  # the lane's: lower-case name: its values
     host: bytes
     identity: str
     peer: bytes
@@ -77,7 +78,7 @@ def plan(path: fast.FastPath, lane: Lane) -> InitRequest | None:
         or hosts is None
         or len(hosts) != 1
         or lane.url != path.target
-        or wire.SESSION in index
+        or rules.SESSION in index
         or not _origin_allowed(index, options.allowed_origins)
         or not all(member.url.scheme == "http" for _, member in fw.upstreams)
     ):
@@ -88,7 +89,7 @@ def plan(path: fast.FastPath, lane: Lane) -> InitRequest | None:
     if taken is None:
         return None
     initialize, params_json = taken
-    authorization = wire.first_of(index, b"authorization")
+    authorization = rules.first_of(index, b"authorization")
     identity = client_identity(None if authorization is None else _text(authorization), lane.peer)
     return InitRequest(
         initialize,
@@ -105,8 +106,8 @@ def plan(path: fast.FastPath, lane: Lane) -> InitRequest | None:
     )
 
 
-def _origin_allowed(index: wire.Index, allowed: frozenset[str]) -> bool:
-    origin = wire.first_of(index, b"origin")
+def _origin_allowed(index: rules.Index, allowed: frozenset[str]) -> bool:
+    origin = rules.first_of(index, b"origin")
     return not allowed or origin is None or _text(origin) in allowed
 
 
@@ -204,7 +205,7 @@ async def _initialize(path: fast.FastPath, request: InitRequest, lane: Lane) -> 
     session: Session | None = None
     try:
         name, member, answer = await _forward_placed(path, request)
-        upstream_id = answer.header(wire.SESSION)
+        upstream_id = answer.header(rules.SESSION)
         # Only a successful answer creates a session: the Python SDK's 400 carries a
         # throw-away id that must not be tracked (SPEC 2.1).
         if upstream_id is not None and 200 <= answer.status < 300:
@@ -305,7 +306,7 @@ async def _track_new(
 ) -> Session:
     params = request.initialize.params
     client_info, version = initialize_client(params)
-    agent = wire.first_of(request.index, b"user-agent")
+    agent = rules.first_of(request.index, b"user-agent")
     return await path.manager.create(
         upstream_id,
         Transport.STREAMABLE_HTTP,
@@ -327,7 +328,7 @@ def _credentials(request: InitRequest) -> dict[str, str]:
     return {
         name: _text(value)
         for name, key in _CREDENTIALS
-        if (value := wire.first_of(request.index, key)) is not None
+        if (value := rules.first_of(request.index, key)) is not None
     }
 
 
@@ -341,7 +342,7 @@ def _relay_now(
     body = fast.plain_body(answer)
     if body is None or path.fw.gone.matches(answer.status, body):
         return False
-    version = wire.first_of(request.index, b"mcp-protocol-version")
+    version = rules.first_of(request.index, b"mcp-protocol-version")
     if version:  # `relay` notes a non-empty header's version of a 2xx answer
         path.manager.note_protocol_version(session, _text(version), _NOT_THE_HANDSHAKE_END)
     lane.write(
@@ -363,7 +364,7 @@ def _as_session_request(
     """The request as a live session's fast POST, for `FastPath.relay`. Its body stays
     empty: the full path relays an `initialize`'s answer without the request body, so a
     "session gone" answer to it echoes no id there either."""
-    version = wire.first_of(request.index, b"mcp-protocol-version")
+    version = rules.first_of(request.index, b"mcp-protocol-version")
     return fast.FastRequest(
         session,
         b"",
@@ -381,7 +382,7 @@ async def _relay_untracked(
     path: fast.FastPath, request: InitRequest, answer: Answer, lane: Lane
 ) -> None:
     """`Forwarder.relay` with no session: the answer as it came, its headers end to end."""
-    headers = wire.end_to_end(answer.headers)
+    headers = rules.end_to_end(answer.headers)
     content_type = answer.header(b"content-type") or b""
     stream = content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
     if not stream and answer.content_length is not None:

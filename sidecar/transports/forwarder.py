@@ -161,9 +161,10 @@ class Forwarder:
         primary); a refused connection marks that member down at once (SPEC 2.8)."""
         if upstream is None or session is not None:
             upstream = self.upstream_of(session)
-        headers = upstream_request_headers(request, upstream.authority)
-        if session is not None and session.binding is not None and SESSION_HEADER in headers:
-            headers[SESSION_HEADER] = session.binding.session_id
+        binding = None if session is None else session.binding
+        headers = upstream_request_headers(
+            request, upstream.authority, None if binding is None else binding.session_id
+        )
         timer.upstream_begins()
         try:
             return await upstream.request(
