@@ -296,7 +296,7 @@ class SessionManager:
         session = self.live.get(session_id)
         if session is None or not session.live or session.has_pending_calls:
             return None
-        if self.limits.bind_to == "identity" and session.client != identity:
+        if self._foreign(session.client, identity):  # `resolve`'s binding rule, the one
             return None
         if session.expiry_reason(self.policy, self.clock()) is not None:
             return None
