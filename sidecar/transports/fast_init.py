@@ -22,18 +22,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import header_rules as rules
-from .. import jsonrpc, untrackable
-from ..admission import LimitReachedError
-from ..clients import client_identity, initialize_client
-from ..errors import StoreError, UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
+from .. import jsonrpc
+from ..clients import client_identity
+from ..errors import UpstreamError, UpstreamRefusedError, UpstreamTimeoutError
 from ..intake import Rejected, RequestTimer
-from ..sessions import Session, Transport, short
+from ..sessions import Session
 from ..upstream import Upstream
 from ..upstream.wire import Answer
 from . import fast
 from . import fast_http as wire
-from .rejections import limit_rejection, store_rejection
-from .resume import initial_resume_state
+from .opening import Opening, open_session
 
 if TYPE_CHECKING:
     from .lane import Lane
@@ -195,26 +193,22 @@ def _failure(request: InitRequest, exc: UpstreamError) -> bytes:
 
 
 async def _initialize(path: fast.FastPath, request: InitRequest, lane: Lane) -> None:
-    """`StreamableHttp._initialize`: admitted, placed, forwarded, tracked or undone, relayed."""
-    manager = path.manager
-    identity = request.identity
-    try:
-        await manager.admit(identity)
-    except LimitReachedError as exc:
-        raise limit_rejection(exc, request.initialize.id) from exc
-    session: Session | None = None
-    try:
-        name, member, answer = await _forward_placed(path, request)
-        upstream_id = answer.header(rules.SESSION)
-        # Only a successful answer creates a session: the Python SDK's 400 carries a
-        # throw-away id that must not be tracked (SPEC 2.1).
-        if upstream_id is not None and 200 <= answer.status < 300:
-            await _refuse_untrackable(path, request, answer, upstream_id, member)
-            session = await _track_or_undo(path, request, answer, _text(upstream_id), name)
-        elif 200 <= answer.status < 300:
-            path.fw.metrics.stateless_requests.inc()
-    finally:
-        manager.release(identity)
+    """`opening.open_session` on the raw pool, the answer relayed."""
+    agent = rules.first_of(request.index, b"user-agent")
+    opening = Opening(
+        request.identity,
+        request.initialize.id,
+        request.initialize.params,
+        request.params_json,
+        _credentials(request),
+        "" if agent is None else _text(agent),
+    )
+
+    async def send(member: Upstream) -> _Answered:
+        return _Answered(await _exchange(path, request, member), member)
+
+    answered, session, _ = await open_session(path.fw, opening, send)
+    answer, member = answered.answer, answered.member
     try:
         if session is None:
             await _relay_untracked(path, request, answer, lane)
@@ -226,23 +220,24 @@ async def _initialize(path: fast.FastPath, request: InitRequest, lane: Lane) -> 
             answer.close()  # an answer not read to its end leaves no reusable connection
 
 
-async def _forward_placed(
-    path: fast.FastPath, request: InitRequest
-) -> tuple[str, Upstream, Answer]:
-    """`_forward_placed`: the member `place()` picks; a replica that refuses the connection
-    never saw the request, so the next healthy one is tried (SPEC 2.8)."""
-    upstreams = path.fw.upstreams
-    for _ in range(len(upstreams) - 1):
-        name = path.fw.place()
-        member = upstreams.at(name)
-        try:
-            return name, member, await _exchange(path, request, member)
-        except UpstreamRefusedError:
-            if not any(r.up for r in upstreams.replicas):
-                raise
-    name = path.fw.place()
-    member = upstreams.at(name)
-    return name, member, await _exchange(path, request, member)
+class _Answered:
+    """The raw pool's answer to an `initialize`, as `opening` reads it."""
+
+    __slots__ = ("answer", "member")
+
+    def __init__(self, answer: Answer, member: Upstream) -> None:
+        self.answer = answer
+        self.member = member
+
+    @property
+    def status(self) -> int:
+        return self.answer.status
+
+    def session_id(self) -> bytes | None:
+        return self.answer.header(rules.SESSION)
+
+    def drop(self) -> None:
+        self.answer.close()
 
 
 async def _exchange(path: fast.FastPath, request: InitRequest, member: Upstream) -> Answer:
@@ -267,57 +262,6 @@ async def _exchange(path: fast.FastPath, request: InitRequest, member: Upstream)
         raise
     finally:
         timer.upstream_answered()
-
-
-async def _refuse_untrackable(
-    path: fast.FastPath, request: InitRequest, answer: Answer, upstream_id: bytes, member: Upstream
-) -> None:
-    """`StreamableHttp._refuse_untrackable`: an id the sidecar cannot track is closed
-    upstream with its bytes as they came, and the client answered 502."""
-    why = untrackable.why_untrackable(upstream_id)
-    if why is None:
-        return
-    answer.close()
-    fw = path.fw
-    request_id = request.initialize.id
-    raise await fw.refuse_untrackable(upstream_id, why, _credentials(request), member, request_id)
-
-
-async def _track_or_undo(
-    path: fast.FastPath, request: InitRequest, answer: Answer, upstream_id: str, name: str
-) -> Session:
-    """Track the new session, or, when the store cannot record it, close it upstream again at
-    once and answer 503: the client never holds an id the sidecar could not commit."""
-    try:
-        return await _track_new(path, request, upstream_id, name)
-    except StoreError as exc:
-        path.manager.store_failed("insert", exc)
-        answer.close()
-        log.warning(
-            "cannot record session %s (store failed); closing it upstream", short(upstream_id)
-        )
-        fw = path.fw
-        await fw.close_orphan(upstream_id, _credentials(request), fw.upstreams.member(name))
-        raise store_rejection(request.initialize.id) from exc
-
-
-async def _track_new(
-    path: fast.FastPath, request: InitRequest, upstream_id: str, name: str
-) -> Session:
-    params = request.initialize.params
-    client_info, version = initialize_client(params)
-    agent = rules.first_of(request.index, b"user-agent")
-    return await path.manager.create(
-        upstream_id,
-        Transport.STREAMABLE_HTTP,
-        request.identity,
-        protocol_version=version,
-        user_agent="" if agent is None else _text(agent)[:200],
-        client_info=client_info,
-        credentials=_credentials(request),
-        resume=initial_resume_state(params, request.params_json),
-        upstream=name,
-    )
 
 
 def _credentials(request: InitRequest) -> dict[str, str]:

@@ -18,7 +18,6 @@ from aiohttp import web
 from .. import jsonrpc, recovery, untrackable
 from ..admission import LimitReachedError
 from ..calls import Call
-from ..clients import initialize_client
 from ..errors import StoreError, UpstreamError, UpstreamRefusedError
 from ..forwarding import StreamRelay, relay_stream
 from ..intake import Rejected, RequestTimer, credentials, request_identity
@@ -26,6 +25,7 @@ from ..manager import Outcome
 from ..sessions import CloseReason, Session, Transport, short, valid_session_id
 from ..upstream import PROTOCOL_HEADER, SESSION_HEADER, Upstream
 from .forwarder import Forwarder, SessionLostError
+from .opening import Opening, open_session, refuse_untrackable
 from .rejections import (
     NO_LOOKUP,
     bad_session_id,
@@ -33,7 +33,7 @@ from .rejections import (
     not_found,
     store_rejection,
 )
-from .resume import Resumer, initial_resume_state
+from .resume import Resumer
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -212,107 +212,21 @@ class StreamableHttp:
     async def _initialize(
         self, request: web.Request, body: bytes, initialize: jsonrpc.Message, timer: RequestTimer
     ) -> web.StreamResponse:
-        identity = request_identity(request)
-        try:
-            await self.manager.admit(identity)
-        except LimitReachedError as exc:
-            raise limit_rejection(exc, initialize.id) from exc
-        try:
-            member, upstream = await self._forward_placed(request, body, timer)
-            session_id = upstream.headers.get(SESSION_HEADER)
-            session = None
-            # Only a successful answer creates a session: the Python SDK's 400 carries a
-            # throw-away id that must not be tracked (SPEC 2.1).
-            if session_id is not None and 200 <= upstream.status < 300:
-                pool = self.fw.upstreams
-                await self._refuse_untrackable(
-                    request, upstream, session_id, initialize.id, pool.member(member)
-                )
-                session = await self._track_or_undo(
-                    request, upstream, session_id, identity, initialize, member=member
-                )
-            elif 200 <= upstream.status < 300:
-                self.metrics.stateless_requests.inc()
-        finally:
-            self.manager.release(identity)
-        return await self.fw.relay(request, upstream, session, timer)
-
-    async def _forward_placed(
-        self, request: web.Request, body: bytes, timer: RequestTimer
-    ) -> tuple[str, aiohttp.ClientResponse]:
-        """Send an `initialize` to the member `place()` picks; a replica that refuses the
-        connection never saw it, so the next healthy one is tried (SPEC 2.8)."""
-        pool = self.fw.upstreams
-        for _ in range(len(pool) - 1):
-            name = self.fw.place()
-            try:
-                return name, await self.fw.forward(request, body, timer, upstream=pool.at(name))
-            except UpstreamRefusedError:
-                if not any(r.up for r in pool.replicas):
-                    raise
-        name = self.fw.place()
-        return name, await self.fw.forward(request, body, timer, upstream=pool.at(name))
-
-    async def _refuse_untrackable(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        session_id: str,
-        request_id: jsonrpc.RequestId | None,
-        member: Upstream | None,
-    ) -> None:
-        """Close upstream and refuse (502) a new session whose id the sidecar cannot track."""
-        raw = untrackable.raw_id(session_id)
-        why = untrackable.why_untrackable(raw)
-        if why is None:
-            return
-        upstream.release()
-        raise await self.fw.refuse_untrackable(raw, why, credentials(request), member, request_id)
-
-    async def _track_or_undo(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        session_id: str,
-        identity: str,
-        initialize: jsonrpc.Message,
-        *,
-        member: str,
-    ) -> Session:
-        """Track the new session, or, when the store cannot record it, close it upstream again
-        at once and answer 503: the client never holds an id the sidecar could not commit."""
-        try:
-            return await self._track_new(request, session_id, identity, initialize, member=member)
-        except StoreError as exc:
-            self.manager.store_failed("insert", exc)
-            upstream.release()
-            log.warning(
-                "cannot record session %s (store failed); closing it upstream", short(session_id)
-            )
-            await self.fw.delete_orphan(request, session_id, self.fw.upstreams.member(member))
-            raise store_rejection(initialize.id) from exc
-
-    async def _track_new(
-        self,
-        request: web.Request,
-        session_id: str,
-        identity: str,
-        initialize: jsonrpc.Message,
-        *,
-        member: str,
-    ) -> Session:
-        client_info, version = initialize_client(initialize.params)
-        return await self.manager.create(
-            session_id,
-            Transport.STREAMABLE_HTTP,
-            identity,
-            protocol_version=version,
-            user_agent=request.headers.get("User-Agent", "")[:200],
-            client_info=client_info,
-            credentials=credentials(request),
-            resume=initial_resume_state(initialize.params),
-            upstream=member,
+        """`opening.open_session` on aiohttp's client, the answer relayed."""
+        opening = Opening(
+            request_identity(request),
+            initialize.id,
+            initialize.params,
+            None,
+            credentials(request),
+            request.headers.get("User-Agent", ""),
         )
+
+        async def send(member: Upstream) -> _Answered:
+            return _Answered(await self.fw.forward(request, body, timer, upstream=member))
+
+        answered, session, _ = await open_session(self.fw, opening, send)
+        return await self.fw.relay(request, answered.upstream, session, timer)
 
     async def _adopt(
         self, request: web.Request, body: bytes, session_id: str, identity: str, timer: RequestTimer
@@ -395,7 +309,15 @@ class StreamableHttp:
         if session_id in self.manager.live:
             return None
         request_id = jsonrpc.parse(body).first_id if body else None
-        await self._refuse_untrackable(request, upstream, session_id, request_id, None)
+        raw = untrackable.raw_id(session_id)
+        await refuse_untrackable(
+            self.fw,
+            _Answered(upstream),
+            raw,
+            credentials=credentials(request),
+            member=None,
+            request_id=request_id,
+        )
         identity = request_identity(request)
         try:
             await self.manager.admit(identity)
@@ -427,3 +349,23 @@ class StreamableHttp:
 
 
 __all__ = ["Rejected", "StreamableHttp"]
+
+
+class _Answered:
+    """aiohttp's answer to an `initialize`, as `opening` reads it."""
+
+    __slots__ = ("upstream",)
+
+    def __init__(self, upstream: aiohttp.ClientResponse) -> None:
+        self.upstream = upstream
+
+    @property
+    def status(self) -> int:
+        return self.upstream.status
+
+    def session_id(self) -> bytes | None:
+        value = self.upstream.headers.get(SESSION_HEADER)
+        return None if value is None else untrackable.raw_id(value)
+
+    def drop(self) -> None:
+        self.upstream.release()
