@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.peers.differential import Pair, run_cases, start_pair
+from tests.peers.differential import AnswerCase, Pair, Script, run_answer, run_cases, start_pair
 from tests.peers.mcp_clients import eventually
 
 CASES = 500
@@ -44,3 +44,40 @@ def test_generated_upstream_answers_give_the_same_answers_and_state(pair: Pair) 
 
 async def test_no_upstream_session_is_left_untracked(pair: Pair) -> None:
     await eventually(lambda: not pair.untracked(), what="every upstream session tracked or closed")
+
+
+# Cases long runs of bench/differential.py found apart, kept so that they stay equal.
+FOUND_IN_LONG_RUNS = [
+    # A control byte in an error answer's session id, to an initialize, with an SSE head:
+    # the fast path held its lane for a head it then refused to write, and answered nothing.
+    AnswerCase(
+        initialize=True,
+        script=Script(
+            data=b"HTTP/1.1 500 \xc3\xa9\nContent-Type: text/event-stream\n"
+            b"Mcp-Session-Id: bad id\x01\nX-Up: a  b\nContent-Length: 59\n\n"
+            b'event: message\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n',
+            close=False,
+            creates=False,
+        ),
+        odd_head=True,
+        control_session=True,
+        description="initialize 500 sid=bad length",
+    ),
+    AnswerCase(
+        initialize=False,
+        script=Script(
+            data=b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Mcp-Session-Id: bad id\x01\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'3b\r\nevent: message\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n\r\n0\r\n\r\n',
+            close=False,
+            creates=False,
+        ),
+        control_session=True,
+        description="call 200 sid=bad chunked",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", FOUND_IN_LONG_RUNS, ids=lambda case: case.description)
+def test_cases_found_in_long_runs_stay_equal(pair: Pair, case: AnswerCase) -> None:
+    assert run_answer(pair, case) == []

@@ -658,9 +658,11 @@ class FastPath:
         )
         if inspect:
             headers.append((b"X-Accel-Buffering", b"no"))
+        # Made first: a head the client may not get raises before the lane is held.
+        head = wire.answer_head(answer.status, answer.reason, headers, None)
         # The head waits for what of the body already came: one write, not several.
         lane.hold()
-        lane.write(wire.answer_head(answer.status, answer.reason, headers, None))
+        lane.write(head)
         relay = FastRelay(answer)
         session.relays.add(relay)
         try:

@@ -336,8 +336,9 @@ async def _relay_untracked(
     identity = (answer.header(b"content-encoding") or b"identity").lower() == b"identity"
     if stream and identity:
         headers.append((b"X-Accel-Buffering", b"no"))
+    head = wire.answer_head(answer.status, answer.reason, headers, None)  # may raise: first
     lane.hold()
-    lane.write(wire.answer_head(answer.status, answer.reason, headers, None))
+    lane.write(head)
     await _pump_raw(request, answer, lane)
 
 

@@ -971,8 +971,20 @@ def run_request(pair: Pair, case: RequestCase) -> list[str]:
         ids = side.prepare(case.ref)
         pieces, expected = case.build(ids)
         answers = exchange(side.sidecar.listen_port, pieces, expected)
+        if case.garbage_after:
+            answers = _before_garbage(answers)
         results.append(outcome(side, ids, answers, side.upstream.take()))
     return differences(*results)
+
+
+def _before_garbage(answers: list[Answer]) -> list[Answer]:
+    """The answers to what came before bytes that are not HTTP. Whether aiohttp answers those
+    bytes with a 400 depends on the reads they arrive in (it drops every request of a read
+    that fails to parse), which the kernel decides, run by run, on either path; in a 10,000
+    run about one case in 500 saw them in another read on one side than on the other."""
+    while answers and answers[-1].status == 400 and b"Malformed HTTP" in answers[-1].body:
+        answers = answers[:-1]
+    return answers
 
 
 def run_answer(pair: Pair, case: AnswerCase) -> list[str]:
