@@ -521,7 +521,6 @@ def outcome(
         )
         for a in answers
     ]
-    mine = set(ids.values())
     requests = [
         (
             r.method,
@@ -531,14 +530,21 @@ def outcome(
             norm(r.body, fresh),
         )
         for r in seen
-        # Background DELETEs of earlier cases' sessions are no part of this one.
-        if r.method != b"DELETE" or r.session() in mine or r.session() in fresh
+        # The sidecar's own DELETEs (the closer's: no X-Forwarded-For, the client's requests
+        # all carry one) go out behind the case, in their own time, whatever case they are
+        # of: no part of its bytes. That each one comes is what `Pair.untracked` checks.
+        if r.method != b"DELETE" or _forwarded(r)
     ]
     state = side.state(ids)
     # Sessions the upstream made for this case that this side neither holds nor closed.
     made = {r.answered_sid for r in seen if r.answered_sid in side.upstream.issued}
     state["untracked"] = sum(not side.holds(sid) for sid in made - side.upstream.deleted)
     return Outcome(shown, requests, state)
+
+
+def _forwarded(request: Recorded) -> bool:
+    """A request the sidecar forwarded for a client, not one it sent of its own."""
+    return any(name.lower() == b"x-forwarded-for" for name, _ in request.headers)
 
 
 def differences(fast: Outcome, reference: Outcome) -> list[str]:
